@@ -1,0 +1,126 @@
+"""Atomic checkpoints: written to a temporary file, fsynced, then renamed into place.
+
+A crash mid-write leaves the previous checkpoint untouched. Files are read back with
+`torch.load(weights_only=True)` (no arbitrary code), and a truncated or foreign file gives a
+one-line error. A checkpoint holds the strategy's state (model, optimizer), the step (which
+fixes the data position and learning rate), and every rank's RNG states.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import re
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from paratrain.config import Config, ConfigError
+
+FORMAT = "paratrain-checkpoint"
+VERSION = 1
+_NAME = re.compile(r"step-(\d+)\.pt$")
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoint files of a run, oldest first."""
+    found = [p for p in checkpoint_dir(run_dir).glob("step-*.pt") if _NAME.search(p.name)]
+    return sorted(found, key=lambda p: int(_NAME.search(p.name).group(1)))
+
+
+def save_atomic(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """Load and check a checkpoint file; ConfigError (one line) if it is not a usable one."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint '{path}' does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle of foreign classes, random bytes...
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"checkpoint '{path}' cannot be read (truncated or not a checkpoint): {reason}") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise ConfigError(f"checkpoint '{path}' is not a paratrain checkpoint (no '{FORMAT}' header)")
+    if obj.get("version") != VERSION:
+        raise ConfigError(f"checkpoint '{path}' has format version {obj.get('version')}; this paratrain reads {VERSION}")
+    return obj
+
+
+def check_compatible(ckpt: dict, cfg: Config, path: Path) -> None:
+    saved, now = ckpt["config"]["model"], dataclasses.asdict(cfg.model)
+    diff = [k for k in now if saved.get(k) != now[k]]
+    if diff:
+        raise ConfigError(f"checkpoint '{path}' was written for another model (model.{', model.'.join(diff)} differ)")
+
+
+def resolve_resume(target: str | Path) -> Path:
+    """`--resume` takes a checkpoint file or a run directory (its latest checkpoint)."""
+    target = Path(target)
+    if target.is_dir():
+        found = list_checkpoints(target)
+        if not found:
+            raise ConfigError(f"--resume '{target}': the directory holds no checkpoints/step-*.pt")
+        return found[-1]
+    return target
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class Checkpointer:
+    def __init__(self, run_dir: Path, cfg: Config, topo):
+        self.dir, self.cfg, self.topo = checkpoint_dir(run_dir), cfg, topo
+
+    def save(self, step: int, strategy, data_position: dict) -> Path | None:
+        rng = [_rng_state()]
+        if self.topo.world_size > 1:
+            rng = [None] * self.topo.world_size
+            dist.all_gather_object(rng, _rng_state())
+        state = strategy.state_dict()  # every rank takes part: sharded strategies gather here
+        path = self.dir / f"step-{step:08d}.pt"
+        if self.topo.is_main:
+            save_atomic({"format": FORMAT, "version": VERSION, "step": step, "data": data_position,
+                         "config": self.cfg.to_dict(), "world_size": self.topo.world_size,
+                         "strategy": state, "rng": rng}, path)
+            for old in list_checkpoints(self.dir.parent)[:-self.cfg.checkpoint.keep]:
+                old.unlink()
+        if self.topo.world_size > 1:
+            dist.barrier()  # nobody runs ahead of a checkpoint that is not yet on disk
+        return path
+
+    def restore(self, ckpt: dict, strategy) -> int:
+        strategy.load_state_dict(ckpt["strategy"])
+        rng = ckpt["rng"]
+        # Same layout: each rank gets its own stream back; another layout: rank 0's for all.
+        _set_rng_state(rng[self.topo.rank] if len(rng) == self.topo.world_size else rng[0])
+        return int(ckpt["step"])

@@ -1,0 +1,44 @@
+"""Communication accounting: bytes this rank puts on the wire and time spent communicating.
+
+Counted at the collective call, not estimated afterwards. An all-reduce of S bytes over n ranks
+is charged as the ring algorithm's 2 (n-1)/n S bytes sent per rank (reduce-scatter, then
+all-gather), the bandwidth-optimal cost that gloo and NCCL attain for large tensors.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+
+
+def ring_allreduce_bytes(nbytes: int, n: int) -> int:
+    return 0 if n <= 1 else round(2 * (n - 1) * nbytes / n)
+
+
+class CommMeter:
+    """Per-step totals; `take()` returns them and starts the next step from zero."""
+
+    def __init__(self):
+        self.bytes_sent = 0
+        self.comm_s = 0.0
+        self._lock = threading.Lock()  # async collectives complete on the backend's threads
+
+    def add(self, nbytes: int, seconds: float) -> None:
+        with self._lock:
+            self.bytes_sent += nbytes
+            self.comm_s += seconds
+
+    def take(self) -> tuple[int, float]:
+        out = (self.bytes_sent, self.comm_s)
+        self.bytes_sent, self.comm_s = 0, 0.0
+        return out
+
+    def all_reduce(self, tensor: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        """A blocking all-reduce, counted."""
+        n = dist.get_world_size(group)
+        t0 = time.perf_counter()
+        dist.all_reduce(tensor, op=op, group=group)
+        self.add(ring_allreduce_bytes(tensor.numel() * tensor.element_size(), n), time.perf_counter() - t0)
+        return tensor

@@ -1,0 +1,290 @@
+"""Typed, frozen configuration tree, loaded from TOML and `--set section.key=value`.
+
+Every value is checked once, before any worker starts (`load_config` + `validate`). A bad value
+raises `ConfigError` whose message is one line naming the key, the bad value and what is
+allowed; the CLI prints it and exits with code 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """Bad user input (config, CLI, data, checkpoint): one line, exit code 2."""
+
+
+def _check(pred, allowed: str):
+    """Field metadata: a predicate on the value and the words that say what is allowed."""
+    return {"check": (pred, allowed)}
+
+
+POSITIVE = _check(lambda v: v > 0, "a number > 0")
+AT_LEAST_1 = _check(lambda v: v >= 1, "an integer >= 1")
+NON_NEGATIVE = _check(lambda v: v >= 0, "a number >= 0")
+FRACTION = _check(lambda v: 0 <= v < 1, "a number in [0, 1)")
+OPEN_FRACTION = _check(lambda v: 0 < v < 1, "a number in (0, 1)")
+IMPORT_PATH = _check(lambda v: v == "" or _is_import_path(v), "'package.module:function' or empty")
+
+
+def _is_import_path(value: str) -> bool:
+    module, _, attr = value.partition(":")
+    return bool(module and attr) and all(p.isidentifier() for p in module.split(".") + attr.split("."))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # Built-in models, or "custom": `factory` names a function returning an nn.Module.
+    name: Literal["gpt", "mlp", "custom"] = "gpt"
+    factory: str = field(default="", metadata=IMPORT_PATH)
+    options: dict = field(default_factory=dict)  # keyword arguments for `factory`
+    loss: str = field(default="", metadata=IMPORT_PATH)  # "pkg.mod:fn(output, target) -> scalar"
+    # GPT (character level, nanoGPT-style)
+    n_layer: int = field(default=4, metadata=AT_LEAST_1)
+    n_head: int = field(default=4, metadata=AT_LEAST_1)
+    d_model: int = field(default=128, metadata=AT_LEAST_1)
+    block_size: int = field(default=64, metadata=AT_LEAST_1)
+    dropout: float = field(default=0.0, metadata=FRACTION)
+    # MLP (10 -> hidden -> 1 regression)
+    hidden: int = field(default=20, metadata=AT_LEAST_1)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # pydoc: CPython's pydoc topics (shipped with Python); text: any UTF-8 file at `path`;
+    # synthetic: regression data for the MLP; custom: `factory(split, config)` -> Dataset.
+    name: Literal["pydoc", "text", "synthetic", "custom"] = "pydoc"
+    path: str = ""
+    factory: str = field(default="", metadata=IMPORT_PATH)
+    num_samples: int = field(default=4096, metadata=AT_LEAST_1)
+    eval_fraction: float = field(default=0.1, metadata=OPEN_FRACTION)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DDPConfig:
+    bucket_mb: float = field(default=25.0, metadata=POSITIVE)
+    gradient_as_bucket_view: bool = True
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    name: Literal["single", "ddp"] = "ddp"
+    ddp: DDPConfig = field(default_factory=DDPConfig)
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: Literal["sgd", "adam", "adamw"] = "adamw"
+    lr: float = field(default=1e-3, metadata=POSITIVE)
+    momentum: float = field(default=0.0, metadata=FRACTION)
+    nesterov: bool = False
+    weight_decay: float = field(default=0.0, metadata=NON_NEGATIVE)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = field(default=1e-8, metadata=POSITIVE)
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = field(default=0, metadata=NON_NEGATIVE)
+    min_lr_ratio: float = field(default=0.1, metadata=_check(lambda v: 0 <= v <= 1, "a number in [0, 1]"))
+    grad_clip: float = field(default=0.0, metadata=NON_NEGATIVE)  # 0 = off
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    steps: int = field(default=300, metadata=AT_LEAST_1)
+    global_batch_size: int = field(default=32, metadata=AT_LEAST_1)  # samples per optimizer step
+    grad_accum_steps: int = field(default=1, metadata=AT_LEAST_1)
+    seed: int = 1234
+    eval_every: int = field(default=100, metadata=NON_NEGATIVE)  # 0 = only at the end
+    eval_batches: int = field(default=4, metadata=AT_LEAST_1)
+    log_every: int = field(default=10, metadata=AT_LEAST_1)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    enabled: bool = True
+    every: int = field(default=0, metadata=NON_NEGATIVE)  # 0 = only at the end
+    keep: int = field(default=2, metadata=AT_LEAST_1)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    dir: str = ""  # empty: runs/<name>-NNN, the next free number
+    name: str = "run"
+    nproc: int = field(default=1, metadata=AT_LEAST_1)  # local worker processes
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
+    threads_per_rank: int = field(default=1, metadata=AT_LEAST_1)
+    timeout_s: float = field(default=300.0, metadata=POSITIVE)  # process-group timeout
+    progress: Literal["auto", "bar", "lines", "off"] = "auto"
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, *assignments: str) -> "Config":
+        """A copy with `section.key=value` assignments applied and validated."""
+        return from_dict(_apply_sets(self.to_dict(), assignments))
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Config:
+    """TOML (or the JSON a launcher wrote) plus `--set` overrides -> a checked `Config`."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            text = path.read_text()
+            raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file '{path}' is not valid {path.suffix.lstrip('.').upper() or 'TOML'}: {e}") from None
+    return from_dict(_apply_sets(raw, overrides))
+
+
+def _apply_sets(raw: dict, assignments: typing.Iterable[str]) -> dict:
+    raw = json.loads(json.dumps(raw))  # deep copy
+    for item in assignments:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise ConfigError(f"--set '{item}': expected section.key=value")
+        node = raw
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set '{item}': '{p}' is a value, not a section")
+        node[parts[-1]] = _parse_value(text.strip())
+    return raw
+
+
+def _parse_value(text: str) -> Any:
+    try:  # TOML literals: 3, 0.5, true, "s", [1, 2]; anything else is a bare string
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def from_dict(raw: dict) -> Config:
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def _build(cls, raw: Any, prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a table, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            raise ConfigError(f"{prefix}{key}: unknown key; allowed: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        key = prefix + name
+        kwargs[name] = _convert(hints[name], raw[name], key)
+        if "check" in f.metadata:
+            pred, allowed = f.metadata["check"]
+            if not pred(kwargs[name]):
+                raise ConfigError(f"{key} = {raw[name]!r}: must be {allowed}")
+    return cls(**kwargs)
+
+
+def _convert(tp, value: Any, key: str):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key} = {value!r}: must be one of {', '.join(map(str, choices))}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} = {value!r}: must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} = {value!r}: must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} = {value!r}: must be a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} = {value!r}: must be a string")
+        return value
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} = {value!r}: must be a table")
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key} = {value!r}: must be a list of {len(args)} numbers")
+        return tuple(_convert(a, v, key) for a, v in zip(args, value))
+    raise TypeError(f"unsupported config type {tp} for {key}")  # a bug in this file, not user input
+
+
+# ---------------------------------------------------------------------------- cross-field checks
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Checks that span several keys; `world_size` adds the ones that need the process count."""
+    m, d, t = cfg.model, cfg.data, cfg.training
+    if m.name == "gpt" and m.d_model % m.n_head:
+        raise ConfigError(f"model.d_model = {m.d_model}: must be divisible by model.n_head = {m.n_head}")
+    if m.name == "custom" and not m.factory:
+        raise ConfigError("model.factory: required when model.name = 'custom' (e.g. 'mypkg.models:build')")
+    if m.name == "custom" and not m.loss:
+        raise ConfigError("model.loss: required when model.name = 'custom' (e.g. 'torch.nn.functional:mse_loss')")
+    if m.name == "mlp" and d.name in ("pydoc", "text"):
+        raise ConfigError(f"data.name = '{d.name}': model.name = 'mlp' takes data.name = 'synthetic' or 'custom'")
+    if m.name == "gpt" and d.name == "synthetic":
+        raise ConfigError("data.name = 'synthetic': model.name = 'gpt' takes data.name = 'pydoc', 'text' or 'custom'")
+    if d.name == "text":
+        if not d.path:
+            raise ConfigError("data.path: required when data.name = 'text'")
+        if not Path(d.path).is_file():
+            raise ConfigError(f"data.path = '{d.path}': no such file")
+    if d.name == "custom" and not d.factory:
+        raise ConfigError("data.factory: required when data.name = 'custom' (e.g. 'mypkg.data:build')")
+    if cfg.optimizer.nesterov and not (cfg.optimizer.name == "sgd" and cfg.optimizer.momentum > 0):
+        raise ConfigError("optimizer.nesterov = true: needs optimizer.name = 'sgd' and optimizer.momentum > 0")
+    if t.global_batch_size % t.grad_accum_steps:
+        raise ConfigError(
+            f"training.global_batch_size = {t.global_batch_size}: must be divisible by "
+            f"training.grad_accum_steps = {t.grad_accum_steps}")
+    if cfg.optimizer.warmup_steps >= t.steps and cfg.optimizer.warmup_steps:
+        raise ConfigError(f"optimizer.warmup_steps = {cfg.optimizer.warmup_steps}: must be < training.steps = {t.steps}")
+    if world_size is None:
+        return
+    # The strategy knows its own constraints on the world size (ranks per axis).
+    from paratrain.strategies import get_strategy
+
+    dims = get_strategy(cfg.strategy.name).parallel_dims(cfg, world_size)
+    per_rank = dims.dp * t.grad_accum_steps
+    if t.global_batch_size % per_rank:
+        raise ConfigError(
+            f"training.global_batch_size = {t.global_batch_size}: must be divisible by data-parallel ranks x "
+            f"grad_accum_steps = {dims.dp} x {t.grad_accum_steps}")

@@ -1,0 +1,124 @@
+"""Per-step metrics as JSON lines (one file per rank), live progress, and the closing summary.
+
+Each rank writes `metrics/rank<R>.jsonl`: one record per step (loss, learning rate, throughput,
+time split into data / compute / communication / optimizer / waiting, bytes sent) and one per
+evaluation. Rank 0 shows a rich progress bar at a terminal, plain periodic lines otherwise.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from paratrain.strategies.base import StepStats
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path, rank: int, start_step: int = 0):
+        self.path = Path(run_dir) / "metrics" / f"rank{rank}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if start_step and self.path.exists():  # resume: drop records past the checkpoint
+            kept = [l for l in self.path.read_text().splitlines() if json.loads(l)["step"] < start_step]
+            self.path.write_text("".join(l + "\n" for l in kept))
+        self.file = open(self.path, "a" if start_step else "w", buffering=1)  # a line per step survives a crash
+        self.step_times: list[float] = []
+        self.bytes_sent = 0
+        self.samples = self.tokens = 0
+        self.last: dict = {}
+        self.last_eval: float | None = None
+
+    def log_step(self, step: int, stats: StepStats, lr: float, data_s: float, step_s: float,
+                 global_samples: int, tokens_per_sample: int) -> dict:
+        """`samples`/`tokens` in `stats` are this rank's; throughput is the whole job's."""
+        rec = {"kind": "step", "step": step, "lr": lr, "step_s": step_s, "data_s": data_s, **asdict(stats),
+               "samples_per_s": global_samples / step_s}
+        if tokens_per_sample:
+            rec["tokens_per_s"] = global_samples * tokens_per_sample / step_s
+        self.file.write(json.dumps(rec) + "\n")
+        self.step_times.append(step_s)
+        self.bytes_sent += stats.bytes_sent
+        self.samples += global_samples
+        self.tokens += global_samples * tokens_per_sample
+        self.last = rec
+        return rec
+
+    def log_eval(self, step: int, loss: float) -> None:
+        self.file.write(json.dumps({"kind": "eval", "step": step, "eval_loss": loss}) + "\n")
+        self.file.flush()
+        self.last_eval = loss
+
+    def summary(self) -> dict:
+        t = sorted(self.step_times) or [0.0]
+        total = sum(t)
+        out = {"steps": len(self.step_times), "final_loss": self.last.get("loss"), "eval_loss": self.last_eval,
+               "step_s_mean": statistics.fmean(t), "step_s_p90": t[int(0.9 * (len(t) - 1))],
+               "samples_per_s": self.samples / total if total else 0.0,
+               "bytes_sent_per_step": self.bytes_sent / max(1, len(self.step_times))}
+        if self.tokens:
+            out["tokens_per_s"] = self.tokens / total
+        return out
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class Progress:
+    """A rich bar at a terminal, a plain line every `every` steps elsewhere, or nothing."""
+
+    def __init__(self, mode: str, total: int, start: int, every: int, enabled: bool):
+        if mode == "auto":
+            mode = "bar" if sys.stdout.isatty() else "lines"
+        self.mode = mode if enabled else "off"
+        self.total, self.every = total, every
+        if self.mode == "bar":
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
+
+            self.bar = Bar(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                           TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+            self.bar.start()
+
+    def update(self, rec: dict, eval_loss: float | None) -> None:
+        step = rec["step"] + 1
+        rate = f"{rec['tokens_per_s']:,.0f} tok/s" if "tokens_per_s" in rec else f"{rec['samples_per_s']:,.0f} samples/s"
+        info = f"loss {rec['loss']:.4f}" + (f"  eval {eval_loss:.4f}" if eval_loss is not None else "") \
+            + f"  {rate}  {1000 * rec['step_s']:.0f} ms/step"
+        if self.mode == "bar":
+            self.bar.update(self.task, completed=step, info=info)
+        elif self.mode == "lines" and (step % self.every == 0 or step == self.total or eval_loss is not None):
+            print(f"step {step}/{self.total}  {info}", flush=True)
+
+    def close(self) -> None:
+        if self.mode == "bar":
+            self.bar.stop()
+
+
+def print_summary(summary: dict, bytes_per_rank: list[float], run_dir: Path, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    rows = [("steps", f"{summary['steps']}"),
+            ("final train loss", f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "-"),
+            ("final eval loss", f"{summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else "-"),
+            ("step time mean / p90", f"{1000 * summary['step_s_mean']:.1f} / {1000 * summary['step_s_p90']:.1f} ms")]
+    if "tokens_per_s" in summary:
+        rows.append(("throughput (all ranks)", f"{summary['tokens_per_s']:,.0f} tokens/s"))
+    rows.append(("throughput (all ranks)" if "tokens_per_s" not in summary else "",
+                 f"{summary['samples_per_s']:,.1f} samples/s"))
+    rows.append(("bytes sent / step, per rank", ", ".join(_human_bytes(b) for b in bytes_per_rank)))
+    rows.append(("run directory", str(run_dir)))
+    for k, v in rows:
+        table.add_row(k, v)
+    Console().print(table)
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024

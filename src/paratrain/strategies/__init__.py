@@ -1,0 +1,14 @@
+"""Strategies by config name. Adding one: a module with a `Strategy` subclass, listed here."""
+from __future__ import annotations
+
+from paratrain.strategies.base import StepStats, Strategy
+from paratrain.strategies.ddp import DDP
+from paratrain.strategies.single import Single
+
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Single, DDP)}
+
+__all__ = ["STRATEGIES", "StepStats", "Strategy", "get_strategy"]
+
+
+def get_strategy(name: str) -> type[Strategy]:
+    return STRATEGIES[name]  # config validation admits only listed names

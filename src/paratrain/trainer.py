@@ -1,0 +1,86 @@
+"""The training loop: one-screen step, evaluation, checkpoints, metrics. Knows no strategy by name."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from paratrain.checkpoint import Checkpointer, check_compatible, read_checkpoint
+from paratrain.config import Config
+from paratrain.data import Datasets, ShardedBatches, build_datasets
+from paratrain.metrics import MetricsLog, Progress, print_summary
+from paratrain.models import build_loss, build_model
+from paratrain.optim import lr_at
+from paratrain.strategies import get_strategy
+from paratrain.topology import Topology
+
+
+class Trainer:
+    def __init__(self, cfg: Config, topo: Topology, run_dir: Path, *, resume: Path | None = None,
+                 model: nn.Module | None = None, loss_fn: Callable | None = None, datasets: Datasets | None = None):
+        self.cfg, self.topo, self.run_dir = cfg, topo, Path(run_dir)
+        t = cfg.training
+        torch.manual_seed(t.seed)  # identical initial weights on every rank
+        datasets = datasets or build_datasets(cfg)
+        model = model if model is not None else build_model(cfg, datasets.vocab_size)
+        self.strategy = get_strategy(cfg.strategy.name)(cfg, topo, model, loss_fn or build_loss(cfg))
+        dp_rank, dp_size = self.strategy.dp_rank, self.strategy.dp_size
+        self.batches = ShardedBatches(datasets.train, t.global_batch_size, dp_rank, dp_size, t.seed)
+        held_out = ShardedBatches(datasets.eval, t.global_batch_size, dp_rank, dp_size, t.seed, split="eval")
+        self.eval_batches = [held_out.batch(i).to(topo.device) for i in range(t.eval_batches)]
+        self.checkpointer = Checkpointer(self.run_dir, cfg, topo)
+        torch.manual_seed(t.seed + 1 + topo.rank)  # dropout streams differ across ranks
+        self.step_num = 0
+        if resume is not None:
+            ckpt = read_checkpoint(resume)
+            check_compatible(ckpt, cfg, resume)
+            self.step_num = self.checkpointer.restore(ckpt, self.strategy)
+        self.metrics = MetricsLog(self.run_dir, topo.rank, self.step_num)
+
+    def step(self) -> tuple[dict, float | None]:
+        """One optimizer step on one global batch, then evaluation and checkpoint when due."""
+        t, step = self.cfg.training, self.step_num
+        t0 = time.perf_counter()
+        batch = self.batches.batch(step).to(self.topo.device)
+        data_s = time.perf_counter() - t0
+        lr = lr_at(self.cfg.optimizer, step, t.steps)
+        self.strategy.set_lr(lr)
+        stats = self.strategy.train_step(batch)
+        self.step_num += 1
+        rec = self.metrics.log_step(step, stats, lr, data_s, time.perf_counter() - t0, t.global_batch_size,
+                                   batch.tokens_per_sample)
+        eval_loss = None
+        if self._due(t.eval_every):
+            eval_loss = self.strategy.evaluate(self.eval_batches)
+            self.metrics.log_eval(step, eval_loss)
+        if self.cfg.checkpoint.enabled and self._due(self.cfg.checkpoint.every):
+            self.checkpointer.save(self.step_num, self.strategy, self.batches.position(self.step_num))
+        return rec, eval_loss
+
+    def _due(self, every: int) -> bool:
+        return self.step_num == self.cfg.training.steps or (every > 0 and self.step_num % every == 0)
+
+    def fit(self) -> dict:
+        """Run the remaining steps; returns rank 0's summary (every rank returns its own)."""
+        cfg, total = self.cfg, self.cfg.training.steps
+        progress = Progress(cfg.run.progress, total, self.step_num, cfg.training.log_every, self.topo.is_main)
+        try:
+            while self.step_num < total:
+                progress.update(*self.step())
+        finally:
+            progress.close()
+            self.metrics.close()
+        summary = self.metrics.summary()
+        bytes_per_rank = [summary["bytes_sent_per_step"]]
+        if self.topo.world_size > 1:
+            bytes_per_rank = [None] * self.topo.world_size
+            dist.all_gather_object(bytes_per_rank, summary["bytes_sent_per_step"])
+        summary["bytes_sent_per_step_per_rank"] = bytes_per_rank
+        if self.topo.is_main and cfg.run.progress != "off":
+            title = f"paratrain: {cfg.model.name} with {cfg.strategy.name} on {self.topo.world_size} process(es)"
+            print_summary(summary, bytes_per_rank, self.run_dir, title)
+        return summary
