@@ -1,0 +1,128 @@
+"""Config loading, overrides and the table of invalid inputs (no processes)."""
+import dataclasses
+
+import pytest
+
+from paratrain.config import Config, ConfigError, load_config, validate
+from paratrain.cli import main
+
+
+def test_defaults_are_valid_and_frozen():
+    cfg = load_config()
+    assert cfg == Config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.training.steps = 3
+
+
+def test_toml_file_and_overrides(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[model]\nname = "mlp"\n[data]\nname = "synthetic"\n[training]\nsteps = 7\n')
+    cfg = load_config(path, ["training.steps=9", "optimizer.betas=[0.8, 0.9]", "strategy.ddp.bucket_mb=4",
+                             "run.name=my-run"])
+    assert (cfg.model.name, cfg.training.steps, cfg.optimizer.betas) == ("mlp", 9, (0.8, 0.9))
+    assert cfg.strategy.ddp.bucket_mb == 4.0 and isinstance(cfg.strategy.ddp.bucket_mb, float)
+    assert cfg.run.name == "my-run"  # bare words are strings
+    assert load_config(None, [f"{k}" for k in []]) == Config()
+
+
+def test_round_trip_through_dict():
+    cfg = load_config(None, ["model.name=custom", "model.factory=a.b:c", "model.loss=a.b:d",
+                             "model.options={width=3}", "data.name=custom", "data.factory=a.b:e"])
+    from paratrain.config import from_dict
+
+    assert from_dict(cfg.to_dict()) == cfg
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).parents[2].joinpath("configs").glob("*.toml")):
+        cfg = load_config(path)
+        validate(cfg, world_size=cfg.run.nproc)
+
+
+# (what the user passes, the words the one-line error must contain)
+INVALID = [
+    (["training.steps=0"], "training.steps = 0: must be an integer >= 1"),
+    (["training.steps=ten"], "training.steps = 'ten': must be an integer"),
+    (["training.steps=2.5"], "training.steps = 2.5: must be an integer"),
+    (["optimizer.lr=-0.1"], "optimizer.lr = -0.1: must be a number > 0"),
+    (["optimizer.name=lion"], "optimizer.name = 'lion': must be one of sgd, adam, adamw"),
+    (["strategy.name=magic"], "strategy.name = 'magic': must be one of"),
+    (["model.dropout=1.5"], "model.dropout = 1.5: must be a number in [0, 1)"),
+    (["model.d_model=100", "model.n_head=3"], "model.d_model = 100: must be divisible by model.n_head = 3"),
+    (["model.colour=red"], "model.colour: unknown key; allowed: name, factory"),
+    (["trainin.steps=3"], "trainin: unknown key; allowed: model, data"),
+    (["training=3"], "training must be a table"),
+    (["optimizer.betas=[0.9]"], "optimizer.betas = [0.9]: must be a list of 2 numbers"),
+    (["checkpoint.enabled=maybe"], "checkpoint.enabled = 'maybe': must be true or false"),
+    (["training.global_batch_size=10", "training.grad_accum_steps=4"],
+     "training.global_batch_size = 10: must be divisible by training.grad_accum_steps = 4"),
+    (["model.name=custom"], "model.factory: required when model.name = 'custom'"),
+    (["model.name=custom", "model.factory=not a path"], "model.factory = 'not a path': must be 'package.module:function'"),
+    (["data.name=text"], "data.path: required when data.name = 'text'"),
+    (["data.name=text", "data.path=/no/such/file.txt"], "data.path = '/no/such/file.txt': no such file"),
+    (["model.name=mlp"], "data.name = 'pydoc': model.name = 'mlp' takes data.name = 'synthetic'"),
+    (["data.eval_fraction=1"], "data.eval_fraction = 1: must be a number in (0, 1)"),
+    (["optimizer.warmup_steps=500", "training.steps=100"], "optimizer.warmup_steps = 500: must be < training.steps = 100"),
+    (["optimizer.nesterov=true"], "optimizer.nesterov = true: needs optimizer.name = 'sgd'"),
+    (["run.device=tpu"], "run.device = 'tpu': must be one of auto, cpu, cuda"),
+    (["run.timeout_s=0"], "run.timeout_s = 0: must be a number > 0"),
+    (["strategy.ddp.bucket_mb=0"], "strategy.ddp.bucket_mb = 0: must be a number > 0"),
+    (["training.steps"], "--set 'training.steps': expected section.key=value"),
+]
+
+
+@pytest.mark.parametrize("sets,message", INVALID, ids=[s[0][0] for s in INVALID])
+def test_invalid_config_gives_one_clear_line(sets, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=None) as err:
+        load_config(None, sets)
+    assert message in str(err.value)
+    # Through the CLI: exit code 2, exactly that one line, no traceback, nothing written.
+    code = main(["run", *[a for s in sets for a in ("--set", s)]])
+    err_lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err_lines) == 1 and message in err_lines[0]
+    assert not (tmp_path / "runs").exists()
+
+
+WORLD_INVALID = [
+    (["strategy.name=single"], 2, "strategy.name = 'single': runs on 1 process, not 2"),
+    (["strategy.name=ddp", "training.global_batch_size=9"], 2,
+     "training.global_batch_size = 9: must be divisible by data-parallel ranks x grad_accum_steps = 2 x 1"),
+]
+
+
+@pytest.mark.parametrize("sets,nproc,message", WORLD_INVALID)
+def test_invalid_for_the_process_count(sets, nproc, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        validate(load_config(None, sets), world_size=nproc)
+    assert message in str(err.value)
+    assert main(["run", "--nproc", str(nproc), *[a for s in sets for a in ("--set", s)]]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["run", "missing.toml"], "config file 'missing.toml' does not exist"),
+    (["run", "--nproc", "0"], "--nproc 0: must be an integer >= 1"),
+    (["run", "--nproc", "two"], "argument --nproc: invalid int value: 'two'"),
+    (["fly"], "invalid choice: 'fly'"),
+    (["run", "--resume"], "--resume: give a checkpoint or run directory, or set run.dir"),
+])
+def test_invalid_command_line(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        raise SystemExit(main(argv))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_invalid_toml_file(tmp_path, capsys):
+    path = tmp_path / "bad.toml"
+    path.write_text("[training\nsteps = 3\n")
+    assert main(["run", str(path)]) == 2
+    assert f"config file '{path}' is not valid TOML" in capsys.readouterr().err
