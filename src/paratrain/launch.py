@@ -19,6 +19,7 @@ import torch.nn as nn
 from paratrain.checkpoint import check_compatible, list_checkpoints, read_checkpoint, resolve_resume
 from paratrain.config import Config, ConfigError, validate
 from paratrain.data import Datasets
+from paratrain.imports import import_callable
 
 # Measured: with the rendezvous store shared with the process group, 4 of 15 restarts hung.
 LAUNCH_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
@@ -93,6 +94,10 @@ def launch(cfg: Config, nproc: int | None = None, resume: str | Path | None = No
     """Check everything, then train on `nproc` local processes (default: run.nproc). Exit code."""
     nproc = nproc or cfg.run.nproc
     validate(cfg, world_size=nproc)
+    for key in ("model.factory", "model.loss", "data.factory"):  # user code must import, before workers
+        section, name = key.split(".")
+        if path := getattr(getattr(cfg, section), name):
+            import_callable(path, key)
     if cfg.strategy.name == "single":
         train(cfg, resume=resume)
         return 0

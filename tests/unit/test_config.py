@@ -126,3 +126,18 @@ def test_invalid_toml_file(tmp_path, capsys):
     path.write_text("[training\nsteps = 3\n")
     assert main(["run", str(path)]) == 2
     assert f"config file '{path}' is not valid TOML" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sets,message", [
+    (["model.factory=no_such_module_xyz:build"], "model.factory = 'no_such_module_xyz:build': cannot import module"),
+    (["model.loss=torch.nn.functional:no_such_loss"], "module 'torch.nn.functional' has no attribute 'no_such_loss'"),
+    (["model.loss=torch:__version__"], "'__version__' is not callable"),
+])
+def test_user_code_that_does_not_import_fails_before_workers(sets, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sets = ["model.name=custom", "model.factory=torch.nn:Linear", "model.loss=torch.nn.functional:mse_loss",
+            "data.name=synthetic", *sets]
+    assert main(["run", "--nproc", "2", *[a for s in sets for a in ("--set", s)]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "runs").exists()
