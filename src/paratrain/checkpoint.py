@@ -97,6 +97,19 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def merge_states(parts: list[dict]) -> dict:
+    """Union of name-keyed {model, optimizer} states from ranks holding different parameters."""
+    model, state, groups = {}, {}, []
+    for part in parts:
+        model.update(part["model"])
+        state.update(part["optimizer"]["state"])
+        for i, g in enumerate(part["optimizer"]["param_groups"]):
+            if i == len(groups):
+                groups.append({**g, "params": []})
+            groups[i]["params"] += [p for p in g["params"] if p not in groups[i]["params"]]
+    return {"model": model, "optimizer": {"state": state, "param_groups": groups}}
+
+
 class Checkpointer:
     def __init__(self, run_dir: Path, cfg: Config, topo):
         self.dir, self.cfg, self.topo = checkpoint_dir(run_dir), cfg, topo
@@ -107,6 +120,10 @@ class Checkpointer:
             rng = [None] * self.topo.world_size
             dist.all_gather_object(rng, _rng_state())
         state = strategy.state_dict()  # every rank takes part: sharded strategies gather here
+        if self.topo.world_size > 1:  # pipeline stages hold different layers: merge them on rank 0
+            parts = [None] * self.topo.world_size if self.topo.is_main else None
+            dist.gather_object(state if strategy.holds_unique_state else None, parts, dst=0)
+            state = merge_states([p for p in parts if p is not None]) if self.topo.is_main else None
         path = self.dir / f"step-{step:08d}.pt"
         if self.topo.is_main:
             save_atomic({"format": FORMAT, "version": VERSION, "step": step, "data": data_position,

@@ -74,9 +74,39 @@ class DDPConfig:
 
 
 @dataclass(frozen=True)
+class ZeroConfig:
+    # FSDP2 MixedPrecisionPolicy for zero2 / zero3: parameters and gradients in this dtype,
+    # fp32 master weights and optimizer state.
+    mixed_precision: Literal["off", "bf16", "fp16"] = "off"
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv"] = "1f1b"
+    microbatches: int = field(default=4, metadata=AT_LEAST_1)  # per data-parallel rank and step
+    virtual_stages: int = field(default=1, metadata=AT_LEAST_1)  # stages per rank (interleaved: >= 2)
+    split: Literal["params", "time"] = "params"  # balance stages by parameter count or measured time
+    split_points: tuple[int, ...] = ()  # explicit: index of the first block of every stage but the first
+
+
+@dataclass(frozen=True)
+class TensorConfig:
+    sequence_parallel: bool = False  # shard activations along the sequence in norms and dropout
+
+
+@dataclass(frozen=True)
 class StrategyConfig:
-    name: Literal["single", "ddp"] = "ddp"
+    name: Literal["single", "ddp", "zero1", "zero2", "zero3", "model_parallel", "pipeline", "tensor",
+                  "hybrid"] = "ddp"
+    # Degrees for `hybrid` (dp = 0: whatever the world size leaves after pp x tp).
+    dp: int = field(default=0, metadata=NON_NEGATIVE)
+    pp: int = field(default=1, metadata=AT_LEAST_1)
+    tp: int = field(default=1, metadata=AT_LEAST_1)
+    dp_mode: Literal["replicate", "shard"] = "replicate"  # hybrid's dp axis: DDP-like or ZeRO-3
     ddp: DDPConfig = field(default_factory=DDPConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    tensor: TensorConfig = field(default_factory=TensorConfig)
 
 
 @dataclass(frozen=True)
@@ -238,6 +268,10 @@ def _convert(tp, value: Any, key: str):
         if not isinstance(value, dict):
             raise ConfigError(f"{key} = {value!r}: must be a table")
         return value
+    if origin is tuple and typing.get_args(tp)[1:] == (Ellipsis,):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} = {value!r}: must be a list")
+        return tuple(_convert(typing.get_args(tp)[0], v, key) for v in value)
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):

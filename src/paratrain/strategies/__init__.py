@@ -1,6 +1,7 @@
 """Strategies by config name. Adding one: a module with a `Strategy` subclass, listed here."""
 from __future__ import annotations
 
+from paratrain.config import ConfigError
 from paratrain.strategies.base import StepStats, Strategy
 from paratrain.strategies.ddp import DDP
 from paratrain.strategies.single import Single
@@ -11,4 +12,6 @@ __all__ = ["STRATEGIES", "StepStats", "Strategy", "get_strategy"]
 
 
 def get_strategy(name: str) -> type[Strategy]:
-    return STRATEGIES[name]  # config validation admits only listed names
+    if name not in STRATEGIES:
+        raise ConfigError(f"strategy.name = '{name}': not available; available: {', '.join(STRATEGIES)}")
+    return STRATEGIES[name]

@@ -16,6 +16,7 @@ from typing import Callable, ClassVar
 
 import torch
 import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from paratrain.comm import CommMeter
 from paratrain.config import Config
@@ -48,11 +49,18 @@ class Strategy:
         self.cfg, self.topo, self.loss_fn = cfg, topo, loss_fn
         self.meter = CommMeter()
         self.model = self.wrap(model.to(topo.device))
-        self.optimizer = build_optimizer(cfg.optimizer, self.model.parameters())
+        self.optimizer = self.make_optimizer(self.model.parameters())
 
     # -- hooks for data-parallel variants
     def wrap(self, model: nn.Module) -> nn.Module:
         return model
+
+    def make_optimizer(self, params) -> torch.optim.Optimizer:
+        return build_optimizer(self.cfg.optimizer, params)
+
+    def loss_context(self):
+        """Context around forward, loss and backward (tensor parallel: vocabulary-parallel loss)."""
+        return nullcontext()
 
     def no_sync(self):
         """Context for micro-batches whose gradients are accumulated without communicating."""
@@ -72,13 +80,18 @@ class Strategy:
     def dp_size(self) -> int:
         return self.topo.size("dp")
 
+    @property
+    def holds_unique_state(self) -> bool:
+        """One rank per pipeline stage contributes to a checkpoint (dp and tp copies are equal once full)."""
+        return self.topo.axis_rank("dp") == 0 and self.topo.axis_rank("tp") == 0
+
     # -- the step
     def train_step(self, batch: Batch) -> StepStats:
         micro = batch.split(self.cfg.training.grad_accum_steps)
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=self.topo.device)
         for i, mb in enumerate(micro):
-            with self.no_sync() if i < len(micro) - 1 else nullcontext():
+            with self.no_sync() if i < len(micro) - 1 else nullcontext(), self.loss_context():
                 loss = self.loss_fn(self.model(mb.inputs), mb.targets) / len(micro)
                 loss.backward()
             loss_sum += loss.detach()
@@ -96,7 +109,8 @@ class Strategy:
     @torch.no_grad()
     def evaluate(self, batches: list[Batch]) -> float:
         self.model.eval()
-        total = sum(self.loss_fn(self.module(b.inputs), b.targets) for b in batches) / len(batches)
+        with self.loss_context():
+            total = sum(self.loss_fn(self.module(b.inputs), b.targets) for b in batches) / len(batches)
         self.model.train()
         return self.mean_over_dp(total.detach().float())
 
@@ -109,10 +123,32 @@ class Strategy:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    # -- checkpoints
+    # -- checkpoints: full (unsharded) tensors keyed by parameter name, so that a checkpoint
+    # written under one layout loads under any other (torch.distributed.checkpoint.state_dict).
     def state_dict(self) -> dict:
-        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+        """What this rank holds, unsharded; a collective where parameters are sharded."""
+        model, optim = get_state_dict(self.module, self.optimizer, options=StateDictOptions(full_state_dict=True))
+        return {"model": _to_cpu(model), "optimizer": _to_cpu(optim)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Load the entries of a full, name-keyed state that this rank holds."""
+        mine = set(self.module.state_dict())
+        model = {k: v for k, v in state["model"].items() if k in mine}
+        set_state_dict(self.module, self.optimizer, model_state_dict=model,
+                       optim_state_dict=_select_optim(state["optimizer"], mine),
+                       options=StateDictOptions(full_state_dict=True))
+
+
+def _to_cpu(tree):
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().cpu()
+    if isinstance(tree, dict):
+        return {k: _to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_to_cpu(v) for v in tree)
+    return tree
+
+
+def _select_optim(optim: dict, names: set) -> dict:
+    groups = [{**g, "params": [p for p in g["params"] if p in names]} for g in optim["param_groups"]]
+    return {"state": {k: v for k, v in optim["state"].items() if k in names}, "param_groups": groups}
