@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 
 import torch
+from torch.distributed.tensor import DTensor
 
 import paratrain
+from paratrain.checkpoint import list_checkpoints, read_checkpoint
 
 TINY_GPT = ["model.name=gpt", "model.n_layer=2", "model.n_head=2", "model.d_model=32", "model.block_size=16",
             "training.global_batch_size=8", "training.steps=20", "training.eval_every=10", "training.eval_batches=2",
@@ -23,8 +25,13 @@ def config(base: list[str], *sets: str, run_dir=None) -> paratrain.Config:
 def fit(cfg: paratrain.Config, resume=None) -> dict:
     """Train (one rank or the whole single run) and return parameters + summary, on CPU."""
     result = paratrain.train(cfg, resume=resume)
-    return {"params": {k: v.detach().cpu().clone() for k, v in result.model.state_dict().items()},
-            "summary": result.summary}
+    params = result.model.state_dict()
+    if any(isinstance(v, DTensor) for v in params.values()):
+        # Sharded (DTensor) parameters: .full_tensor() needs the process group, which train()
+        # has destroyed by now, so read the full tensors of the final checkpoint instead.
+        assert cfg.checkpoint.enabled, "a run with sharded parameters needs checkpoint.enabled=true here"
+        params = read_checkpoint(list_checkpoints(result.run_dir)[-1])["strategy"]["model"]
+    return {"params": {k: v.detach().cpu().clone() for k, v in params.items()}, "summary": result.summary}
 
 
 def max_param_diff(a: dict, b: dict) -> float:

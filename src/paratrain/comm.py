@@ -17,6 +17,16 @@ def ring_allreduce_bytes(nbytes: int, n: int) -> int:
     return 0 if n <= 1 else round(2 * (n - 1) * nbytes / n)
 
 
+def ring_allgather_bytes(nbytes: int, n: int) -> int:
+    """All-gather into S = `nbytes` in all: each rank passes on the n-1 shards it lacks, (n-1)/n S."""
+    return 0 if n <= 1 else round((n - 1) * nbytes / n)
+
+
+def ring_reduce_scatter_bytes(nbytes: int, n: int) -> int:
+    """Reduce-scatter of S = `nbytes` per rank: the first half of a ring all-reduce, (n-1)/n S."""
+    return ring_allgather_bytes(nbytes, n)
+
+
 class CommMeter:
     """Per-step totals; `take()` returns them and starts the next step from zero."""
 

@@ -9,12 +9,18 @@ import torch
 from paratrain.config import OptimizerConfig
 
 
-def build_optimizer(cfg: OptimizerConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def optimizer_spec(cfg: OptimizerConfig) -> tuple[type[torch.optim.Optimizer], dict]:
+    """The optimizer class and its keyword arguments, for wrappers that build it themselves (ZeRO-1)."""
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay)
+        return torch.optim.SGD, dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                     weight_decay=cfg.weight_decay)
     cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
-    return cls(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return cls, dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def build_optimizer(cfg: OptimizerConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    cls, kwargs = optimizer_spec(cfg)
+    return cls(params, **kwargs)
 
 
 def lr_at(cfg: OptimizerConfig, step: int, total_steps: int) -> float:

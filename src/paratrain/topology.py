@@ -94,7 +94,8 @@ class Topology:
         dims.check(world)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        if not dist.is_initialized():
+        owns_group = not dist.is_initialized()  # a caller's own group is reused, and left to the caller
+        if owns_group:
             dist.init_process_group(
                 backend="nccl" if device.type == "cuda" else "gloo",
                 timeout=timedelta(seconds=run.timeout_s),  # finite: a lost peer fails the job, not hangs it
@@ -103,10 +104,14 @@ class Topology:
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh(device.type, (dims.dp, dims.pp, dims.tp), mesh_dim_names=AXES)
-        return cls(dims, rank, local_rank, device, mesh)
+        topo = cls(dims, rank, local_rank, device, mesh)
+        topo.owns_group = owns_group
+        return topo
+
+    owns_group = False
 
     def destroy(self) -> None:
-        if dist.is_initialized():
+        if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 

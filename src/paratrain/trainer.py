@@ -74,6 +74,7 @@ class Trainer:
         finally:
             progress.close()
             self.metrics.close()
+        self.strategy.close(self.run_dir)
         summary = self.metrics.summary()
         bytes_per_rank = [summary["bytes_sent_per_step"]]
         if self.topo.world_size > 1:

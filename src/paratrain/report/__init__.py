@@ -1,0 +1,1 @@
+"""Measurements drawn as pictures: pipeline timelines (Gantt charts) and bubbles."""
