@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import json
 
-import torch
-from torch.distributed.tensor import DTensor
+import os
+
+import torch.distributed as dist
 
 import paratrain
-from paratrain.checkpoint import list_checkpoints, read_checkpoint
 
 TINY_GPT = ["model.name=gpt", "model.n_layer=2", "model.n_head=2", "model.d_model=32", "model.block_size=16",
             "training.global_batch_size=8", "training.steps=20", "training.eval_every=10", "training.eval_batches=2",
@@ -23,14 +23,15 @@ def config(base: list[str], *sets: str, run_dir=None) -> paratrain.Config:
 
 
 def fit(cfg: paratrain.Config, resume=None) -> dict:
-    """Train (one rank or the whole single run) and return parameters + summary, on CPU."""
+    """Train (one rank, or the whole single run): this rank's full parameters by name, and the summary.
+
+    Under run_ranks the process group is made here, so train() leaves it alive for gathering
+    sharded parameters afterwards, and several runs can share it.
+    """
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        dist.init_process_group("gloo")
     result = paratrain.train(cfg, resume=resume)
-    params = result.model.state_dict()
-    if any(isinstance(v, DTensor) for v in params.values()):
-        # Sharded (DTensor) parameters: .full_tensor() needs the process group, which train()
-        # has destroyed by now, so read the full tensors of the final checkpoint instead.
-        assert cfg.checkpoint.enabled, "a run with sharded parameters needs checkpoint.enabled=true here"
-        params = read_checkpoint(list_checkpoints(result.run_dir)[-1])["strategy"]["model"]
+    params = result.strategy.state_dict()["model"]  # full tensors, names of the whole model
     return {"params": {k: v.detach().cpu().clone() for k, v in params.items()}, "summary": result.summary}
 
 

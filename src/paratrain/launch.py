@@ -12,7 +12,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch.nn as nn
 
@@ -20,6 +20,9 @@ from paratrain.checkpoint import check_compatible, list_checkpoints, read_checkp
 from paratrain.config import Config, ConfigError, validate
 from paratrain.data import Datasets
 from paratrain.imports import import_callable
+
+if TYPE_CHECKING:
+    from paratrain.strategies import Strategy
 
 # Measured: with the rendezvous store shared with the process group, 4 of 15 restarts hung.
 LAUNCH_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
@@ -51,9 +54,10 @@ def settle_run(cfg: Config, resume: str | Path | None, default_dir: Callable[[],
 
 @dataclass
 class TrainResult:
-    model: nn.Module  # this rank's trained model (plain module, no wrapper)
+    model: nn.Module  # this rank's trained model, or its part of it (pipeline stages, shards)
     summary: dict  # losses, step times, throughput, bytes sent
     run_dir: Path
+    strategy: Strategy  # strategy.state_dict(): full tensors by name (a collective where sharded)
 
 
 def train(cfg: Config, *, resume: str | Path | None = None, model: nn.Module | None = None,
@@ -85,7 +89,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, model: nn.Module | N
         if topo.is_main:
             (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         summary = trainer.fit()
-        return TrainResult(trainer.strategy.module, summary, run_dir)
+        return TrainResult(trainer.strategy.module, summary, run_dir, trainer.strategy)
     finally:
         topo.destroy()
 

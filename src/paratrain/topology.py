@@ -16,6 +16,10 @@ import torch.distributed as dist
 from paratrain.config import ConfigError, RunConfig
 
 AXES = ("dp", "pp", "tp")
+# The mesh has one more axis, "dp_shard", always of size 1: FSDP2 replicates over ("dp",
+# "dp_shard") as hybrid sharding with shard groups of one, and FSDP2 requires that mesh and the
+# tp mesh of DTensor parameters to come from one root mesh.
+MESH_AXES = ("dp", "dp_shard", "pp", "tp")
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,7 @@ class Topology:
         self.rank = rank
         self.local_rank = local_rank
         self.device = device
-        self.mesh = mesh  # torch DeviceMesh with axes AXES, or None when world_size == 1
+        self.mesh = mesh  # torch DeviceMesh with axes MESH_AXES, or None when world_size == 1
 
     @property
     def world_size(self) -> int:
@@ -103,7 +107,7 @@ class Topology:
             )
         from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh(device.type, (dims.dp, dims.pp, dims.tp), mesh_dim_names=AXES)
+        mesh = init_device_mesh(device.type, (dims.dp, 1, dims.pp, dims.tp), mesh_dim_names=MESH_AXES)
         topo = cls(dims, rank, local_rank, device, mesh)
         topo.owns_group = owns_group
         return topo

@@ -4,12 +4,14 @@ from __future__ import annotations
 from paratrain.config import ConfigError
 from paratrain.strategies.base import StepStats, Strategy
 from paratrain.strategies.ddp import DDP
+from paratrain.strategies.hybrid import Hybrid
 from paratrain.strategies.pipeline import ModelParallel, Pipeline
 from paratrain.strategies.single import Single
 from paratrain.strategies.tensor import TensorParallel
 from paratrain.strategies.zero import Zero1, Zero2, Zero3
 
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Single, DDP, ModelParallel, Pipeline, Zero1, Zero2, Zero3, TensorParallel)}
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls for cls in (Single, DDP, Zero1, Zero2, Zero3, ModelParallel, Pipeline, TensorParallel, Hybrid)}
 
 __all__ = ["STRATEGIES", "StepStats", "Strategy", "get_strategy"]
 

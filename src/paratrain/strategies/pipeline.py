@@ -58,6 +58,9 @@ def check_pipeline(cfg: Config, pp: int, dp: int) -> None:
     if schedule in MULTI_STAGE and m % max(1, m // pp):
         raise ConfigError(f"strategy.pipeline.microbatches = {m}: schedule '{schedule}' needs a multiple of "
                           f"{max(1, m // pp)} (rounds of {pp} ranks)")
+    if schedule == "1f1b" and m < pp:
+        raise ConfigError(f"strategy.pipeline.microbatches = {m}: schedule '1f1b' needs at least one per stage "
+                          f"({pp}); use more micro-batches or gpipe")
     local = cfg.training.global_batch_size // dp
     if local % m:
         raise ConfigError(f"strategy.pipeline.microbatches = {m}: must divide the per-rank batch "
@@ -206,8 +209,9 @@ class Pipeline(Strategy):
         self.events.clear()
         t0 = time.perf_counter()
         losses: list[torch.Tensor] = []
-        self.schedule.step(*([batch.inputs] if self.has_first else []),
-                           target=batch.targets if self.has_last else None, losses=losses if self.has_last else None)
+        with self.loss_context():
+            self.schedule.step(*([batch.inputs] if self.has_first else []),
+                               target=batch.targets if self.has_last else None, losses=losses if self.has_last else None)
         t1 = time.perf_counter()
         self.clip_gradients()
         self.optimizer.step()
@@ -262,7 +266,8 @@ class Pipeline(Strategy):
                 if s < last and self.rank_of_stage[s + 1] != me:
                     send_tensor(x, group, self.rank_of_stage[s + 1])
             if self.has_last:
-                losses.append(self.loss_fn(x, b.targets))
+                with self.loss_context():
+                    losses.append(self.loss_fn(x, b.targets))
         for part in self.parts:
             part.train()
         return self._pipeline_loss(losses)

@@ -1,0 +1,68 @@
+"""dp x pp x tp meshes on 4 ranks against the single-process oracle, and resume across layouts."""
+import pytest
+
+from paratrain.config import ConfigError, validate
+from paratrain.testing import run_ranks
+from tests.helpers import TINY_GPT, config, fit, max_param_diff
+
+TOL = 1e-5
+BASE = [*TINY_GPT, "model.n_layer=4", "strategy.pipeline.microbatches=2", "strategy.name=hybrid",
+        "checkpoint.enabled=true", "checkpoint.every=10", "checkpoint.keep=2"]
+MESHES = [("2x2x1", "replicate"), ("2x2x1", "shard"), ("2x1x2", "replicate"), ("2x1x2", "shard"),
+          ("1x2x2", "replicate"), ("1x4x1", "replicate")]
+
+
+def _mesh(tmp_path, dims, mode):
+    dp, pp, tp = dims.split("x")
+    return config(BASE, f"strategy.dp={dp}", f"strategy.pp={pp}", f"strategy.tp={tp}", f"strategy.dp_mode={mode}",
+                  f"strategy.pipeline.microbatches={max(2, int(pp))}", run_dir=tmp_path / f"{dims}-{mode}")
+
+
+def meshes_then_resume(cfgs, ddp_cfg, ckpt) -> list[dict]:
+    """Every mesh in turn, then ddp on all ranks resumed from the first mesh's checkpoint."""
+    return [fit(cfg) for cfg in cfgs] + [fit(ddp_cfg, resume=ckpt)]
+
+
+def test_meshes_equal_single_and_checkpoints_cross_layouts(tmp_path):
+    oracle = fit(config(BASE, "strategy.name=single", run_dir=tmp_path / "single"))
+    cfgs = [_mesh(tmp_path, dims, mode) for dims, mode in MESHES]
+    ckpt = tmp_path / "2x2x1-replicate" / "checkpoints" / "step-00000010.pt"
+    ddp = config(BASE, "strategy.name=ddp", run_dir=tmp_path / "ddp4-resumed")
+    per_rank = run_ranks(meshes_then_resume, 4, cfgs, ddp, ckpt, timeout_s=600)
+    for i, (dims, mode) in enumerate(MESHES):
+        held = set()
+        for rank in per_rank:
+            r = rank[i]
+            assert max_param_diff(r["params"], {k: oracle["params"][k] for k in r["params"]}) <= TOL, (dims, mode)
+            assert r["summary"]["final_loss"] == pytest.approx(oracle["summary"]["final_loss"], abs=1e-5)
+            assert r["summary"]["eval_loss"] == pytest.approx(oracle["summary"]["eval_loss"], abs=1e-5)
+            held |= r["params"].keys()
+        assert held == oracle["params"].keys(), (dims, mode)
+    # Saved with dp2 x pp2, resumed with dp4 (ddp) and with single: the same end point.
+    for rank in per_rank:
+        assert max_param_diff(rank[-1]["params"], oracle["params"]) <= TOL
+        assert rank[-1]["summary"]["steps"] == 10
+    resumed_dir = tmp_path / "single-resumed" / "checkpoints"
+    resumed_dir.mkdir(parents=True)
+    (resumed_dir / ckpt.name).write_bytes(ckpt.read_bytes())
+    single = fit(config(BASE, "strategy.name=single", run_dir=tmp_path / "single-resumed"), resumed_dir / ckpt.name)
+    assert max_param_diff(single["params"], oracle["params"]) <= TOL
+
+
+@pytest.mark.parametrize("sets,world,message", [
+    (["strategy.pp=3"], 4, "strategy.pp x strategy.tp = 3 x 1: must divide the number of processes, 4"),
+    (["strategy.dp=3", "strategy.pp=2"], 4, "dp=3 x pp=2 x tp=1 = 6: must multiply to the number of processes, 4"),
+    (["strategy.tp=2", "model.n_head=3", "model.d_model=30"], 4,
+     "model.n_head = 3: must be divisible by the tensor-parallel degree 2"),
+    (["strategy.tp=2", "strategy.pp=2", "strategy.tensor.sequence_parallel=true"], 4,
+     "strategy.tensor.sequence_parallel = true: not with strategy.pp > 1"),
+    (["strategy.pp=4", "model.n_layer=2", "strategy.pipeline.microbatches=4"], 4,
+     "model.n_layer = 2: fewer blocks than pipeline stages"),
+    (["strategy.pp=2", "strategy.pipeline.microbatches=3"], 4, "strategy.pipeline.microbatches = 3: must divide"),
+    (["strategy.pp=4", "strategy.pipeline.microbatches=2"], 4,
+     "strategy.pipeline.microbatches = 2: schedule '1f1b' needs at least one per stage (4)"),
+])
+def test_invalid_meshes(sets, world, message):
+    with pytest.raises(ConfigError) as err:
+        validate(config(BASE, *sets), world_size=world)
+    assert message in str(err.value)
