@@ -56,6 +56,7 @@ class Trainer:
         eval_loss = None
         if self._due(t.eval_every):
             eval_loss = self.strategy.evaluate(self.eval_batches)
+            self.strategy.meter.take()  # evaluation traffic is not a training step's
             self.metrics.log_eval(step, eval_loss)
         if self.cfg.checkpoint.enabled and self._due(self.cfg.checkpoint.every):
             self.checkpointer.save(self.step_num, self.strategy, self.batches.position(self.step_num))

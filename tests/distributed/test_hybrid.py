@@ -38,6 +38,13 @@ def test_meshes_equal_single_and_checkpoints_cross_layouts(tmp_path):
             assert r["summary"]["eval_loss"] == pytest.approx(oracle["summary"]["eval_loss"], abs=1e-5)
             held |= r["params"].keys()
         assert held == oracle["params"].keys(), (dims, mode)
+    # Bytes of 2x2x1-replicate, per rank and step: the activations (forward) or their gradients
+    # (backward) of the local batch of 4 x 16 x 32 floats to the other stage, plus the ring
+    # all-reduce of its stage's gradients over dp = 2 (2 (n-1)/n S = S), plus two 4-byte losses.
+    for rank in per_rank:
+        r = rank[0]
+        stage_bytes = sum(v.numel() * 4 for v in r["params"].values())
+        assert r["summary"]["bytes_sent_per_step"] == 4 * 16 * 32 * 4 + stage_bytes + 8
     # Saved with dp2 x pp2, resumed with dp4 (ddp) and with single: the same end point.
     for rank in per_rank:
         assert max_param_diff(rank[-1]["params"], oracle["params"]) <= TOL

@@ -17,6 +17,7 @@ from torch.distributed.fsdp import fully_shard
 
 from paratrain.config import Config, ConfigError
 from paratrain.strategies.pipeline import Pipeline, check_pipeline
+from paratrain.strategies.zero import count_fsdp_traffic
 from paratrain.strategies.tensor import _replicated_loss, check_tensor_parallel, loss_parallel, parallelize_gpt
 from paratrain.topology import ParallelDims
 
@@ -60,6 +61,7 @@ class Hybrid(Pipeline):
             for block in blocks:  # one unit per block: only one block's parameters gathered at a time
                 fully_shard(block, mesh=mesh, reshard_after_forward=shard)
             fully_shard(part, mesh=mesh, reshard_after_forward=shard)
+            count_fsdp_traffic(part, self.meter, replicas=1 if shard else self.topo.size("dp"))
         return part
 
     def loss_context(self):

@@ -36,7 +36,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 # torch 2.13 documents them there but exports them only from this private module.
 from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
 
-from paratrain.comm import CommMeter, ring_allgather_bytes, ring_reduce_scatter_bytes
+from paratrain.comm import CommMeter, ring_allgather_bytes, ring_allreduce_bytes, ring_reduce_scatter_bytes
 from paratrain.data import Batch
 from paratrain.optim import optimizer_spec
 from paratrain.strategies.base import StepStats, Strategy, _to_cpu
@@ -141,6 +141,19 @@ def _timed(meter: CommMeter, nbytes: int, launch):
     return work
 
 
+def count_fsdp_traffic(model: nn.Module, meter: CommMeter, replicas: int = 1) -> None:
+    """Charge every FSDP2 unit's all-gathers and reduce-scatters to `meter`, and with hybrid
+    sharding over `replicas` > 1 groups also the gradient all-reduce across them (counted in
+    FSDP2's post-all-reduce hook: bytes only, its time is inside backward)."""
+    for unit in model.modules():
+        if isinstance(unit, FSDPModule):
+            unit.set_custom_all_gather(_CountedAllGather(meter))
+            unit.set_custom_reduce_scatter(_CountedReduceScatter(meter))
+            if replicas > 1:
+                unit.set_all_reduce_hook(lambda out: meter.add(
+                    ring_allreduce_bytes(out.numel() * out.element_size(), replicas), 0.0))
+
+
 class _FullyShard(Strategy):
     reshard_after_forward: bool
 
@@ -162,10 +175,7 @@ class _FullyShard(Strategy):
         for block in blocks:
             fully_shard(block, **kwargs)
         fully_shard(model, **{**kwargs, "mp_policy": root_policy})
-        for unit in model.modules():
-            if isinstance(unit, FSDPModule):
-                unit.set_custom_all_gather(_CountedAllGather(self.meter))
-                unit.set_custom_reduce_scatter(_CountedReduceScatter(self.meter))
+        count_fsdp_traffic(model, self.meter)
         return model
 
     @contextmanager
@@ -178,11 +188,7 @@ class _FullyShard(Strategy):
             self.model.set_requires_gradient_sync(True)
 
     def evaluate(self, batches: list[Batch]) -> float:
-        # Evaluation's all-gathers are not a training step's traffic: keep them out of the meter.
-        step_bytes, step_s = self.meter.take()
         loss = super().evaluate(batches)
-        self.meter.take()
-        self.meter.add(step_bytes, step_s)
         # zero2 does not reshard after forward, and no backward follows here: free the gathered
         # parameters now rather than keep them unsharded until the next step's backward.
         for unit in self.model.modules():
