@@ -1,6 +1,5 @@
 """A user's model, loss and dataset, from import paths and from the Python API, under ddp and single."""
 import torch
-import torch.nn as nn
 
 import paratrain
 from paratrain.data import Datasets, MapDataset

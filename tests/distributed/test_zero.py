@@ -4,19 +4,16 @@ Process start-up dominates on 2 cores, so all 2-rank trainings run in one spawn 
 (`runs`, module-scoped) and the tests below read their results.
 """
 import json
-import os
 import shutil
-import tempfile
-import time
-from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 import paratrain
 from paratrain.comm import ring_allgather_bytes, ring_allreduce_bytes, ring_reduce_scatter_bytes
-from paratrain.testing import free_port, run_ranks
+from paratrain.testing import run_ranks
 from tests.helpers import MLP, TINY_GPT, config, fit, max_param_diff
 
 TOL = 1e-5  # fp32: reductions in another order than one big batch, nothing more
@@ -63,27 +60,14 @@ def state_bytes_rank(cfg) -> dict:
         topo.destroy()
 
 
-def _jobs_rank(jobs: list, port_dir: str) -> list:
-    out = []
-    for i, (fn, *args) in enumerate(jobs):
-        # Measured: a second group on the first one's port within one process fails (gloo
-        # connectFullMesh: connection refused). So every job gets a fresh port, picked by rank 0
-        # just before use (ports picked up front were taken meanwhile: EADDRINUSE) and passed on in a file.
-        path = Path(port_dir) / f"job{i}.port"
-        if os.environ["RANK"] == "0":
-            path.with_suffix(".tmp").write_text(str(free_port()))
-            path.with_suffix(".tmp").rename(path)
-        while not path.exists():
-            time.sleep(0.01)
-        os.environ["MASTER_PORT"] = path.read_text()
-        out.append(fn(*args))
-    return out
+def _jobs_rank(jobs: list) -> list:
+    dist.init_process_group("gloo")  # one group for every job: train() leaves a caller's group alone
+    return [fn(*args) for fn, *args in jobs]
 
 
 def run_jobs(jobs: dict, world_size: int = 2) -> dict:
     """{name: (fn, *args)} run one after another in one spawn of the ranks -> {name: [per-rank result]}."""
-    with tempfile.TemporaryDirectory() as port_dir:
-        ranks = run_ranks(_jobs_rank, world_size, list(jobs.values()), port_dir, timeout_s=300)
+    ranks = run_ranks(_jobs_rank, world_size, list(jobs.values()), timeout_s=300)
     return {name: [r[i] for r in ranks] for i, name in enumerate(jobs)}
 
 
