@@ -65,11 +65,23 @@ def read_checkpoint(path: str | Path) -> dict:
     return obj
 
 
-def check_compatible(ckpt: dict, cfg: Config, path: Path) -> None:
+def check_compatible(ckpt: dict, cfg: Config, path: Path, model: torch.nn.Module) -> None:
+    """One line if `model` (unsharded; meta tensors will do) cannot continue from `ckpt`."""
     saved, now = ckpt["config"]["model"], dataclasses.asdict(cfg.model)
     diff = [k for k in now if saved.get(k) != now[k]]
     if diff:
         raise ConfigError(f"checkpoint '{path}' was written for another model (model.{', model.'.join(diff)} differ)")
+    stored = ckpt["strategy"]["model"]
+    wrong = [k for k, v in model.state_dict().items() if k not in stored or tuple(stored[k].shape) != tuple(v.shape)]
+    if wrong:  # e.g. the same GPT on another corpus: another vocabulary
+        k = wrong[0]
+        got = tuple(stored[k].shape) if k in stored else "missing"
+        raise ConfigError(f"checkpoint '{path}' does not fit this model: {k} is {got} there, "
+                          f"{tuple(model.state_dict()[k].shape)} here ({len(wrong)} tensor(s) differ; other data?)")
+    saved_steps = ckpt["config"]["training"]["steps"]
+    if cfg.optimizer.schedule == "cosine" and saved_steps != cfg.training.steps:
+        raise ConfigError(f"training.steps = {cfg.training.steps}: the checkpoint's cosine schedule spans "
+                          f"{saved_steps} steps; resume with {saved_steps} or use optimizer.schedule = 'constant'")
 
 
 def resolve_resume(target: str | Path) -> Path:

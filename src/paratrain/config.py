@@ -76,7 +76,7 @@ class DDPConfig:
 class ZeroConfig:
     # FSDP2 MixedPrecisionPolicy for zero2 / zero3: parameters and gradients in this dtype,
     # fp32 master weights and optimizer state.
-    mixed_precision: Literal["off", "bf16", "fp16"] = "off"
+    mixed_precision: Literal["off", "bf16"] = "off"  # fp16 would need loss scaling
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,8 @@ class OptimizerConfig:
     momentum: float = field(default=0.0, metadata=FRACTION)
     nesterov: bool = False
     weight_decay: float = field(default=0.0, metadata=NON_NEGATIVE)
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[float, float] = field(default=(0.9, 0.95),
+                                       metadata=_check(lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)"))
     eps: float = field(default=1e-8, metadata=POSITIVE)
     schedule: Literal["constant", "cosine"] = "constant"
     warmup_steps: int = field(default=0, metadata=NON_NEGATIVE)
@@ -304,6 +305,12 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError("data.factory: required when data.name = 'custom' (e.g. 'mypkg.data:build')")
     if cfg.optimizer.nesterov and not (cfg.optimizer.name == "sgd" and cfg.optimizer.momentum > 0):
         raise ConfigError("optimizer.nesterov = true: needs optimizer.name = 'sgd' and optimizer.momentum > 0")
+    s = cfg.strategy
+    if s.name != "hybrid":
+        for key, value, default in (("dp", s.dp, 0), ("pp", s.pp, 1), ("tp", s.tp, 1), ("dp_mode", s.dp_mode, "replicate")):
+            if value != default:
+                raise ConfigError(f"strategy.{key} = {value!r}: only strategy.name = 'hybrid' takes degrees; "
+                                  f"'{s.name}' uses every process on its own axis")
     if t.global_batch_size % t.grad_accum_steps:
         raise ConfigError(
             f"training.global_batch_size = {t.global_batch_size}: must be divisible by "

@@ -12,17 +12,14 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch.nn as nn
 
 from paratrain.checkpoint import check_compatible, list_checkpoints, read_checkpoint, resolve_resume
 from paratrain.config import Config, ConfigError, validate
-from paratrain.data import Datasets
+from paratrain.data import Datasets, ShardedBatches, build_datasets
 from paratrain.imports import import_callable
-
-if TYPE_CHECKING:
-    from paratrain.strategies import Strategy
 
 # Measured: with the rendezvous store shared with the process group, 4 of 15 restarts hung.
 LAUNCH_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
@@ -56,8 +53,7 @@ def settle_run(cfg: Config, resume: str | Path | None, default_dir: Callable[[],
 class TrainResult:
     model: nn.Module  # this rank's trained model, or its part of it (pipeline stages, shards)
     summary: dict  # losses, step times, throughput, bytes sent
-    run_dir: Path
-    strategy: Strategy  # strategy.state_dict(): full tensors by name (a collective where sharded)
+    run_dir: Path  # its last checkpoint holds the whole model, full tensors by name
 
 
 def train(cfg: Config, *, resume: str | Path | None = None, model: nn.Module | None = None,
@@ -89,25 +85,45 @@ def train(cfg: Config, *, resume: str | Path | None = None, model: nn.Module | N
         if topo.is_main:
             (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         summary = trainer.fit()
-        return TrainResult(trainer.strategy.module, summary, run_dir, trainer.strategy)
+        return TrainResult(trainer.strategy.module, summary, run_dir)
     finally:
         topo.destroy()
+
+
+def preflight(cfg: Config, world_size: int, ckpt: Path | None) -> None:
+    """Every check of the user's input that would otherwise fail in N workers at once."""
+    import torch
+
+    from paratrain.models import build_model
+    from paratrain.strategies import get_strategy
+    from paratrain.strategies.pipeline import check_model_split
+
+    validate(cfg, world_size)
+    for key in ("model.factory", "model.loss", "data.factory"):  # user code must import
+        section, name = key.split(".")
+        if path := getattr(getattr(cfg, section), name):
+            import_callable(path, key)
+    dims = get_strategy(cfg.strategy.name).parallel_dims(cfg, world_size)
+    datasets = build_datasets(cfg)
+    for split, data in (("train", datasets.train), ("eval", datasets.eval)):  # enough samples for a batch
+        ShardedBatches(data, cfg.training.global_batch_size, 0, dims.dp, cfg.training.seed, split)
+    with torch.device("meta"):  # shapes only, no memory
+        model = build_model(cfg, datasets.vocab_size)
+    if dims.pp > 1:
+        check_model_split(cfg, model, dims.pp)
+    if ckpt is not None:
+        check_compatible(read_checkpoint(ckpt), cfg, ckpt, model)
 
 
 def launch(cfg: Config, nproc: int | None = None, resume: str | Path | None = None) -> int:
     """Check everything, then train on `nproc` local processes (default: run.nproc). Exit code."""
     nproc = nproc or cfg.run.nproc
-    validate(cfg, world_size=nproc)
-    for key in ("model.factory", "model.loss", "data.factory"):  # user code must import, before workers
-        section, name = key.split(".")
-        if path := getattr(getattr(cfg, section), name):
-            import_callable(path, key)
     if cfg.strategy.name == "single":
+        validate(cfg, world_size=nproc)
         train(cfg, resume=resume)
         return 0
     cfg, ckpt = settle_run(cfg, resume, lambda: next_run_dir(cfg.run.name))
-    if ckpt is not None:  # fail here, before any worker starts, on a bad or foreign checkpoint
-        check_compatible(read_checkpoint(ckpt), cfg, ckpt)
+    preflight(cfg, nproc, ckpt)
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.json"
@@ -123,8 +139,8 @@ def launch(cfg: Config, nproc: int | None = None, resume: str | Path | None = No
     try:
         run(args)
     except ChildFailedError as e:
-        code = max((f.exitcode for f in e.failures.values()), key=abs, default=1)
-        print(f"paratrain: {len(e.failures)} of {nproc} workers failed (first exit code {code}); "
+        codes = sorted({f.exitcode for f in e.failures.values()})
+        print(f"paratrain: {len(e.failures)} of {nproc} workers failed (exit codes {codes}); "
               f"see their messages above; run directory {run_dir}", file=sys.stderr)
-        return 2 if code == 2 else 1
+        return 2 if 2 in codes else 1
     return 0

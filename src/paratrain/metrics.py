@@ -20,7 +20,7 @@ class MetricsLog:
         self.path = Path(run_dir) / "metrics" / f"rank{rank}.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if start_step and self.path.exists():  # resume: drop records past the checkpoint
-            kept = [l for l in self.path.read_text().splitlines() if json.loads(l)["step"] < start_step]
+            kept = [l for l in self.path.read_text().splitlines() if _step_of(l) < start_step]
             self.path.write_text("".join(l + "\n" for l in kept))
         self.file = open(self.path, "a" if start_step else "w", buffering=1)  # a line per step survives a crash
         self.step_times: list[float] = []
@@ -62,6 +62,13 @@ class MetricsLog:
 
     def close(self) -> None:
         self.file.close()
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError):  # a line half-written when the run died
+        return float("inf")
 
 
 class Progress:

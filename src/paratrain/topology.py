@@ -39,6 +39,11 @@ class ParallelDims:
                 f"must multiply to the number of processes, {world_size}")
 
 
+def backend_for(device: torch.device) -> str:
+    """The one place the backend is chosen: NCCL for CUDA devices, gloo for the CPU."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
 def resolve_device(run: RunConfig, local_rank: int) -> torch.device:
     kind = run.device
     if kind == "auto":
@@ -70,7 +75,7 @@ class Topology:
 
     @property
     def backend(self) -> str:
-        return "nccl" if self.device.type == "cuda" else "gloo"
+        return backend_for(self.device)
 
     def size(self, axis: str) -> int:
         return getattr(self.dims, axis)
@@ -101,7 +106,7 @@ class Topology:
         owns_group = not dist.is_initialized()  # a caller's own group is reused, and left to the caller
         if owns_group:
             dist.init_process_group(
-                backend="nccl" if device.type == "cuda" else "gloo",
+                backend=backend_for(device),
                 timeout=timedelta(seconds=run.timeout_s),  # finite: a lost peer fails the job, not hangs it
                 device_id=device if device.type == "cuda" else None,
             )
@@ -115,6 +120,11 @@ class Topology:
     owns_group = False
 
     def destroy(self) -> None:
+        """Tear down the process groups if this topology started them.
+
+        Under a caller's own group nothing is destroyed, the mesh's sub-groups included: torch
+        hands a later mesh cached groups (measured: destroying them made the next train() fail
+        with "Could not resolve the process group"), at the cost of a few groups per call."""
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 

@@ -27,6 +27,9 @@ class Trainer:
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         datasets = datasets or build_datasets(cfg)
         model = model if model is not None else build_model(cfg, datasets.vocab_size)
+        ckpt = read_checkpoint(resume) if resume is not None else None
+        if ckpt is not None:
+            check_compatible(ckpt, cfg, resume, model)
         self.strategy = get_strategy(cfg.strategy.name)(cfg, topo, model, loss_fn or build_loss(cfg))
         dp_rank, dp_size = self.strategy.dp_rank, self.strategy.dp_size
         self.batches = ShardedBatches(datasets.train, t.global_batch_size, dp_rank, dp_size, t.seed)
@@ -35,9 +38,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run_dir, cfg, topo)
         torch.manual_seed(t.seed + 1 + topo.rank)  # dropout streams differ across ranks
         self.step_num = 0
-        if resume is not None:
-            ckpt = read_checkpoint(resume)
-            check_compatible(ckpt, cfg, resume)
+        if ckpt is not None:
             self.step_num = self.checkpointer.restore(ckpt, self.strategy)
         self.metrics = MetricsLog(self.run_dir, topo.rank, self.step_num)
 

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from paratrain.comm import ring_allreduce_bytes
 from paratrain.testing import run_ranks
 from tests.helpers import MLP, TINY_GPT, config, fit, max_param_diff
 
@@ -26,9 +27,11 @@ def test_ddp_equals_single(base, tmp_path):
         assert max_param_diff(r["params"], oracle["params"]) <= TOL
     for key in ("final_loss", "eval_loss"):
         assert ranks[0]["summary"][key] == pytest.approx(oracle["summary"][key], abs=1e-5)
-    # Every rank sent its gradients: ring all-reduce of the fp32 parameters each step (+ the loss).
+    # Every rank sent its gradients: ring all-reduce of the fp32 parameters each step, plus the
+    # 4-byte loss for the log.
     n_params = sum(v.numel() for v in oracle["params"].values())
-    assert ranks[1]["summary"]["bytes_sent_per_step"] >= 4 * n_params
+    for r in ranks:
+        assert r["summary"]["bytes_sent_per_step"] == ring_allreduce_bytes(4 * n_params, 2) + ring_allreduce_bytes(4, 2)
 
 
 def test_gradient_accumulation_equals_larger_batch(tmp_path):

@@ -1,12 +1,16 @@
 """dp x pp x tp meshes on 4 ranks against the single-process oracle, and resume across layouts."""
 import pytest
 
+import paratrain
+
 from paratrain.config import ConfigError, validate
 from paratrain.testing import run_ranks
 from tests.helpers import TINY_GPT, config, fit, max_param_diff
 
 TOL = 1e-5
+# SGD with momentum and clipping: the gradient norm must span stages, tp shards and dp replicas.
 BASE = [*TINY_GPT, "model.n_layer=4", "strategy.pipeline.microbatches=2", "strategy.name=hybrid",
+        "optimizer.name=sgd", "optimizer.lr=0.3", "optimizer.momentum=0.9", "optimizer.grad_clip=0.5",
         "checkpoint.enabled=true", "checkpoint.every=10", "checkpoint.keep=2"]
 MESHES = [("2x2x1", "replicate"), ("2x2x1", "shard"), ("2x1x2", "replicate"), ("2x1x2", "shard"),
           ("1x2x2", "replicate"), ("1x4x1", "replicate")]
@@ -18,9 +22,13 @@ def _mesh(tmp_path, dims, mode):
                   f"strategy.pipeline.microbatches={max(2, int(pp))}", run_dir=tmp_path / f"{dims}-{mode}")
 
 
-def meshes_then_resume(cfgs, ddp_cfg, ckpt) -> list[dict]:
-    """Every mesh in turn, then ddp on all ranks resumed from the first mesh's checkpoint."""
-    return [fit(cfg) for cfg in cfgs] + [fit(ddp_cfg, resume=ckpt)]
+def meshes_then_resume(cfgs, ddp_cfg, ckpt, dropout_cfg) -> list[dict]:
+    """Every mesh in turn, ddp on all ranks resumed from the first mesh's checkpoint, then a
+    tp mesh with dropout: its LayerNorm weights as this rank holds them (replicated over tp)."""
+    out = [fit(cfg) for cfg in cfgs] + [fit(ddp_cfg, resume=ckpt)]
+    model = paratrain.train(dropout_cfg).model
+    out.append({n: p.to_local().detach().clone() for n, p in model.named_parameters() if ".ln" in n})
+    return out
 
 
 def test_meshes_equal_single_and_checkpoints_cross_layouts(tmp_path):
@@ -28,23 +36,28 @@ def test_meshes_equal_single_and_checkpoints_cross_layouts(tmp_path):
     cfgs = [_mesh(tmp_path, dims, mode) for dims, mode in MESHES]
     ckpt = tmp_path / "2x2x1-replicate" / "checkpoints" / "step-00000010.pt"
     ddp = config(BASE, "strategy.name=ddp", run_dir=tmp_path / "ddp4-resumed")
-    per_rank = run_ranks(meshes_then_resume, 4, cfgs, ddp, ckpt, timeout_s=600)
+    dropout = config(BASE, "strategy.dp=2", "strategy.tp=2", "model.dropout=0.2", run_dir=tmp_path / "dropout")
+    per_rank = run_ranks(meshes_then_resume, 4, cfgs, ddp, ckpt, dropout, timeout_s=600)
+    # Plain TP keeps activations replicated over tp: the same dropout masks on both tp ranks, or
+    # the replicas of every LayerNorm drift apart.
+    norms = [rank[-1] for rank in per_rank]
+    assert norms[0] and all(max_param_diff(n, norms[0]) == 0.0 for n in norms)
+    per_rank = [rank[:-1] for rank in per_rank]
     for i, (dims, mode) in enumerate(MESHES):
-        held = set()
-        for rank in per_rank:
-            r = rank[i]
-            assert max_param_diff(r["params"], {k: oracle["params"][k] for k in r["params"]}) <= TOL, (dims, mode)
-            assert r["summary"]["final_loss"] == pytest.approx(oracle["summary"]["final_loss"], abs=1e-5)
-            assert r["summary"]["eval_loss"] == pytest.approx(oracle["summary"]["eval_loss"], abs=1e-5)
-            held |= r["params"].keys()
-        assert held == oracle["params"].keys(), (dims, mode)
+        # The final checkpoint holds the whole model, gathered from every stage and shard.
+        assert max_param_diff(per_rank[0][i]["params"], oracle["params"]) <= TOL, (dims, mode)
+        for rank in per_rank:  # and every rank logged the global batch's losses
+            assert rank[i]["summary"]["final_loss"] == pytest.approx(oracle["summary"]["final_loss"], abs=1e-5)
+            assert rank[i]["summary"]["eval_loss"] == pytest.approx(oracle["summary"]["eval_loss"], abs=1e-5)
     # Bytes of 2x2x1-replicate, per rank and step: the activations (forward) or their gradients
     # (backward) of the local batch of 4 x 16 x 32 floats to the other stage, plus the ring
     # all-reduce of its stage's gradients over dp = 2 (2 (n-1)/n S = S), plus two 4-byte losses.
-    for rank in per_rank:
-        r = rank[0]
-        stage_bytes = sum(v.numel() * 4 for v in r["params"].values())
-        assert r["summary"]["bytes_sent_per_step"] == 4 * 16 * 32 * 4 + stage_bytes + 8
+    stage_keys = [lambda k: k.startswith(("tok_emb", "pos_emb", "layers.0.", "layers.1.")),
+                  lambda k: not k.startswith(("tok_emb", "pos_emb", "layers.0.", "layers.1."))]
+    for rank, r in enumerate(per_rank):
+        in_stage = stage_keys[(rank // 1) % 2]  # mesh (dp, pp): pp rank = global rank % 2
+        stage_bytes = sum(v.numel() * 4 for k, v in oracle["params"].items() if in_stage(k))
+        assert r[0]["summary"]["bytes_sent_per_step"] == 4 * 16 * 32 * 4 + stage_bytes + 8
     # Saved with dp2 x pp2, resumed with dp4 (ddp) and with single: the same end point.
     for rank in per_rank:
         assert max_param_diff(rank[-1]["params"], oracle["params"]) <= TOL

@@ -10,7 +10,7 @@ from tests.helpers import config, fit, max_param_diff
 USER = ["model.name=custom", "model.factory=tests.user_code:build_model", "model.options={width=16}",
         "model.loss=tests.user_code:loss", "data.name=custom", "data.factory=tests.user_code:dataset",
         "training.global_batch_size=16", "training.steps=15", "optimizer.name=sgd", "optimizer.lr=0.1",
-        "run.progress=off", "checkpoint.enabled=false"]
+        "run.progress=off"]
 
 
 def test_custom_by_import_path_ddp_equals_single(tmp_path):

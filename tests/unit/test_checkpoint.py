@@ -63,3 +63,38 @@ def test_missing_and_empty(tmp_path):
         read_checkpoint(tmp_path / "nope.pt")
     with pytest.raises(ConfigError, match="holds no checkpoints"):
         resolve_resume(tmp_path)
+
+
+def _gpt_checkpoint(cfg, vocab):
+    from paratrain.models import build_model
+
+    return {"config": cfg.to_dict(), "strategy": {"model": build_model(cfg, vocab).state_dict()}}
+
+
+def test_a_checkpoint_for_other_data_or_schedule_is_refused():
+    from paratrain.checkpoint import check_compatible
+    from paratrain.config import load_config
+    from paratrain.models import build_model
+
+    cfg = load_config(None, ["model.n_layer=1", "model.d_model=16", "model.n_head=2", "optimizer.schedule=cosine"])
+    here = build_model(cfg, 103)
+    check_compatible(_gpt_checkpoint(cfg, 103), cfg, "c.pt", here)  # the same: fine
+    with pytest.raises(ConfigError, match=r"does not fit this model: tok_emb.weight is \(4, 16\) there, "
+                                          r"\(103, 16\) here"):
+        check_compatible(_gpt_checkpoint(cfg, 4), cfg, "c.pt", here)  # trained on another corpus
+    with pytest.raises(ConfigError, match="written for another model \\(model.n_layer differ\\)"):
+        check_compatible(_gpt_checkpoint(cfg, 103), cfg.replace("model.n_layer=2"), "c.pt", here)
+    with pytest.raises(ConfigError, match="training.steps = 400: the checkpoint's cosine schedule spans 300 steps"):
+        check_compatible(_gpt_checkpoint(cfg, 103), cfg.replace("training.steps=400"), "c.pt", here)
+    check_compatible(_gpt_checkpoint(cfg, 103), cfg.replace("training.steps=400", "optimizer.schedule=constant"),
+                     "c.pt", here)  # a constant rate may run longer
+
+
+def test_resumed_metrics_drop_a_half_written_line(tmp_path):
+    from paratrain.metrics import MetricsLog
+
+    path = tmp_path / "metrics" / "rank0.jsonl"
+    path.parent.mkdir()
+    path.write_text('{"kind": "step", "step": 0}\n{"kind": "step", "step": 1}\n{"kind": "step", "st')
+    MetricsLog(tmp_path, 0, start_step=1).close()
+    assert path.read_text() == '{"kind": "step", "step": 0}\n'

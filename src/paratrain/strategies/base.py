@@ -152,7 +152,7 @@ class Strategy:
     def state_dict(self) -> dict:
         """What this rank holds, unsharded; a collective where parameters are sharded."""
         model, optim = get_state_dict(self.module, self.optimizer, options=StateDictOptions(full_state_dict=True))
-        return {"model": _to_cpu(model), "optimizer": _to_cpu(optim)}
+        return {"model": to_cpu(model), "optimizer": to_cpu(optim)}
 
     def load_state_dict(self, state: dict) -> None:
         load_full_state(self.module, self.optimizer, state)
@@ -177,13 +177,13 @@ def _local_bytes(tensors) -> int:
                (t.to_local() if isinstance(t, DTensor) else t for t in tensors))
 
 
-def _to_cpu(tree):
+def to_cpu(tree):
     if isinstance(tree, torch.Tensor):
         return tree.detach().cpu()
     if isinstance(tree, dict):
-        return {k: _to_cpu(v) for k, v in tree.items()}
+        return {k: to_cpu(v) for k, v in tree.items()}
     if isinstance(tree, (list, tuple)):
-        return type(tree)(_to_cpu(v) for v in tree)
+        return type(tree)(to_cpu(v) for v in tree)
     return tree
 
 

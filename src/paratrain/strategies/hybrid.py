@@ -13,12 +13,14 @@ from __future__ import annotations
 import logging
 
 import torch.nn as nn
-from torch.distributed.fsdp import fully_shard
 
 from paratrain.config import Config, ConfigError
+from paratrain.data import Batch
+from paratrain.strategies.base import StepStats
 from paratrain.strategies.pipeline import Pipeline, check_pipeline
-from paratrain.strategies.zero import count_fsdp_traffic
-from paratrain.strategies.tensor import _replicated_loss, check_tensor_parallel, loss_parallel, parallelize_gpt
+from paratrain.strategies.zero import count_fsdp_traffic, shard_blocks
+from paratrain.strategies.tensor import (check_tensor_parallel, loss_parallel, parallelize_gpt, replicated_loss,
+                                         share_rng_state)
 from paratrain.topology import ParallelDims
 
 
@@ -47,9 +49,18 @@ class Hybrid(Pipeline):
         return dims
 
     def __init__(self, cfg: Config, topo, model: nn.Module, loss_fn):
-        if topo.size("tp") > 1:  # the loss on vocabulary shards, as a plain tensor (tensor.py)
-            loss_fn = _replicated_loss(loss_fn)
+        tp = topo.size("tp") > 1
+        if tp:  # the loss on vocabulary shards, as a plain tensor (tensor.py)
+            loss_fn = replicated_loss(loss_fn)
+        # Replicated activations under plain TP need the same dropout masks on every tp rank (tensor.py).
+        self._share_rng = tp and cfg.model.dropout > 0 and not cfg.strategy.tensor.sequence_parallel
         super().__init__(cfg, topo, model, loss_fn)
+
+    def train_step(self, batch: Batch) -> StepStats:
+        if self._share_rng:
+            self._share_rng = False
+            share_rng_state(self.topo.group("tp"), self.topo.device)
+        return super().train_step(batch)
 
     def parallelize_stage(self, part: nn.Module) -> nn.Module:
         if self.topo.size("tp") > 1:
@@ -57,10 +68,7 @@ class Hybrid(Pipeline):
         if self.topo.size("dp") > 1:
             shard = self.cfg.strategy.dp_mode == "shard"
             mesh = self.topo.mesh["dp"] if shard else self.topo.mesh["dp", "dp_shard"]
-            blocks = part.layers.values() if isinstance(getattr(part, "layers", None), nn.ModuleDict) else ()
-            for block in blocks:  # one unit per block: only one block's parameters gathered at a time
-                fully_shard(block, mesh=mesh, reshard_after_forward=shard)
-            fully_shard(part, mesh=mesh, reshard_after_forward=shard)
+            shard_blocks(part, mesh, reshard_after_forward=shard)
             count_fsdp_traffic(part, self.meter, replicas=1 if shard else self.topo.size("dp"))
         return part
 

@@ -27,7 +27,7 @@ from paratrain.config import Config, ConfigError
 from paratrain.data import Batch
 from paratrain.optim import build_optimizer
 from paratrain.strategies import pipeline_split as split
-from paratrain.strategies.base import StepStats, Strategy, _to_cpu, load_full_state
+from paratrain.strategies.base import StepStats, Strategy, to_cpu, load_full_state
 from paratrain.topology import ParallelDims
 
 SCHEDULES = {"gpipe": schedules.ScheduleGPipe, "1f1b": schedules.Schedule1F1B,
@@ -68,6 +68,9 @@ def check_pipeline(cfg: Config, pp: int, dp: int) -> None:
     if cfg.training.grad_accum_steps != 1:
         raise ConfigError(f"training.grad_accum_steps = {cfg.training.grad_accum_steps}: pipelines accumulate over "
                           "micro-batches; set strategy.pipeline.microbatches instead")
+    if p.split == "time" and cfg.model.name != "gpt":
+        raise ConfigError(f"strategy.pipeline.split = 'time': measures the built-in gpt's blocks only; "
+                          f"use 'params' or split_points for model.name = '{cfg.model.name}'")
     if cfg.model.name == "gpt" and pp * v > cfg.model.n_layer:
         raise ConfigError(f"model.n_layer = {cfg.model.n_layer}: fewer blocks than pipeline stages "
                           f"({pp} ranks x {v} virtual stages)")
@@ -75,13 +78,13 @@ def check_pipeline(cfg: Config, pp: int, dp: int) -> None:
         split.check_split_points(p.split_points, cfg.model.n_layer if cfg.model.name == "gpt" else 10**9, pp * v)
 
 
-_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+_WIRE_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 
 def send_tensor(x: torch.Tensor, group, dst: int) -> None:
     """Shape header first: gloo aborts the process when a receive buffer is smaller than the message."""
     header = torch.zeros(9, dtype=torch.long)
-    header[0], header[1:1 + x.dim()], header[8] = x.dim(), torch.tensor(x.shape), _DTYPES.index(x.dtype)
+    header[0], header[1:1 + x.dim()], header[8] = x.dim(), torch.tensor(x.shape), _WIRE_DTYPES.index(x.dtype)
     dist.send(header.to(x.device), dst=dist.get_global_rank(group, dst), group=group)
     dist.send(x.contiguous(), dst=dist.get_global_rank(group, dst), group=group)
 
@@ -89,9 +92,19 @@ def send_tensor(x: torch.Tensor, group, dst: int) -> None:
 def recv_tensor(group, src: int, device: torch.device) -> torch.Tensor:
     header = torch.zeros(9, dtype=torch.long, device=device)
     dist.recv(header, src=dist.get_global_rank(group, src), group=group)
-    x = torch.empty(header[1:1 + int(header[0])].tolist(), dtype=_DTYPES[int(header[8])], device=device)
+    x = torch.empty(header[1:1 + int(header[0])].tolist(), dtype=_WIRE_DTYPES[int(header[8])], device=device)
     dist.recv(x, src=dist.get_global_rank(group, src), group=group)
     return x
+
+
+def check_model_split(cfg: Config, model: nn.Module, pp: int) -> None:
+    """The model can be cut into pp x v stages (its blocks, any explicit split points)."""
+    v = 1 if cfg.strategy.name == "model_parallel" else cfg.strategy.pipeline.virtual_stages
+    num_blocks = len(split.blocks_of(model))
+    if pp * v > num_blocks:
+        raise ConfigError(f"strategy: {pp * v} pipeline stages ({pp} ranks x {v}) for a model of {num_blocks} blocks")
+    if cfg.strategy.pipeline.split_points:
+        split.check_split_points(cfg.strategy.pipeline.split_points, num_blocks, pp * v)
 
 
 class _Optimizers:
@@ -129,9 +142,7 @@ class Pipeline(Strategy):
         schedule, v, m = self._settings()
         pp, rank = self.topo.size("pp"), self.topo.axis_rank("pp")
         num_stages = pp * v
-        blocks = split.blocks_of(model)
-        if num_stages > len(blocks):
-            raise ConfigError(f"strategy: {num_stages} pipeline stages for a model of {len(blocks)} blocks")
+        check_model_split(self.cfg, model, pp)
         self.starts = self._split(model, num_stages)
         self.stage_ids = stages_of_rank(rank, pp, v, schedule)
         self.rank_of_stage = {s: r for r in range(pp) for s in stages_of_rank(r, pp, v, schedule)}
@@ -279,7 +290,7 @@ class Pipeline(Strategy):
     def state_dict(self) -> dict:
         parts = [get_state_dict(part, opt, options=StateDictOptions(full_state_dict=True))
                  for part, opt in zip(self.parts, self.optimizer.optimizers)]
-        return merge_states([{"model": _to_cpu(m), "optimizer": _to_cpu(o)} for m, o in parts])
+        return merge_states([{"model": to_cpu(m), "optimizer": to_cpu(o)} for m, o in parts])
 
     def load_state_dict(self, state: dict) -> None:
         for part, opt in zip(self.parts, self.optimizer.optimizers):

@@ -25,7 +25,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_modul
 from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, PrepareModuleInput, RowwiseParallel,
                                                SequenceParallel, loss_parallel, parallelize_module)
 
-from paratrain.comm import ring_allreduce_bytes
+from paratrain.comm import ring_allgather_bytes, ring_allreduce_bytes, ring_reduce_scatter_bytes
 from paratrain.config import Config, ConfigError
 from paratrain.data import Batch
 from paratrain.strategies.base import StepStats, Strategy
@@ -136,7 +136,7 @@ def step_collectives(model: nn.Module, batch_shape: tuple[int, int], num_micro: 
     the position-embedding gradient and all-reduces each norm parameter's gradient once (see
     `_reduce_partial_grad`). The vocabulary-parallel loss all-reduces 3 numbers per token (max,
     sum of exponentials, target logit). Not counted: grad clipping's scalar all-reduces and the
-    one-time broadcast of `_share_rng_state`.
+    one-time broadcast of `share_rng_state`.
     """
     (B, T), elt = batch_shape, next(model.parameters()).element_size()
     B //= num_micro
@@ -157,8 +157,9 @@ def step_collectives(model: nn.Module, batch_shape: tuple[int, int], num_micro: 
 
 
 def ring_bytes(op: str, nbytes: int, n: int) -> int:
-    """Bytes one rank sends: all-reduce 2 (n-1)/n S; all-gather, reduce-scatter (n-1)/n S each."""
-    return ring_allreduce_bytes(nbytes, n) if op == "all_reduce" else round((n - 1) * nbytes / n)
+    """Bytes one rank sends for `op` on a ring (comm.py's formulas)."""
+    return {"all_reduce": ring_allreduce_bytes, "all_gather": ring_allgather_bytes,
+            "reduce_scatter": ring_reduce_scatter_bytes}[op](nbytes, n)
 
 
 class TensorParallel(Strategy):
@@ -179,7 +180,7 @@ class TensorParallel(Strategy):
         # the first step hands tp rank 0's generator state to the others. Attention dropout on
         # the local heads then repeats across head groups; Megatron forks a per-rank stream there.
         self._share_rng = cfg.model.dropout > 0 and not self.sequence_parallel
-        super().__init__(cfg, topo, model, _replicated_loss(loss_fn))
+        super().__init__(cfg, topo, model, replicated_loss(loss_fn))
 
     def wrap(self, model: nn.Module) -> nn.Module:
         return parallelize_gpt(model, self.topo.mesh["tp"], self.sequence_parallel)
@@ -190,7 +191,7 @@ class TensorParallel(Strategy):
     def train_step(self, batch: Batch) -> StepStats:
         if self._share_rng:
             self._share_rng = False
-            _share_rng_state(self.topo.group("tp"), self.topo.device)
+            share_rng_state(self.topo.group("tp"), self.topo.device)
         ops = step_collectives(self.module, tuple(batch.inputs.shape), self.cfg.training.grad_accum_steps,
                                self.sequence_parallel)
         # Bytes only: the time of these collectives is inside forward and backward (compute_s).
@@ -198,7 +199,7 @@ class TensorParallel(Strategy):
         return super().train_step(batch)
 
 
-def _replicated_loss(loss_fn):
+def replicated_loss(loss_fn):
     """The loss as a plain tensor. Under loss_parallel it is a Replicate DTensor (the same value on
     every rank); the base step and `evaluate` add losses up in plain tensors and call .item()."""
     def loss(output, target):
@@ -207,7 +208,7 @@ def _replicated_loss(loss_fn):
     return loss
 
 
-def _share_rng_state(group, device: torch.device) -> None:
+def share_rng_state(group, device: torch.device) -> None:
     """Every rank of `group` continues with the random generator state of the group's first rank."""
     cuda = device.type == "cuda"
     state = (torch.cuda.get_rng_state(device) if cuda else torch.get_rng_state()).to(device)

@@ -39,10 +39,10 @@ from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatt
 from paratrain.comm import CommMeter, ring_allgather_bytes, ring_allreduce_bytes, ring_reduce_scatter_bytes
 from paratrain.data import Batch
 from paratrain.optim import optimizer_spec
-from paratrain.strategies.base import StepStats, Strategy, _to_cpu
+from paratrain.strategies.base import StepStats, Strategy, to_cpu
 from paratrain.strategies.ddp import DDP
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_LOW_PRECISION = {"bf16": torch.bfloat16}
 
 
 # ---------------------------------------------------------------------------- ZeRO-1
@@ -68,13 +68,13 @@ class Zero1(DDP):
     # split over ranks and keyed by index), so translate to the same name-keyed full format.
     def state_dict(self) -> dict:
         self.optimizer.consolidate_state_dict(to=0)  # a collective: every rank sends its share
-        model = _to_cpu(self.module.state_dict())
+        model = to_cpu(self.module.state_dict())
         if self.dp_rank != 0:  # only rank 0 holds the consolidated state (and only it is gathered)
             return {"model": model, "optimizer": {"state": {}, "param_groups": []}}
         full, names = self.optimizer.state_dict(), self._param_names()
         groups = [{**local, "params": [names[i] for i in g["params"]]}
                   for g, local in zip(full["param_groups"], self.optimizer.optim.state_dict()["param_groups"])]
-        return {"model": model, "optimizer": {"state": {names[i]: _to_cpu(s) for i, s in full["state"].items()},
+        return {"model": model, "optimizer": {"state": {names[i]: to_cpu(s) for i, s in full["state"].items()},
                                               "param_groups": groups}}
 
     def load_state_dict(self, state: dict) -> None:
@@ -141,6 +141,17 @@ def _timed(meter: CommMeter, nbytes: int, launch):
     return work
 
 
+def shard_blocks(model: nn.Module, mesh, reshard_after_forward: bool, policy=MixedPrecisionPolicy(),
+                 root_policy=None) -> nn.Module:
+    """FSDP2 units: one per transformer block (the torchtitan convention: blocks in `model.layers`),
+    so only one block's parameters are unsharded at a time; the root unit takes the rest."""
+    blocks = model.layers.values() if isinstance(getattr(model, "layers", None), nn.ModuleDict) else ()
+    for block in blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+    return fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward,
+                       mp_policy=root_policy or policy)
+
+
 def count_fsdp_traffic(model: nn.Module, meter: CommMeter, replicas: int = 1) -> None:
     """Charge every FSDP2 unit's all-gathers and reduce-scatters to `meter`, and with hybrid
     sharding over `replicas` > 1 groups also the gradient all-reduce across them (counted in
@@ -163,18 +174,12 @@ class _FullyShard(Strategy):
         # that the sum over ranks does not lose what bf16 would round away.
         policy = root_policy = MixedPrecisionPolicy()
         if mp != "off":
-            policy = MixedPrecisionPolicy(param_dtype=_DTYPES[mp], reduce_dtype=torch.float32)
+            policy = MixedPrecisionPolicy(param_dtype=_LOW_PRECISION[mp], reduce_dtype=torch.float32)
             # The model's output in fp32: the loss's log-softmax over the vocabulary is where
-            # bf16 loses most precision and fp16 overflows. Blocks pass activations on in low precision.
-            root_policy = MixedPrecisionPolicy(param_dtype=_DTYPES[mp], reduce_dtype=torch.float32,
+            # bf16 loses most precision. Blocks pass activations on in low precision.
+            root_policy = MixedPrecisionPolicy(param_dtype=_LOW_PRECISION[mp], reduce_dtype=torch.float32,
                                                output_dtype=torch.float32)
-        kwargs = dict(mesh=self.topo.mesh["dp"], reshard_after_forward=self.reshard_after_forward, mp_policy=policy)
-        # One FSDP unit per transformer block (the torchtitan convention: blocks in `model.layers`),
-        # so only one block's parameters are unsharded at a time; the root unit takes the rest.
-        blocks = model.layers.values() if isinstance(getattr(model, "layers", None), nn.ModuleDict) else ()
-        for block in blocks:
-            fully_shard(block, **kwargs)
-        fully_shard(model, **{**kwargs, "mp_policy": root_policy})
+        shard_blocks(model, self.topo.mesh["dp"], self.reshard_after_forward, policy, root_policy)
         count_fsdp_traffic(model, self.meter)
         return model
 
