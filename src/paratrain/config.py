@@ -94,9 +94,30 @@ class TensorConfig:
 
 
 @dataclass(frozen=True)
+class LocalSGDConfig:
+    sync_every: int = field(default=8, metadata=AT_LEAST_1)  # H: local steps between synchronisations
+    # DiLoCo's outer optimizer, applied to the averaged pseudo-gradient (start - local parameters)
+    outer_lr: float = field(default=0.7, metadata=POSITIVE)
+    outer_momentum: float = field(default=0.9, metadata=FRACTION)
+    outer_nesterov: bool = True
+
+
+@dataclass(frozen=True)
+class GossipConfig:
+    graph: Literal["ring", "exponential"] = "ring"  # whom each rank averages with
+
+
+@dataclass(frozen=True)
+class ParameterServerConfig:
+    servers: int = field(default=1, metadata=AT_LEAST_1)  # the first ranks serve, the rest train
+    mode: Literal["bsp", "asp", "ssp"] = "ssp"
+    staleness: int = field(default=2, metadata=NON_NEGATIVE)  # SSP: how far a worker may run ahead
+
+
+@dataclass(frozen=True)
 class StrategyConfig:
     name: Literal["single", "ddp", "zero1", "zero2", "zero3", "model_parallel", "pipeline", "tensor",
-                  "hybrid"] = "ddp"
+                  "hybrid", "local_sgd", "diloco", "gossip", "hogwild", "parameter_server"] = "ddp"
     # Degrees for `hybrid` (dp = 0: whatever the world size leaves after pp x tp).
     dp: int = field(default=0, metadata=NON_NEGATIVE)
     pp: int = field(default=1, metadata=AT_LEAST_1)
@@ -106,6 +127,9 @@ class StrategyConfig:
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     tensor: TensorConfig = field(default_factory=TensorConfig)
+    local_sgd: LocalSGDConfig = field(default_factory=LocalSGDConfig)  # local_sgd and diloco
+    gossip: GossipConfig = field(default_factory=GossipConfig)
+    ps: ParameterServerConfig = field(default_factory=ParameterServerConfig)
 
 
 @dataclass(frozen=True)
@@ -154,6 +178,15 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class FaultsConfig:
+    """Injected at one rank, for tests, benchmarks and demos of the asynchronous strategies."""
+    rank: int = -1  # the faulty rank; -1: none
+    slowdown: float = field(default=1.0, metadata=_check(lambda v: v >= 1, "a number >= 1"))  # compute x this
+    delay_s: float = field(default=0.0, metadata=NON_NEGATIVE)  # and this much more per step
+    kill_at_step: int = -1  # the rank leaves abruptly before this step; -1: never
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -162,6 +195,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -319,6 +353,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"optimizer.warmup_steps = {cfg.optimizer.warmup_steps}: must be < training.steps = {t.steps}")
     if world_size is None:
         return
+    if cfg.faults.rank >= world_size:
+        raise ConfigError(f"faults.rank = {cfg.faults.rank}: there are only ranks 0..{world_size - 1}")
     # The strategy knows its own constraints on the world size (ranks per axis).
     from paratrain.strategies import get_strategy
 

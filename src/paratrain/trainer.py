@@ -12,6 +12,7 @@ import torch.nn as nn
 from paratrain.checkpoint import Checkpointer, check_compatible, read_checkpoint
 from paratrain.config import Config
 from paratrain.data import Datasets, ShardedBatches, build_datasets
+from paratrain.faults import FaultInjector
 from paratrain.metrics import MetricsLog, Progress, print_summary
 from paratrain.models import build_loss, build_model
 from paratrain.optim import lr_at
@@ -36,6 +37,7 @@ class Trainer:
         held_out = ShardedBatches(datasets.eval, t.global_batch_size, dp_rank, dp_size, t.seed, split="eval")
         self.eval_batches = [held_out.batch(i).to(topo.device) for i in range(t.eval_batches)]
         self.checkpointer = Checkpointer(self.run_dir, cfg, topo)
+        self.faults = FaultInjector(cfg.faults, topo.rank)
         torch.manual_seed(t.seed + 1 + topo.rank)  # dropout streams differ across ranks
         self.step_num = 0
         if ckpt is not None:
@@ -45,12 +47,14 @@ class Trainer:
     def step(self) -> tuple[dict, float | None]:
         """One optimizer step on one global batch, then evaluation and checkpoint when due."""
         t, step = self.cfg.training, self.step_num
+        self.faults.before_step(step)
         t0 = time.perf_counter()
         batch = self.batches.batch(step).to(self.topo.device)
         data_s = time.perf_counter() - t0
         lr = lr_at(self.cfg.optimizer, step, t.steps)
         self.strategy.set_lr(lr)
         stats = self.strategy.train_step(batch)
+        stats.compute_s += self.faults.after_step(stats.compute_s)  # a straggler computes slower
         self.step_num += 1
         rec = self.metrics.log_step(step, stats, lr, data_s, time.perf_counter() - t0, t.global_batch_size,
                                    batch.tokens_per_sample)

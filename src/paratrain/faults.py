@@ -1,0 +1,35 @@
+"""Injected stragglers and failures: slow a rank by a factor, add a delay, or kill it at a step.
+
+Configured under `[faults]` and applied by the trainer around each step, whatever the strategy,
+so that tests and benchmarks can show what each strategy does with a slow or lost worker.
+A killed rank leaves abruptly (`os._exit`, no clean-up, no goodbye to its peers), as a machine
+that loses power would; its exit code is 0 so that the launcher does not stop the others,
+which is for the strategy to survive or not.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from paratrain.config import FaultsConfig
+
+
+class FaultInjector:
+    def __init__(self, cfg: FaultsConfig, rank: int):
+        self.active = cfg.rank == rank
+        self.cfg = cfg
+
+    def before_step(self, step: int) -> None:
+        if self.active and step == self.cfg.kill_at_step:
+            print(f"paratrain: faults: rank {self.cfg.rank} killed before step {step}", file=sys.stderr, flush=True)
+            os._exit(0)
+
+    def after_step(self, compute_s: float) -> float:
+        """Sleep as a slower machine would have; returns the seconds added."""
+        if not self.active:
+            return 0.0
+        extra = (self.cfg.slowdown - 1) * compute_s + self.cfg.delay_s
+        if extra > 0:
+            time.sleep(extra)
+        return extra
