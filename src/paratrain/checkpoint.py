@@ -127,14 +127,15 @@ class Checkpointer:
         self.dir, self.cfg, self.topo = checkpoint_dir(run_dir), cfg, topo
 
     def save(self, step: int, strategy, data_position: dict) -> Path | None:
+        group = strategy.live_group()  # every rank still in the job takes part
         rng = [_rng_state()]
         if self.topo.world_size > 1:
-            rng = [None] * self.topo.world_size
-            dist.all_gather_object(rng, _rng_state())
-        state = strategy.state_dict()  # every rank takes part: sharded strategies gather here
+            rng = [None] * dist.get_world_size(group)
+            dist.all_gather_object(rng, _rng_state(), group=group)
+        state = strategy.state_dict()  # sharded strategies gather here
         if self.topo.world_size > 1:  # pipeline stages hold different layers: merge them on rank 0
-            parts = [None] * self.topo.world_size if self.topo.is_main else None
-            dist.gather_object(state if strategy.holds_unique_state else None, parts, dst=0)
+            parts = [None] * dist.get_world_size(group) if self.topo.is_main else None
+            dist.gather_object(state if strategy.holds_unique_state else None, parts, dst=0, group=group)
             state = merge_states([p for p in parts if p is not None]) if self.topo.is_main else None
         path = self.dir / f"step-{step:08d}.pt"
         if self.topo.is_main:
@@ -144,7 +145,7 @@ class Checkpointer:
             for old in list_checkpoints(self.dir.parent)[:-self.cfg.checkpoint.keep]:
                 old.unlink()
         if self.topo.world_size > 1:
-            dist.barrier()  # nobody runs ahead of a checkpoint that is not yet on disk
+            dist.barrier(group=group)  # nobody runs ahead of a checkpoint that is not yet on disk
         return path
 
     def restore(self, ckpt: dict, strategy) -> int:

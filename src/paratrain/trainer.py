@@ -75,7 +75,9 @@ class Trainer:
         cfg, total = self.cfg, self.cfg.training.steps
         progress = Progress(cfg.run.progress, total, self.step_num, cfg.training.log_every, self.topo.is_main)
         try:
-            while self.step_num < total:
+            if not self.strategy.trains:  # a serving rank: no steps of its own
+                self.strategy.serve()
+            while self.strategy.trains and self.step_num < total:
                 progress.update(*self.step())
         finally:
             progress.close()
@@ -84,8 +86,9 @@ class Trainer:
         summary = self.metrics.summary()
         bytes_per_rank = [summary["bytes_sent_per_step"]]
         if self.topo.world_size > 1:
-            bytes_per_rank = [None] * self.topo.world_size
-            dist.all_gather_object(bytes_per_rank, summary["bytes_sent_per_step"])
+            group = self.strategy.live_group()
+            bytes_per_rank = [None] * dist.get_world_size(group)
+            dist.all_gather_object(bytes_per_rank, summary["bytes_sent_per_step"], group=group)
         summary["bytes_sent_per_step_per_rank"] = bytes_per_rank
         if self.topo.is_main and cfg.run.progress != "off":
             title = f"paratrain: {cfg.model.name} with {cfg.strategy.name} on {self.topo.world_size} process(es)"

@@ -144,6 +144,18 @@ class Strategy:
         return {"params": _local_bytes(params), "grads": _local_bytes(p.grad for p in params if p.grad is not None),
                 "optimizer": _local_bytes(optim)}
 
+    # -- asynchronous strategies
+    trains = True  # False on ranks that serve others (parameter servers) instead of training
+
+    def serve(self) -> None:
+        """On ranks that do not train: serve the others until they are done."""
+        raise NotImplementedError(f"{type(self).__name__} has no serving ranks")
+
+    def live_group(self):
+        """The ranks still in the job, for end-of-run gathers and checkpoints (None: all of them).
+        Strategies that survive a lost rank return the survivors' group."""
+        return None
+
     def close(self, run_dir) -> None:
         """After the last step: write what this strategy alone records (collective on all ranks)."""
 
