@@ -119,7 +119,11 @@ def merge_states(parts: list[dict]) -> dict:
             if i == len(groups):
                 groups.append({**g, "params": []})
             groups[i]["params"] += [p for p in g["params"] if p not in groups[i]["params"]]
-    return {"model": model, "optimizer": {"state": state, "param_groups": groups}}
+    merged = {"model": model, "optimizer": {"state": state, "param_groups": groups}}
+    for part in parts:  # a strategy's own top-level keys (local_sgd's): the first rank's copy
+        for key, value in part.items():
+            merged.setdefault(key, value)
+    return merged
 
 
 class Checkpointer:
@@ -129,9 +133,12 @@ class Checkpointer:
     def save(self, step: int, strategy, data_position: dict) -> Path | None:
         group = strategy.live_group()  # every rank still in the job takes part
         rng = [_rng_state()]
+        rng_ranks = list(range(self.topo.world_size))  # whose streams: the live group's ranks
         if self.topo.world_size > 1:
             rng = [None] * dist.get_world_size(group)
             dist.all_gather_object(rng, _rng_state(), group=group)
+            if group is not None:  # a subset: survivors of a lost rank, a parameter server's workers
+                rng_ranks = dist.get_process_group_ranks(group)
         state = strategy.state_dict()  # sharded strategies gather here
         if self.topo.world_size > 1:  # pipeline stages hold different layers: merge them on rank 0
             parts = [None] * dist.get_world_size(group) if self.topo.is_main else None
@@ -141,7 +148,7 @@ class Checkpointer:
         if self.topo.is_main:
             save_atomic({"format": FORMAT, "version": VERSION, "step": step, "data": data_position,
                          "config": self.cfg.to_dict(), "world_size": self.topo.world_size,
-                         "strategy": state, "rng": rng}, path)
+                         "strategy": state, "rng": rng, "rng_ranks": rng_ranks}, path)
             for old in list_checkpoints(self.dir.parent)[:-self.cfg.checkpoint.keep]:
                 old.unlink()
         if self.topo.world_size > 1:
@@ -151,6 +158,9 @@ class Checkpointer:
     def restore(self, ckpt: dict, strategy) -> int:
         strategy.load_state_dict(ckpt["strategy"])
         rng = ckpt["rng"]
-        # Same layout: each rank gets its own stream back; another layout: rank 0's for all.
-        _set_rng_state(rng[self.topo.rank] if len(rng) == self.topo.world_size else rng[0])
+        ranks = list(ckpt.get("rng_ranks", range(len(rng))))  # older checkpoints: every rank's, in order
+        # Same layout: each rank gets its own stream back; another layout, or a rank whose stream
+        # was not saved (not in the live group: a lost rank, a parameter server): rank 0's.
+        same = ckpt["world_size"] == self.topo.world_size and self.topo.rank in ranks
+        _set_rng_state(rng[ranks.index(self.topo.rank)] if same else rng[0])
         return int(ckpt["step"])

@@ -109,7 +109,7 @@ class GossipConfig:
 
 @dataclass(frozen=True)
 class ParameterServerConfig:
-    servers: int = field(default=1, metadata=AT_LEAST_1)  # the first ranks serve, the rest train
+    servers: int = field(default=1, metadata=AT_LEAST_1)  # the last ranks serve, the rest train (rank 0 trains)
     mode: Literal["bsp", "asp", "ssp"] = "ssp"
     staleness: int = field(default=2, metadata=NON_NEGATIVE)  # SSP: how far a worker may run ahead
 

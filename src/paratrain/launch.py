@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch.distributed as dist
 import torch.nn as nn
 
 from paratrain.checkpoint import check_compatible, list_checkpoints, read_checkpoint, resolve_resume
@@ -74,6 +75,8 @@ def train(cfg: Config, *, resume: str | Path | None = None, model: nn.Module | N
     # Under torchrun every rank, on every node, derives the same directory from the job id.
     job_dir = lambda: Path("runs") / f"{cfg.run.name}-{os.environ.get('TORCHELASTIC_RUN_ID', 'job')}"
     cfg, ckpt = settle_run(cfg, resume, job_dir if distributed else lambda: next_run_dir(cfg.run.name))
+    if distributed and dist.is_initialized():  # a caller's group: no rank writes there before all have looked
+        dist.barrier()
     run_dir = Path(cfg.run.dir)
     if distributed:
         topo = Topology.from_env(cfg.run, lambda n: strategy.parallel_dims(cfg, n))

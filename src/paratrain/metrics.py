@@ -32,7 +32,9 @@ class MetricsLog:
     def log_step(self, step: int, stats: StepStats, lr: float, data_s: float, step_s: float,
                  global_samples: int, tokens_per_sample: int) -> dict:
         """`samples`/`tokens` in `stats` are this rank's; throughput is the whole job's."""
-        rec = {"kind": "step", "step": step, "lr": lr, "step_s": step_s, "data_s": data_s, **asdict(stats),
+        fields = asdict(stats)
+        extra = fields.pop("extra")  # flat in the record, beside the common fields
+        rec = {"kind": "step", "step": step, "lr": lr, "step_s": step_s, "data_s": data_s, **fields, **extra,
                "samples_per_s": global_samples / step_s}
         if tokens_per_sample:
             rec["tokens_per_s"] = global_samples * tokens_per_sample / step_s

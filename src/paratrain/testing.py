@@ -49,8 +49,11 @@ def _rank_main(fn, rank: int, world_size: int, port: int, out: str, args: tuple,
 
 
 def run_ranks(fn: Callable, world_size: int, *args: Any, timeout_s: float = 180.0,
-              env: dict | None = None) -> list[Any]:
-    """`fn(*args)` on `world_size` ranks; returns each rank's result, rank order."""
+              env: dict | None = None, allow_missing: bool = False) -> list[Any]:
+    """`fn(*args)` on `world_size` ranks; returns each rank's result, rank order.
+
+    `allow_missing`: a rank that exits with code 0 and no result (a worker killed by fault
+    injection, which `os._exit(0)`s) gives None instead of failing the run."""
     ctx = mp.get_context("spawn")
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,6 +76,9 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout_s: float = 180.
         results, errors = [], []
         for r, out in enumerate(outs):
             if not Path(out).exists():
+                if allow_missing and procs[r].exitcode == 0:
+                    results.append(None)
+                    continue
                 errors.append(f"rank {r}: exit code {procs[r].exitcode} with no result"
                               + (" (timed out)" if time.monotonic() > deadline else ""))
                 continue

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
 import torch
@@ -37,6 +37,7 @@ class StepStats:
     optim_s: float = 0.0
     wait_s: float = 0.0  # waiting for other ranks (asynchronous strategies)
     bytes_sent: int = 0  # payload this rank put on the wire
+    extra: dict = field(default_factory=dict)  # strategy-specific numbers, merged into the step record
 
 
 class Strategy:

@@ -1,0 +1,108 @@
+"""Decentralized SGD by gossip: D-PSGD (Lian et al., "Can Decentralized Algorithms Outperform
+Centralized Algorithms?", NeurIPS 2017), with SGP's one-peer exponential graph (Assran et al.,
+"Stochastic Gradient Push for Distributed Deep Learning", ICML 2019).
+
+There is no all-reduce and no global model. Each rank holds its own replica, takes a local
+optimizer step on its data shard, then averages its parameters with its neighbours' only:
+
+    ring:         x_i <- (x_{i-1} + x_i + x_{i+1}) / 3     (2 ranks: (x_0 + x_1) / 2)
+    exponential:  at step t rank i sends to i + 2^k and receives from i - 2^k (mod n),
+                  k = t mod ceil(log2 n), and x_i <- (x_i + x_{i-2^k}) / 2: one message a step.
+
+Both mixing matrices are doubly stochastic, so the replicas' average moves exactly as if the
+average of their local updates had been applied to it, while the spread between replicas
+contracts geometrically; on n = 2^m ranks the exponential graph averages exactly in m steps.
+(This is "adapt then combine": the local step first, then mixing; D-PSGD's box mixes the old
+iterate and adds the gradient taken there, which differs in the order only.)
+
+Each step records `neighbour_distance`: the L2 distance between this rank's parameters (after
+its local step, before mixing) and the mean of the replicas it received. The distance to the
+global mean would need an all-reduce of the whole model; the neighbours' is free, and it stays
+at zero on every step only when all replicas agree (the graph, over its rounds, is connected).
+
+Only parameters are gossiped (buffers stay local). Evaluation averages each rank's own replica's
+loss on its shard of the held-out batches. Checkpoints store rank 0's replica; resuming restarts
+every replica from it, so a resumed run is not bit-identical to an uninterrupted one (the
+replicas' disagreement is reset to zero, the exponential graph's rounds start again from 1).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from paratrain.data import Batch
+from paratrain.strategies.base import StepStats, Strategy
+
+
+def num_hops(n: int) -> int:
+    """Distinct exponential-graph distances 1, 2, 4, ... < n (SGP's peers)."""
+    return max(1, (n - 1).bit_length())
+
+
+def gossip_peers(rank: int, n: int, graph: str, step: int) -> tuple[list[int], list[int]]:
+    """(ranks this rank sends to, ranks it receives from) at `step`, in dp-group ranks."""
+    if n == 1:
+        return [], []
+    if graph == "ring":
+        if n == 2:  # both neighbours are the same rank: one message, not two copies of it
+            return [1 - rank], [1 - rank]
+        neighbours = [(rank - 1) % n, (rank + 1) % n]
+        return neighbours, neighbours
+    hop = 2 ** (step % num_hops(n))
+    return [(rank + hop) % n], [(rank - hop) % n]
+
+
+def exchange(flat: torch.Tensor, group, send_to: list[int], recv_from: list[int]) -> list[torch.Tensor]:
+    """Send `flat` to every peer in `send_to`, receive one vector from each in `recv_from`.
+
+    Every rank gossips a vector of the same length and dtype (the same model, fp32), so the
+    receive buffers are exactly the size of the messages: gloo needs no size header here.
+    """
+    received = [torch.empty_like(flat) for _ in recv_from]
+    ops = [dist.P2POp(dist.isend, flat, dist.get_global_rank(group, p), group) for p in send_to]
+    ops += [dist.P2POp(dist.irecv, buf, dist.get_global_rank(group, p), group) for buf, p in zip(received, recv_from)]
+    for work in dist.batch_isend_irecv(ops):
+        work.wait()
+    return received
+
+
+class Gossip(Strategy):
+    name = "gossip"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gossip_round = 0  # picks the exponential graph's peer; the same count on every rank
+
+    def train_step(self, batch: Batch) -> StepStats:
+        stats = super().train_step(batch)  # the local step on this rank's shard (no gradient all-reduce)
+        distance = self.mix()
+        nbytes, comm_s = self.meter.take()
+        stats.bytes_sent += nbytes
+        stats.comm_s += comm_s
+        stats.extra["neighbour_distance"] = distance
+        return stats
+
+    @torch.no_grad()
+    def mix(self) -> float:
+        """Average this replica with the neighbours' (uniform weights); returns the distance to them."""
+        n, rank = self.dp_size, self.dp_rank
+        send_to, recv_from = gossip_peers(rank, n, self.cfg.strategy.gossip.graph, self.gossip_round)
+        self.gossip_round += 1
+        if not recv_from:
+            return 0.0
+        params = list(self.model.parameters())
+        # One flat fp32 vector: one message per peer, whatever the number of tensors.
+        flat = torch.cat([p.detach().reshape(-1).float() for p in params])
+        t0 = time.perf_counter()
+        received = exchange(flat, self.topo.group("dp"), send_to, recv_from)
+        self.meter.add(len(send_to) * flat.numel() * flat.element_size(), time.perf_counter() - t0)
+        neighbours = torch.stack(received).sum(0)
+        distance = (flat - neighbours / len(received)).norm().item()
+        mixed = (flat + neighbours) / (1 + len(received))
+        offset = 0
+        for p in params:  # in place: the optimizer's state stays attached to the same tensors
+            p.copy_(mixed[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        return distance

@@ -1,0 +1,106 @@
+"""Hogwild!: lock-free asynchronous SGD on shared memory (Recht, Re, Wright and Niu,
+"Hogwild!: A Lock-Free Approach to Parallelizing Stochastic Gradient Descent", NeurIPS 2011).
+
+Several processes on one machine update one copy of the parameters, in shared memory, with no
+locks and no communication: each takes its own batch, computes its gradient against whatever
+the parameters hold at that moment, and adds its SGD update in place. An update that races with
+another may be partly overwritten; the paper shows that when updates are sparse or small these
+collisions cost little, and the processes' steps add up as if taken one after another.
+
+The processes are started by torchrun (`paratrain run`), not forked, so nothing is inherited:
+rank 0 writes the initial parameters, flat fp32, to a file under /dev/shm, every rank maps it
+with `torch.from_file(shared=True)` and makes each parameter a view into that mapping. The file
+is unlinked as soon as every rank has mapped it: the mapping lives on until the processes exit,
+and a crashed run leaves nothing behind in /dev/shm.
+
+Hogwild is defined for SGD: other optimizers are refused. SGD's momentum, if set, is each
+process's own velocity (an extension; the paper's update is plain SGD). Gradients stay per
+process, and the logged training loss is this rank's own (averaging it would be communication).
+Every rank sees the same parameters, so rank 0's checkpoint is the whole state.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from paratrain.config import Config, ConfigError
+from paratrain.data import Batch
+from paratrain.strategies.base import Strategy
+from paratrain.topology import ParallelDims
+
+
+def shared_path(run_dir: str) -> Path:
+    """A name unique to this job and run: several trainings may share a job (tests)."""
+    root = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    job = os.environ.get("TORCHELASTIC_RUN_ID", "job")
+    run = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:12]
+    return root / f"paratrain-hogwild-{job}-{run}.f32"
+
+
+def share_parameters(params: list[nn.Parameter], path: Path, is_writer: bool, barrier) -> torch.Tensor:
+    """Make `params` views into one flat fp32 tensor mapped from `path`, shared by every rank."""
+    numel = sum(p.numel() for p in params)
+    if is_writer:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(torch.cat([p.detach().reshape(-1) for p in params]).numpy().tobytes())
+        os.replace(tmp, path)  # nobody maps a half-written file
+    barrier()
+    flat = torch.from_file(str(path), shared=True, size=numel, dtype=torch.float32)
+    barrier()  # every rank has mapped it: the name is no longer needed
+    if is_writer:
+        path.unlink()
+    offset = 0
+    for p in params:  # the same Parameter objects (the optimizer's), now backed by shared memory
+        p.data = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+    return flat
+
+
+class Hogwild(Strategy):
+    name = "hogwild"
+
+    @classmethod
+    def parallel_dims(cls, cfg: Config, world_size: int) -> ParallelDims:
+        if cfg.optimizer.name != "sgd":
+            raise ConfigError(f"optimizer.name = '{cfg.optimizer.name}': strategy 'hogwild' is lock-free SGD; "
+                              "use optimizer.name = 'sgd'")
+        if cfg.run.device == "cuda":
+            raise ConfigError("run.device = 'cuda': strategy 'hogwild' shares parameters in CPU memory; use 'cpu'")
+        local, world = os.environ.get("LOCAL_WORLD_SIZE"), os.environ.get("WORLD_SIZE")
+        if local is not None and world is not None and local != world:  # set in workers, not in the launcher
+            raise ConfigError(f"strategy.name = 'hogwild': shares memory on one machine; this job spans "
+                              f"{world} processes, {local} of them here: run it on one node")
+        return ParallelDims(dp=world_size)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        params = list(model.parameters())  # tied parameters once
+        if self.topo.device.type != "cpu" or any(p.dtype != torch.float32 for p in params):
+            raise ConfigError(f"strategy.name = 'hogwild': needs fp32 parameters on the CPU "
+                              f"(run.device resolved to '{self.topo.device.type}')")
+        self.shared = share_parameters(params, shared_path(self.cfg.run.dir), self.topo.is_main, self._barrier)
+        return model
+
+    def _barrier(self) -> None:
+        if self.topo.world_size > 1:
+            dist.barrier(group=self.topo.group("dp"))
+
+    def mean_over_dp(self, value: torch.Tensor) -> float:
+        """Training sends nothing: the logged loss is this rank's own."""
+        return value.item()
+
+    def evaluate(self, batches: list[Batch]) -> float:
+        self._barrier()  # evaluate a still snapshot: every rank has finished its step
+        local = torch.tensor([super().evaluate(batches)], device=self.topo.device)
+        return Strategy.mean_over_dp(self, local.reshape(()))
+
+    def load_state_dict(self, state: dict) -> None:
+        # One writer, then wait: a rank that loaded late would erase another's first steps.
+        if self.topo.is_main:
+            super().load_state_dict(state)
+        self._barrier()

@@ -1,0 +1,130 @@
+"""The parameter server's wire format and shard layout (the algorithm is in parameter_server.py).
+
+Shards: whole tensors, balanced by size with the greedy rule (largest tensor first, to the server
+holding the fewest elements so far), as in Li et al.'s key ranges but per tensor. Every rank
+computes the same layout from the same model, so no message carries sizes or names.
+
+Messages travel over gloo point-to-point on three tags. A request is a fixed-size float64
+header (float64 so that it can carry the learning rate; the integers in it are exact), possibly
+followed by a payload whose size the receiver knows already (gloo aborts the receiving process
+when a buffer is smaller than the message, so nothing is ever sized by guess):
+
+    worker -> server  [PUSH,    worker, clock, version, lr]   + the shard's flat gradient
+                      [BARRIER, worker, 0,     0,       0]    server 0 only
+                      [STATE,   worker, 0,     0,       0]    the chief only, at checkpoints
+                      [DONE,    worker, 0,     0,       0]    every server, after the last step
+    server -> worker  PUSH:            [version, staleness]   + the shard's flat parameters
+                      BARRIER, DONE:   live mask, one entry per worker (server 0)
+                      STATE:           [nbytes]                + torch.save bytes of the shard's state
+
+A worker has at most one request outstanding per server, so replies need no matching.
+"""
+from __future__ import annotations
+
+import io
+import queue
+import threading
+from dataclasses import dataclass
+from enum import IntEnum
+
+import torch
+import torch.distributed as dist
+
+HEADER, REPLY, PAYLOAD = 1, 2, 3  # tags
+HEADER_NUMEL = 5
+HEADER_BYTES = 8 * HEADER_NUMEL
+PUSH_REPLY_NUMEL = 2
+
+
+class Kind(IntEnum):
+    PUSH = 1
+    BARRIER = 2
+    STATE = 3
+    DONE = 4
+    DEAD = 5  # never sent: what a receiving thread reports when its worker's connection closes
+
+
+def partition(sizes: dict[str, int], num_servers: int) -> list[list[str]]:
+    """Names per server: greedy balance by element count; each shard keeps the model's order."""
+    load, owner = [0] * num_servers, {}
+    for name in sorted(sizes, key=lambda n: -sizes[n]):  # stable: ties keep the model's order
+        s = min(range(num_servers), key=lambda i: load[i])
+        owner[name], load[s] = s, load[s] + sizes[name]
+    return [[n for n in sizes if owner[n] == s] for s in range(num_servers)]
+
+
+def flatten(tensors) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def unflatten(flat: torch.Tensor, like) -> list[torch.Tensor]:
+    return [c.view_as(t) for c, t in zip(torch.split(flat, [t.numel() for t in like]), like)]
+
+
+def header(kind: Kind, worker: int, clock: int = 0, version: int = 0, lr: float = 0.0) -> torch.Tensor:
+    return torch.tensor([kind, worker, clock, version, lr], dtype=torch.float64)
+
+
+def send_object(obj, dst: int) -> int:
+    """A variable-size object: its byte count first, then torch.save's bytes. Returns bytes sent."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+    dist.send(torch.tensor([data.numel()], dtype=torch.float64), dst=dst, tag=REPLY)
+    dist.send(data, dst=dst, tag=PAYLOAD)
+    return 8 + data.numel()
+
+
+def recv_object(src: int):
+    size = torch.zeros(1, dtype=torch.float64)
+    dist.recv(size, src=src, tag=REPLY)
+    data = torch.empty(int(size.item()), dtype=torch.uint8)
+    dist.recv(data, src=src, tag=PAYLOAD)
+    return torch.load(io.BytesIO(data.numpy().tobytes()), weights_only=True)
+
+
+@dataclass
+class Message:
+    worker: int
+    kind: Kind
+    clock: int = 0
+    version: int = 0
+    lr: float = 0.0
+    payload: torch.Tensor | None = None
+
+
+class Inbox:
+    """The server's incoming messages, from one receiving thread per worker, in one queue.
+
+    Why threads: gloo's any-source `recv` never notices a dead sender (measured, torch 2.13: it
+    goes on waiting for the others, up to the process-group timeout), while a `recv` from one
+    named rank fails at once when that rank's process is gone: RuntimeError "[.../gloo/transport/
+    tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:PORT". So each worker's connection
+    gets a thread blocked on it; a failure there is that worker's death (Kind.DEAD), reported
+    after everything it sent before dying. A thread ends after its worker's DONE or death.
+    """
+
+    def __init__(self, workers: list[int], payload_numel: int, dtype: torch.dtype):
+        self.queue: queue.Queue[Message] = queue.Queue()
+        self.payload_numel, self.dtype = payload_numel, dtype
+        self.threads = [threading.Thread(target=self._receive, args=(w,), daemon=True) for w in workers]
+        for t in self.threads:
+            t.start()
+
+    def get(self) -> Message:
+        return self.queue.get()
+
+    def _receive(self, worker: int) -> None:
+        try:
+            while True:
+                h = torch.zeros(HEADER_NUMEL, dtype=torch.float64)
+                dist.recv(h, src=worker, tag=HEADER)
+                msg = Message(worker, Kind(int(h[0])), int(h[2]), int(h[3]), float(h[4]))
+                if msg.kind == Kind.PUSH:
+                    msg.payload = torch.empty(self.payload_numel, dtype=self.dtype)
+                    dist.recv(msg.payload, src=worker, tag=PAYLOAD)
+                self.queue.put(msg)
+                if msg.kind == Kind.DONE:
+                    return
+        except RuntimeError:  # the connection closed: the worker is gone
+            self.queue.put(Message(worker, Kind.DEAD))
