@@ -1,9 +1,11 @@
-"""`paratrain run | worker`: the command line. Bad input: one line on stderr, exit code 2."""
+"""`paratrain run | worker | testbed`: the command line. Bad input: one line on stderr, exit code 2."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
 
 from paratrain.config import ConfigError, load_config
 
@@ -30,15 +32,71 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--nproc", type=int, default=None, help="local worker processes (default: run.nproc)")
     worker = sub.add_parser("worker", help="one rank; the entry point for torchrun (-m paratrain worker)")
     common(worker)
+
+    testbed = sub.add_parser("testbed", help="several hosts on this machine: network namespaces, limited links")
+    tb = testbed.add_subparsers(dest="testbed_command", required=True, parser_class=_Parser)
+    up = tb.add_parser("up", help="create the hosts and their links (needs root)")
+    up.add_argument("--hosts", type=int, default=2, help="number of hosts (default 2)")
+    up.add_argument("--rate", default="100mbit", help="each host's link rate, each way (default 100mbit)")
+    tb_run = tb.add_parser("run", help="one torchrun node per host, joined by c10d rendezvous")
+    common(tb_run)
+    tb_run.add_argument("--nproc-per-host", type=int, default=1, help="worker processes per host (default 1)")
+    tb.add_parser("down", help="remove everything 'up' made (idempotent)")
+    for sp in tb.choices.values():
+        sp.add_argument("--state", type=Path, default=None, metavar="PATH",
+                        help="state file that 'run' and 'down' read (default /tmp/paratrain-testbed.json)")
     return p
+
+
+def _testbed(args) -> int:
+    """`paratrain testbed up | down`."""
+    from paratrain.testbed import DEFAULT_STATE, Testbed
+
+    state = args.state or DEFAULT_STATE
+    if args.testbed_command == "up":
+        bed = Testbed(args.hosts, args.rate, state).up()
+        print(f"testbed up: {bed.hosts} hosts, {args.rate} each way per host, bridge br0 in {bed.hub}")
+        for ns, addr in zip(bed.namespaces, bed.addrs):
+            print(f"  {ns}  {bed.dev}  {addr}/24")
+        print(f"state: {state}; remove with 'paratrain testbed down'")
+    elif state.exists():
+        Testbed.load(state).down()
+        print("testbed down")
+    else:
+        print(f"testbed down: nothing to remove ({state} missing)")
+    return 0
+
+
+def _testbed_run(args, cfg, resume) -> int:
+    """`paratrain testbed run`: as `paratrain run`, everything is checked once, here, and one run
+    directory is settled that every node writes to (the namespaces share this file system)."""
+    from paratrain.launch import next_run_dir, preflight, settle_run
+    from paratrain.testbed import DEFAULT_STATE, Testbed
+
+    bed = Testbed.load(args.state or DEFAULT_STATE)
+    if args.nproc_per_host < 1:
+        raise ConfigError(f"--nproc-per-host {args.nproc_per_host}: must be an integer >= 1")
+    cfg, ckpt = settle_run(cfg, resume, lambda: next_run_dir(cfg.run.name))
+    preflight(cfg, bed.hosts * args.nproc_per_host, ckpt)
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "config.json"
+    config_path.write_text(json.dumps(cfg.to_dict(), indent=2))
+    worker = [str(config_path.resolve())] + (["--resume", str(ckpt)] if ckpt else [])
+    code = bed.run_job(worker, args.nproc_per_host, rdzv_id=run_dir.name)
+    print(f"testbed run: exit code {code}; run directory {run_dir}", file=sys.stderr if code else sys.stdout)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from paratrain.launch import launch, train
+    from paratrain.testbed import TestbedError
 
     is_rank0 = os.environ.get("RANK", "0") == "0"
     try:
+        if args.command == "testbed" and args.testbed_command != "run":
+            return _testbed(args)
         cfg = load_config(args.config, args.set)
         resume = args.resume
         if resume == "":  # bare --resume: the configured run directory
@@ -49,9 +107,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.nproc is not None and args.nproc < 1:
                 raise ConfigError(f"--nproc {args.nproc}: must be an integer >= 1")
             return launch(cfg, args.nproc, resume)
+        if args.command == "testbed":
+            return _testbed_run(args, cfg, resume)
         train(cfg, resume=resume)
         return 0
-    except ConfigError as e:
+    except (ConfigError, TestbedError) as e:
         if is_rank0:  # under torchrun every rank sees the same bad input; say it once
             print(f"paratrain: error: {e}", file=sys.stderr)
         return 2
