@@ -115,6 +115,15 @@ class ParameterServerConfig:
 
 
 @dataclass(frozen=True)
+class CompressionConfig:
+    # What ddp sends per gradient bucket, and diloco per pseudo-gradient (paratrain.compression).
+    codec: Literal["none", "fp16", "bf16", "powersgd", "topk", "randomk", "sign", "int8"] = "none"
+    ratio: float = field(default=0.01, metadata=_check(lambda v: 0 < v <= 1, "a number in (0, 1]"))  # topk, randomk
+    rank: int = field(default=4, metadata=AT_LEAST_1)  # powersgd: rank of the low-rank approximation
+    error_feedback: bool = True  # carry what compression dropped into the next step
+
+
+@dataclass(frozen=True)
 class StrategyConfig:
     name: Literal["single", "ddp", "zero1", "zero2", "zero3", "model_parallel", "pipeline", "tensor",
                   "hybrid", "local_sgd", "diloco", "gossip", "hogwild", "parameter_server"] = "ddp"
@@ -130,6 +139,7 @@ class StrategyConfig:
     local_sgd: LocalSGDConfig = field(default_factory=LocalSGDConfig)  # local_sgd and diloco
     gossip: GossipConfig = field(default_factory=GossipConfig)
     ps: ParameterServerConfig = field(default_factory=ParameterServerConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)  # ddp and diloco
 
 
 @dataclass(frozen=True)
@@ -345,6 +355,13 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             if value != default:
                 raise ConfigError(f"strategy.{key} = {value!r}: only strategy.name = 'hybrid' takes degrees; "
                                   f"'{s.name}' uses every process on its own axis")
+    codec = s.compression.codec
+    if codec != "none" and s.name not in ("ddp", "diloco"):
+        raise ConfigError(f"strategy.compression.codec = '{codec}': only strategy.name = 'ddp' or 'diloco' "
+                          f"compresses; '{s.name}' takes 'none'")
+    if codec == "powersgd" and s.name == "diloco":
+        raise ConfigError("strategy.compression.codec = 'powersgd': diloco takes fp16, bf16, topk, randomk, sign "
+                          "or int8 (PowerSGD is a DDP hook)")
     if t.global_batch_size % t.grad_accum_steps:
         raise ConfigError(
             f"training.global_batch_size = {t.global_batch_size}: must be divisible by "

@@ -3,7 +3,8 @@
 Every rank holds the whole model and a slice of the global batch; gradients are averaged by
 bucketed all-reduce overlapped with the backward pass. Gradient accumulation skips the
 all-reduce on all but the last micro-batch (`no_sync`). A comm hook counts the bytes and
-time of each bucket's all-reduce; later codecs (compression) register their own hook here.
+time of each bucket's all-reduce; with `strategy.compression.codec` set, the codec's hook
+(paratrain.compression.adapters: its own codecs, or torch's PowerSGD) replaces it, counting too.
 """
 # No `from __future__ import annotations`: DDP checks the hook's annotations as objects.
 
@@ -50,8 +51,20 @@ class DDP(Strategy):
             bucket_cap_mb=opts.bucket_mb,
             gradient_as_bucket_view=opts.gradient_as_bucket_view,
         )
-        ddp.register_comm_hook(_HookState(self.topo.group("dp"), self.meter), timed_allreduce_hook)
+        ddp.register_comm_hook(*self._comm_hook(self.topo.group("dp")))
         return ddp
+
+    def _comm_hook(self, group) -> tuple:
+        """(state, hook) for DDP: the timed plain all-reduce, or the configured codec's."""
+        c = self.cfg.strategy.compression
+        if c.codec == "none":
+            return _HookState(group, self.meter), timed_allreduce_hook
+        from paratrain.compression import adapters, make_codec
+
+        if c.codec == "powersgd":
+            return adapters.PowerSGDHookState(group, self.meter, c.rank, c.error_feedback), adapters.powersgd_hook
+        codec = make_codec(c.codec, ratio=c.ratio, error_feedback=c.error_feedback)
+        return adapters.CodecHookState(codec, group, self.meter), adapters.codec_hook
 
     def no_sync(self):
         return self.model.no_sync()

@@ -29,7 +29,11 @@ step count (where the sync cycle stands), every rank's inner optimizer state and
 the outer momentum, all keyed by parameter name. On resume every rank starts from rank 0's
 replica and its own inner state (rank 0's if the world size changed): a resume from a sync step
 reproduces the uninterrupted run exactly; from the middle of a cycle the replicas' disagreement
-is reset to zero. Every rank's inner state makes the checkpoint n times bigger in that part.
+is reset to zero.
+
+With `strategy.compression.codec` set, diloco averages its pseudo-gradient through that codec
+(paratrain.compression; error-feedback residual kept across syncs, not checkpointed), and a
+lost worker then ends the run instead of being survived. Every rank's inner state makes the checkpoint n times bigger in that part.
 """
 from __future__ import annotations
 
@@ -152,7 +156,7 @@ class LocalSGD(Strategy):
             params = list(self.module.parameters())
             with torch.no_grad():
                 local = self._to_average(params)
-                mean = self.replicas.mean(local)
+                mean = self._mean(local)
                 self._apply(params, mean)
             # For both algorithms local - mean is this replica's offset from the average replica.
             stats.extra = {"replica_rms_dist": (local - mean).pow(2).mean().sqrt().item(),
@@ -168,6 +172,9 @@ class LocalSGD(Strategy):
         return stats
 
     # -- the synchronisation: what is averaged and what is done with the average
+    def _mean(self, local: torch.Tensor) -> torch.Tensor:
+        return self.replicas.mean(local)
+
     def _to_average(self, params) -> torch.Tensor:
         return _flat(params)
 
@@ -219,6 +226,19 @@ class DiLoCo(LocalSGD):
         self.names = [n for n, _ in self.module.named_parameters()]
         self.anchor = [p.detach().clone() for p in self.module.parameters()]
         self.outer = torch.optim.SGD(self.anchor, lr=o.outer_lr, momentum=o.outer_momentum, nesterov=o.outer_nesterov)
+        self.compressor = None
+        if cfg.strategy.compression.codec != "none":
+            from paratrain.compression import make_codec
+            from paratrain.compression.adapters import DeltaCompressor
+
+            c = cfg.strategy.compression
+            self.compressor = DeltaCompressor(make_codec(c.codec, c.ratio, c.error_feedback), topo.rank)
+
+    def _mean(self, local: torch.Tensor) -> torch.Tensor:
+        # Compressed: no recovery from a lost worker (a failed collective ends the run).
+        if self.compressor is None:
+            return super()._mean(local)
+        return self.compressor.mean(local, self.replicas.group, self.meter)
 
     def _to_average(self, params) -> torch.Tensor:
         return _flat(self.anchor) - _flat(params)  # the pseudo-gradient
