@@ -42,12 +42,18 @@ def stages_of_rank(rank: int, pp: int, v: int, schedule: str) -> list[int]:
     return [rank + k * pp for k in range(v)]  # looped: rank r holds r, r+p, r+2p, ...
 
 
+def pipeline_settings(cfg: Config) -> tuple[str, int, int]:
+    """(schedule, stages per rank, micro-batches); `model_parallel` is GPipe with one of each."""
+    if cfg.strategy.name == "model_parallel":
+        return "gpipe", 1, 1
+    p = cfg.strategy.pipeline
+    return p.schedule, p.virtual_stages, p.microbatches
+
+
 def check_pipeline(cfg: Config, pp: int, dp: int) -> None:
     """Layout constraints that need no model: one clear line each, before any worker starts."""
     p = cfg.strategy.pipeline
-    schedule, v, m = p.schedule, p.virtual_stages, p.microbatches
-    if cfg.strategy.name == "model_parallel":
-        schedule, v, m = "gpipe", 1, 1
+    schedule, v, m = pipeline_settings(cfg)
     if schedule in ("gpipe", "1f1b") and v != 1:
         raise ConfigError(f"strategy.pipeline.virtual_stages = {v}: schedule '{schedule}' takes 1 stage per rank; "
                           "use interleaved_1f1b or interleaved_zb for more")
@@ -99,7 +105,7 @@ def recv_tensor(group, src: int, device: torch.device) -> torch.Tensor:
 
 def check_model_split(cfg: Config, model: nn.Module, pp: int) -> None:
     """The model can be cut into pp x v stages (its blocks, any explicit split points)."""
-    v = 1 if cfg.strategy.name == "model_parallel" else cfg.strategy.pipeline.virtual_stages
+    v = pipeline_settings(cfg)[1]
     num_blocks = len(split.blocks_of(model))
     if pp * v > num_blocks:
         raise ConfigError(f"strategy: {pp * v} pipeline stages ({pp} ranks x {v}) for a model of {num_blocks} blocks")
@@ -135,8 +141,7 @@ class Pipeline(Strategy):
         return ParallelDims(pp=world_size)
 
     def _settings(self) -> tuple[str, int, int]:
-        p = self.cfg.strategy.pipeline
-        return p.schedule, p.virtual_stages, p.microbatches
+        return pipeline_settings(self.cfg)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         schedule, v, m = self._settings()
@@ -312,7 +317,4 @@ class Pipeline(Strategy):
 class ModelParallel(Pipeline):
     """Consecutive blocks on consecutive ranks, the whole batch at once: the idle baseline."""
 
-    name = "model_parallel"
-
-    def _settings(self) -> tuple[str, int, int]:
-        return "gpipe", 1, 1
+    name = "model_parallel"  # its settings: pipeline_settings
