@@ -3,18 +3,22 @@
 Everything runs in one spawn of 2 CPU ranks on gloo (one process group; each configuration gets
 its own Topology and Trainer on it), and prints three tables:
 
-1. Bubble: for p = 2 ranks, every pipeline schedule and m micro-batches, each rank records when
-   each of its stages ran each micro-batch's forward / backward / weight work (`strategy.events`).
-   The step's bubble is `measured_bubble` over both ranks' events (1 - busy / span, averaged over
-   ranks; perf_counter is CLOCK_MONOTONIC, shared by the processes of one machine), median over
-   the measured steps after warm-up, next to `theory_bubble(p, m, v)` = ((p-1)/v) / (m + (p-1)/v).
+1. Bubble: for p = 2 ranks, every pipeline schedule and m micro-batches of a fixed size (the
+   global batch grows with m, as in Narayanan et al.), each rank records when each of its stages
+   ran each micro-batch's forward / backward / weight work (`strategy.events`). The step's
+   bubble is `measured_bubble` over both ranks' events (1 - busy / span, averaged over ranks;
+   perf_counter is CLOCK_MONOTONIC, shared by the processes of one machine), median over the
+   measured steps after warm-up, next to `theory_bubble(p, m, v)` = ((p-1)/v) / (m + (p-1)/v).
    Goal: within 1.2x of theory for m >= p. Zero-bubble schedules may beat that theory: it is the
-   interleaved 1F1B formula, and they fill part of the bubble with weight-gradient work.
-2. Model states: per-rank bytes of parameters, gradients and AdamW state (`state_bytes()`), taken
-   by an optimizer step pre-hook (after backward, before the update; at the last of 3 steps, when
-   optimizer state exists), for ddp and ZeRO 1/2/3 against ZeRO's fp32 Adam formulas. Goal:
-   within 10%. A forward hook on the whole model also takes the parameter bytes resident at the
-   end of forward (sharded copies + what FSDP2 has all-gathered), the peak for zero2.
+   interleaved 1F1B formula, and they fill part of the bubble with weight-gradient work. A replay
+   of the recorded actions with free communication splits the excess into its causes.
+   Each rank is pinned to its own core (as `taskset` would): unpinned, the scheduler moves
+   ranks between cores mid-action and action times jitter.
+2. Model states: per-rank bytes of parameters, gradients and AdamW state (`state_bytes()`) at
+   the two points of a step where they peak: the end of forward (a forward hook on the whole
+   model; FSDP2's all-gathered parameters counted beside the shards) and the optimizer step (a
+   step pre-hook: after backward, before the update), at the last of 3 steps, when optimizer
+   state exists; for ddp and ZeRO 1/2/3 against ZeRO's fp32 Adam formulas. Goal: within 10%.
 3. Activations: peak bytes of tensors saved for backward per rank under GPipe and 1F1B
    (`torch.autograd.graph.saved_tensors_hooks` around the step; distinct storages, parameters
    excluded; a weakref.finalize on the packed handle subtracts the bytes when autograd frees
@@ -25,6 +29,7 @@ its own Topology and Trainer on it), and prints three tables:
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -35,11 +40,11 @@ import torch.distributed as dist
 
 P = 2  # pipeline ranks = processes
 SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("interleaved_zb", 2), ("zbv", 2)]
-BASE = ["model.name=gpt", "model.n_layer=8", "model.n_head=4", "model.d_model=256", "model.block_size=64",
+BASE = ["model.name=gpt", "model.n_layer=8", "model.n_head=8", "model.d_model=512", "model.block_size=64",
         "training.global_batch_size=32", "training.steps=1000000", "training.eval_every=0",
         "optimizer.name=adamw", "optimizer.lr=1e-3", "run.progress=off", "checkpoint.enabled=false",
         "strategy.pipeline.split=time"]
-QUICK = ["model.n_layer=4", "model.d_model=128"]
+QUICK = ["model.n_layer=4", "model.d_model=128", "model.n_head=4"]
 
 
 # ---------------------------------------------------------------------------- on each rank
@@ -114,27 +119,29 @@ def bubble_events(sets, data, run_dir, warmup: int, steps: int) -> list[list[tup
 
 
 def model_state_bytes(sets, data, run_dir, steps: int = 3) -> dict:
-    """state_bytes() before the last optimizer step, and parameter bytes resident at the end of forward."""
+    """Model-state bytes at the two points of a step where they peak: the end of forward and the
+    optimizer step (after backward, before the update), at the last of `steps` steps."""
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
     trainer = _trainer(sets, data, run_dir)
     strategy, seen = trainer.strategy, {}
+    fsdp = isinstance(strategy.model, FSDPModule)
 
     def at_forward_end(module, args, output):
         # Runs after FSDP2's own post-forward hook (registered earlier): zero3's blocks are
-        # sharded again (DTensors), zero2's stay all-gathered (plain tensors) until their backward.
-        params = list(strategy.model.parameters())
-        seen["gathered"] = sum(p.numel() * p.element_size() for p in params if not isinstance(p, DTensor))
+        # sharded again, zero2's stay all-gathered until their backward. The gathered copies are
+        # plain tensors in the module, beside the shards the optimizer holds.
+        s = strategy.state_bytes()
+        gathered = sum(p.numel() * p.element_size() for p in strategy.model.parameters()
+                       if not isinstance(p, DTensor)) if fsdp else 0
+        seen["forward_end"] = {**s, "params": s["params"] + gathered}
 
     strategy.model.register_forward_hook(at_forward_end)
-    strategy.optimizer.register_step_pre_hook(lambda *_: seen.update(strategy.state_bytes()))
+    strategy.optimizer.register_step_pre_hook(lambda *_: seen.update(step=strategy.state_bytes()))
     for _ in range(steps):
         trainer.step()
     trainer.metrics.close()
-    # A gathered parameter's shard stays allocated beside it: shards of all (state_bytes) + gathered.
-    shards = seen["params"] if isinstance(strategy.model, FSDPModule) else 0
-    seen["params_forward_end"] = seen.pop("gathered") + shards
     return seen
 
 
@@ -149,11 +156,15 @@ def saved_activation_peak(sets, data, run_dir, warmup: int = 1) -> int:
     return saved.peak
 
 
-def rank_main(jobs: list[tuple], extra: list[str]) -> dict:
+def rank_main(jobs: list[tuple], extra: list[str], pin: bool) -> dict:
     """Run every (kind, name, sets, args) job on this rank, one after another, on one process group."""
     import paratrain
     from paratrain.data import build_datasets
 
+    if pin and hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) >= P:
+        # One core per rank (taskset-style), before gloo starts its threads so they inherit it:
+        # without it the scheduler moves ranks between cores mid-action, and per-action times jitter.
+        os.sched_setaffinity(0, {int(os.environ["RANK"])})
     dist.init_process_group("gloo")  # reused by each job's Topology (a second group per process fails)
     data = build_datasets(paratrain.load_config(None, BASE + extra))
     run = {"bubble": bubble_events, "memory": model_state_bytes, "activation": saved_activation_peak}
@@ -167,27 +178,36 @@ def rank_main(jobs: list[tuple], extra: list[str]) -> dict:
 # ---------------------------------------------------------------------------- tables
 
 
-def idle_while_ready(events_by_rank: list[list[tuple]]) -> float:
-    """Share of the step a rank sat idle although its next action's input was there (mean over ranks).
-
-    An action is ready when this rank's previous action ended and, for a forward (backward) whose
-    previous (next) stage is on another rank, that stage's work on the micro-batch ended. Time from
-    ready to start is overhead the theory counts as zero: send/recv, schedule bookkeeping, and
-    waiting for a CPU core.
-    """
-    rank_of = {e[1]: r for r, events in enumerate(events_by_rank) for e in events}
-    end = {e[:3]: e[4] for events in events_by_rank for e in events}
-    span = max(end.values()) - min(e[3] for events in events_by_rank for e in events)
-    idle = []
-    for r, events in enumerate(events_by_rank):
-        events = sorted(events, key=lambda e: e[3])
-        total = 0.0
-        for prev, (kind, stage, mb, start, _) in zip(events, events[1:]):
-            pred = (kind, stage - 1 if kind == "F" else stage + 1, mb)
-            remote = kind != "W" and pred in end and rank_of[pred[1]] != r
-            total += max(0.0, start - max(prev[4], end[pred] if remote else prev[4]))
-        idle.append(total / span)
-    return sum(idle) / len(idle)
+def replay_bubble(events_by_rank: list[list[tuple]], equal: bool = False) -> float:
+    """The bubble the same step would have with free communication: each rank runs its recorded
+    actions in the recorded order, each as soon as the rank is free and its input exists (a
+    forward after the previous stage's forward of the micro-batch, a backward after the next
+    stage's backward, or after its own forward on the last stage; W after B), for as long as it
+    took. `equal`: every F (B, W) as long as the mean F (B, W), i.e. the theory's equal stages."""
+    events_by_rank = [[tuple(e) for e in events] for events in events_by_rank]
+    took = {e[:3]: e[4] - e[3] for events in events_by_rank for e in events}
+    if equal:
+        kinds = {k: [d for a, d in took.items() if a[0] == k] for k in {a[0] for a in took}}
+        took = {a: sum(kinds[a[0]]) / len(kinds[a[0]]) for a in took}
+    last = max(a[1] for a in took)
+    needs = {"F": lambda s, mb: ("F", s - 1, mb) if s > 0 else None,
+             "B": lambda s, mb: ("B", s + 1, mb) if s < last else ("F", s, mb),
+             "W": lambda s, mb: ("B", s, mb)}
+    queues = [sorted(events, key=lambda e: e[3]) for events in events_by_rank]
+    end, free, pos, moved = {}, [0.0] * len(queues), [0] * len(queues), True
+    while moved:  # run each rank's queue as far as its inputs allow, until nothing moves
+        moved = False
+        for r, queue in enumerate(queues):
+            while pos[r] < len(queue):
+                kind, stage, mb = queue[pos[r]][:3]
+                dep = needs[kind](stage, mb)
+                if dep is not None and dep not in end:
+                    break
+                start = max(free[r], end[dep] if dep is not None else 0.0)
+                free[r] = end[(kind, stage, mb)] = start + took[(kind, stage, mb)]
+                pos[r], moved = pos[r] + 1, True
+    span = max(end.values())
+    return sum(1 - sum(took[e[:3]] for e in events) / span for events in queues) / len(queues)
 
 
 def bubble_table(per_rank: list[dict], jobs: list[tuple]) -> None:
@@ -196,7 +216,7 @@ def bubble_table(per_rank: list[dict], jobs: list[tuple]) -> None:
     print(f"pipeline bubble, p={P} ranks: measured (median over steps, both ranks) vs theory "
           "((p-1)/v)/(m+(p-1)/v); goal: within 1.2x of theory for m >= p")
     print(f"{'schedule':<17} {'v':>2} {'m':>3} {'measured':>9} {'theory':>7} {'ratio':>6} {'goal':>5} "
-          f"{'step ms':>8} {'busy ms/mb':>10} {'max/min':>7} {'idle-ready':>10}")
+          f"{'replay':>7} {'equal':>6} {'step ms':>8} {'busy ms/mb':>10} {'max/min':>7}")
     met = []
     for kind, name, _, _ in jobs:
         if kind != "bubble":
@@ -211,48 +231,50 @@ def bubble_table(per_rank: list[dict], jobs: list[tuple]) -> None:
         measured, theory = statistics.median(measured_bubble(s) for s in steps), theory_bubble(P, m, v)
         span = statistics.median(max(e[4] for r in s for e in r) - min(e[3] for r in s for e in r) for s in steps)
         busy = statistics.median(sum(e[4] - e[3] for r in s for e in r) / P for s in steps)
-        ready = statistics.median(idle_while_ready(s) for s in steps)
+        replay = statistics.median(replay_bubble(s) for s in steps)
+        equal = statistics.median(replay_bubble(s, equal=True) for s in steps)
         per_rank_busy = [[sum(e[4] - e[3] for e in r) for r in s] for s in steps]
         imbalance = statistics.median(max(b) / min(b) for b in per_rank_busy)
         goal = "-" if m < P else ("ok" if measured <= 1.2 * theory else "over")
         met += [goal == "ok"] if m >= P else []
         print(f"{row} {measured:>9.3f} {theory:>7.3f} {measured / theory:>6.2f} {goal:>5} "
-              f"{1000 * span:>8.0f} {1000 * busy / m:>10.1f} {imbalance:>7.2f} {ready:>10.3f}")
+              f"{replay:>7.3f} {equal:>6.3f} {1000 * span:>8.0f} {1000 * busy / m:>10.1f} {imbalance:>7.2f}")
     print(f"m >= p: {sum(met)} of {len(met)} rows within 1.2x of theory.\n"
-          "step ms: first to last F/B/W of the step (optimizer step excluded). busy ms/mb: one rank's F+B+W per\n"
-          "micro-batch (all its stages). max/min: the busier rank's busy time over the other's (the theory assumes\n"
-          "equal stages). idle-ready: share of the step a rank sat idle although its next action's input was there\n"
-          "(send/recv, schedule bookkeeping, waiting for a core); the theory counts it as zero, and it grows with\n"
-          "the number of actions, m x v.")
+          "replay: the bubble of the same actions, in the same order and for as long as each took, had communication\n"
+          "been free; equal: the same with every F (B, W) as long as their mean, the theory's equal stages. So\n"
+          "measured - replay is the cost of sending (send/recv, schedule bookkeeping and, on a CPU whose cores all\n"
+          "compute, waiting for a core to move the bytes), replay - equal that of unequal or jittery actions, and\n"
+          "equal vs theory checks the schedule itself. step ms: first to last F/B/W of the step (optimizer step\n"
+          "excluded). busy ms/mb: one rank's F+B+W per micro-batch (all its stages). max/min: the busier rank's busy\n"
+          "time over the other's.")
 
 
 def memory_table(per_rank: list[dict]) -> None:
-    ddp = per_rank[0][("memory", "ddp")]
+    ddp = per_rank[0][("memory", "ddp")]["step"]
     num_params, n = ddp["params"] // 4, P
     # ZeRO (Rajbhandari et al., 2020), fp32 Adam: parameters, gradients, optimizer state, bytes per rank.
-    formula = {"ddp": (4, 4, 8), "zero1": (4, 4, 8 / n), "zero2": (4, 4 / n, 8 / n), "zero3": (4 / n, 4 / n, 8 / n)}
+    formula = {"ddp": 16, "zero1": 8 + 8 / n, "zero2": 4 + 12 / n, "zero3": 16 / n}
     mib = 2 ** 20
-    print(f"\nmodel states per rank, {n} ranks, AdamW fp32, P = {num_params:,} parameters: state_bytes() "
-          "between backward and optimizer step vs ZeRO's formula; goal: within 10%")
-    print(f"{'strategy':<8} {'rank':>4} {'params':>8} {'grads':>8} {'optim':>8} {'total MiB':>9} "
-          f"{'formula':>8} {'ratio':>6}   {'params at fwd end':>17} {'ZeRO':>6}")
-    for name, (fp, fg, fo) in formula.items():
+    print(f"\nmodel states per rank, {n} ranks, AdamW fp32, P = {num_params:,} parameters: peak of the bytes held at "
+          "the end of forward and at the optimizer step, vs ZeRO's formula; goal: within 10%")
+    print(f"{'strategy':<8} {'rank':>4} {'at fwd end: params':>18} {'grads':>6} {'optim':>6} {'| at step: params':>17} "
+          f"{'grads':>6} {'optim':>6} {'| peak MiB':>10} {'formula':>8} {'ratio':>6}")
+    total = lambda s: s["params"] + s["grads"] + s["optimizer"]  # noqa: E731
+    for name, per_param in formula.items():
         for rank, r in enumerate(per_rank):
-            s = r[("memory", name)]
-            total, expect = s["params"] + s["grads"] + s["optimizer"], (fp + fg + fo) * num_params
-            print(f"{name:<8} {rank:>4} {s['params'] / mib:>8.2f} {s['grads'] / mib:>8.2f} "
-                  f"{s['optimizer'] / mib:>8.2f} {total / mib:>9.2f} {expect / mib:>8.2f} {total / expect:>6.3f}"
-                  f"   {s['params_forward_end'] / mib:>17.2f} {fp * num_params / mib:>6.2f}")
-    zero2 = per_rank[0][("memory", "zero2")]
-    zero2_vs_zero3 = (zero2["params"] + zero2["grads"] + zero2["optimizer"]) / (16 * num_params / n)
-    print("formulas (ZeRO, fp32 Adam): ddp 16P, zero1 4P+4P+8P/N, zero2 4P+12P/N, zero3 16P/N.\n"
-          "zero2: FSDP2 keeps only its parameter shard between steps (its zero2 differs from zero3 only in not\n"
-          "resharding after forward), so at the optimizer step it holds 4P/N of parameters where ZeRO-2 counts 4P:\n"
-          f"its total is {zero2_vs_zero3:.3f}x of 16P/N. Its parameters peak from the end of forward to each "
-          "block's backward:\n'params at fwd end' = gathered 4P + its own shard 4P/N, held side by side ('ZeRO': "
-          "the formula's\n"
-          "parameter term); zero3 has resharded everything by then. Optimizer state includes AdamW's step counters;\n"
-          "zero1 splits whole tensors greedily, so its two ranks differ slightly.")
+            f, s = r[("memory", name)]["forward_end"], r[("memory", name)]["step"]
+            peak, expect = max(total(f), total(s)), per_param * num_params
+            print(f"{name:<8} {rank:>4} {f['params'] / mib:>18.2f} {f['grads'] / mib:>6.2f} {f['optimizer'] / mib:>6.2f} "
+                  f"{s['params'] / mib:>17.2f} {s['grads'] / mib:>6.2f} {s['optimizer'] / mib:>6.2f} "
+                  f"{peak / mib:>10.2f} {expect / mib:>8.2f} {peak / expect:>6.3f}")
+    print("formulas (ZeRO, fp32 Adam): ddp 16P, zero1 4P+4P+8P/N, zero2 4P+12P/N, zero3 16P/N. Transients of\n"
+          "one block (zero3's gathered block, a block's unsharded gradients before reduce-scatter) are not counted.\n"
+          "zero2 is FSDP2 without resharding after forward: it holds the full parameters (4P, all-gathered) from\n"
+          "forward to each block's backward, beside its own fp32 shard (4P/N) and the sharded optimizer state;\n"
+          "gradients are reduce-scattered block by block and the gathered parameters freed as backward goes, so its\n"
+          "peak is at the end of forward, 4P + 4P/N + 8P/N = ZeRO-2's 4P + 12P/N (the shard takes the place of\n"
+          "ZeRO-2's gradient shard). Between steps it keeps only shards, as zero3 does. Optimizer state includes\n"
+          "AdamW's step counters; zero1 splits whole tensors greedily, so its two ranks differ slightly.")
 
 
 def activation_table(per_rank: list[dict], ms: list[int]) -> None:
@@ -271,34 +293,53 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="smaller model, fewer steps: about a minute")
     p.add_argument("--warmup", type=int, default=None, help="steps before measuring (default 2, quick 1)")
     p.add_argument("--steps", type=int, default=None, help="measured steps per bubble row (default 5, quick 3)")
+    p.add_argument("--microbatch-size", type=int, default=8, help="sequences per micro-batch in the bubble rows")
+    p.add_argument("--microbatches", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="m of the bubble rows")
+    p.add_argument("--only", choices=["bubble", "memory", "activation"], nargs="+", default=None,
+                   help="run only these tables")
+    p.add_argument("--schedules", nargs="+", default=[s for s, _ in SCHEDULES], help="schedules of the bubble rows")
+    p.add_argument("--no-pin", action="store_true", help="do not pin each rank to its own core")
     p.add_argument("--set", action="append", default=[], help="extra config overrides")
     args = p.parse_args()
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     steps = args.steps if args.steps is not None else (3 if args.quick else 5)
-    ms = [1, 2, 4, 8, 16]
+    ms = args.microbatches
     extra = (QUICK if args.quick else []) + args.set
 
     pipe = lambda s, v, m: ["strategy.name=pipeline", f"strategy.pipeline.schedule={s}",  # noqa: E731
                             f"strategy.pipeline.virtual_stages={v}", f"strategy.pipeline.microbatches={m}"]
-    jobs = [("bubble", ("model_parallel", 1, 1), ["strategy.name=model_parallel"], (warmup, steps))]
-    jobs += [("bubble", (s, v, m), pipe(s, v, m), (warmup, steps)) for s, v in SCHEDULES for m in ms]
-    jobs += [("memory", s, [f"strategy.name={s}"], ()) for s in ("ddp", "zero1", "zero2", "zero3")]
+    tables = args.only or ["bubble", "memory", "activation"]
+    jobs = []
+    if "bubble" in tables:  # a fixed micro-batch size: the global batch grows with m, as in Narayanan et al.
+        mb = args.microbatch_size
+        jobs += [("bubble", ("model_parallel", 1, 1), ["strategy.name=model_parallel",
+                                                       f"training.global_batch_size={mb}"], (warmup, steps))]
+        jobs += [("bubble", (s, v, m), pipe(s, v, m) + [f"training.global_batch_size={mb * m}"], (warmup, steps))
+                 for s, v in SCHEDULES if s in args.schedules for m in ms]
+    if "memory" in tables:
+        jobs += [("memory", s, [f"strategy.name={s}"], ()) for s in ("ddp", "zero1", "zero2", "zero3")]
     act_ms = [8] if args.quick else [4, 8]
-    jobs += [("activation", (s, m), pipe(s, 1, m), ()) for m in act_ms for s in ("gpipe", "1f1b")]
+    if "activation" in tables:
+        jobs += [("activation", (s, m), pipe(s, 1, m), ()) for m in act_ms for s in ("gpipe", "1f1b")]
 
     import paratrain
     from paratrain.testing import run_ranks
 
     cfg = paratrain.load_config(None, BASE + extra)  # bad --set values fail here, before any rank starts
     t0 = time.perf_counter()
-    per_rank = run_ranks(rank_main, P, jobs, extra, timeout_s=1800)
+    per_rank = run_ranks(rank_main, P, jobs, extra, not args.no_pin, timeout_s=1800)
     m = cfg.model
     print(f"GPT n_layer={m.n_layer} d_model={m.d_model} n_head={m.n_head} block_size={m.block_size}, "
-          f"global batch {cfg.training.global_batch_size}, stages split by {cfg.strategy.pipeline.split}; "
+          f"stages split by {cfg.strategy.pipeline.split}; bubble rows: {args.microbatch_size} sequences per "
+          f"micro-batch (global batch = m x that), ranks pinned to a core each: {not args.no_pin}; other tables: "
+          f"global batch {cfg.training.global_batch_size}; "
           f"{warmup} warm-up + {steps} measured steps per bubble row; {P} ranks on gloo, 1 thread each\n")
-    bubble_table(per_rank, jobs)
-    memory_table(per_rank)
-    activation_table(per_rank, act_ms)
+    if "bubble" in tables:
+        bubble_table(per_rank, jobs)
+    if "memory" in tables:
+        memory_table(per_rank)
+    if "activation" in tables:
+        activation_table(per_rank, act_ms)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
 
 

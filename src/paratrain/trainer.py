@@ -54,7 +54,8 @@ class Trainer:
         lr = lr_at(self.cfg.optimizer, step, t.steps)
         self.strategy.set_lr(lr)
         stats = self.strategy.train_step(batch)
-        stats.compute_s += self.faults.after_step(stats.compute_s)  # a straggler computes slower
+        if not stats.skipped:  # a straggler computes slower; a step it dropped costs it nothing
+            stats.compute_s += self.faults.after_step(stats.compute_s)
         self.step_num += 1
         rec = self.metrics.log_step(step, stats, lr, data_s, time.perf_counter() - t0, t.global_batch_size,
                                    batch.tokens_per_sample)

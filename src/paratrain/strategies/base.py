@@ -38,6 +38,7 @@ class StepStats:
     wait_s: float = 0.0  # waiting for other ranks (asynchronous strategies)
     bytes_sent: int = 0  # payload this rank put on the wire
     extra: dict = field(default_factory=dict)  # strategy-specific numbers, merged into the step record
+    skipped: bool = False  # a straggler dropped this step's computation to keep pace (nothing computed)
 
 
 class Strategy:

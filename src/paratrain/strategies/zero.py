@@ -17,7 +17,9 @@ moments per parameter) a rank of P parameters holds, per the paper:
   gathered parameters after forward and gathers them again for backward
   (reshard_after_forward=True); zero2 keeps them from forward to the end of backward. So at rest,
   between steps, FSDP2's zero2 holds sharded parameters too; it differs from zero3 in peak
-  memory and in one all-gather less per step, not in what `state_bytes` sees.
+  memory and in one all-gather less per step, not in what `state_bytes` sees. Its model states
+  peak at the end of forward: the gathered 4P beside its own 4P/N shard and 8P/N of optimizer
+  state, ZeRO-2's 4P + 12P/N in all (the parameter shard where ZeRO-2 has a gradient shard).
 
 Bytes: FSDP2 all-gathers and reduce-scatters are counted at the call (custom comms that wrap
 the default ones). ZeroRedundancyOptimizer's parameter broadcasts are private to it, so they are
