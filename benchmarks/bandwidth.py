@@ -1,9 +1,10 @@
 """Time and bytes to a target loss over slow links: ddp, compressed ddp and DiLoCo on the testbed.
 
-The demo GPT (configs/demo.toml: 4 layers, d_model 128, ~0.82 M parameters, global batch 32,
-AdamW with cosine schedule over `--cap` steps) trains on the 2-host testbed (paratrain.testbed:
-two network namespaces, 1 process each, tbf-limited links) at 100 Mbit/s and at 1 Gbit/s, with:
-ddp, ddp+fp16, ddp+PowerSGD rank 4, ddp+top-k 1%, DiLoCo H=50, DiLoCo H=50 with int8 deltas.
+The demo GPT (configs/demo.toml: 4 layers, AdamW with cosine schedule over `--cap` steps), made
+wider and given a smaller batch (`MODEL`: d_model 256, ~3.2 M parameters, global batch 8), trains
+on the 2-host testbed (paratrain.testbed: two network namespaces, 1 process each, tbf-limited
+links) at 100 Mbit/s and at 1 Gbit/s, with: ddp, ddp+fp16, ddp+PowerSGD rank 4, ddp+top-k 1%,
+DiLoCo H=50, DiLoCo H=50 with int8 deltas.
 Every job gets a fresh testbed (so no port or queue state carries over) and a fresh run.dir
 under /tmp, and evaluates every 10 steps (4 held-out batches).
 
@@ -43,6 +44,11 @@ from paratrain.testbed import Testbed
 
 ROOT = Path(__file__).resolve().parents[1]
 H = 50
+# The demo GPT made wider and given a smaller batch: on a 2-core host a step's compute and its
+# gradient's transfer both grow with the parameter count, so width alone leaves their ratio (and
+# the most any compression can win) where it is; a smaller batch per step shrinks the compute.
+# d_model 256 also gives PowerSGD matrices wide enough to compress (39x per step at rank 4).
+MODEL = ["model.d_model=256", "training.global_batch_size=8"]
 STRATEGIES = [  # (label, --set overrides)
     ("ddp", ["strategy.name=ddp"]),
     ("ddp+fp16", ["strategy.name=ddp", "strategy.compression.codec=fp16"]),
@@ -86,7 +92,7 @@ def run_one(rate: str, label: str, sets: list[str], args, stop_when) -> dict:
     """One job on a fresh 2-host testbed; stop_when(evals) -> True stops it early."""
     run_dir = Path(tempfile.mkdtemp(prefix=f"bw-{rate}-", dir="/tmp"))
     worker = [str(ROOT / "configs" / "demo.toml"), *[a for s in [
-        *sets, f"training.steps={args.cap}", f"training.eval_every={EVAL_EVERY}", "checkpoint.enabled=false",
+        *MODEL, *args.set, *sets, f"training.steps={args.cap}", f"training.eval_every={EVAL_EVERY}", "checkpoint.enabled=false",
         "run.progress=off", "run.timeout_s=120", f"run.dir={run_dir}"] for a in ("--set", s)]]
     done, why = threading.Event(), {"stop": "cap"}
     diloco = "diloco" in " ".join(sets)
@@ -166,14 +172,16 @@ def main() -> None:
     p.add_argument("--rates", default="100mbit,1gbit")
     p.add_argument("--target-steps", type=int, default=100, help="target: ddp's eval loss after this many steps")
     p.add_argument("--cap", type=int, default=250, help="most steps per run (also the cosine schedule's length)")
-    p.add_argument("--run-limit", type=float, default=120.0, help="most seconds per run")
+    p.add_argument("--run-limit", type=float, default=240.0, help="most seconds per run")
+    p.add_argument("--set", action="append", default=[], help="more config overrides for every job")
     args = p.parse_args()
     if args.quick:
         args.target_steps, args.cap, args.run_limit = 30, 100, 60.0
     if args.target_steps % EVAL_EVERY or args.cap < args.target_steps:
         p.error(f"--target-steps must be a multiple of {EVAL_EVERY} and <= --cap")
     rates = args.rates.split(",")
-    print(f"bandwidth benchmark: demo GPT (configs/demo.toml), 2 hosts x 1 process, cap {args.cap} steps, "
+    print(f"bandwidth benchmark: demo GPT (configs/demo.toml) with {' '.join(MODEL + args.set)}, 2 hosts x 1 process, "
+          f"cap {args.cap} steps, "
           f"eval every {EVAL_EVERY} steps; target = ddp's eval loss after {args.target_steps} steps + 0.1%")
     t_start, target, results = time.monotonic(), None, {}
     for rate in rates:
