@@ -100,11 +100,18 @@ class LocalSGDConfig:
     outer_lr: float = field(default=0.7, metadata=POSITIVE)
     outer_momentum: float = field(default=0.9, metadata=FRACTION)
     outer_nesterov: bool = True
+    # Stragglers (DropCompute): "auto" bounds each round of H steps by time, H x the fastest rank's
+    # median step time x (1 + deadline_slack); a rank behind it drops its remaining inner steps.
+    # "off": every rank computes every step, and the round lasts as long as its slowest rank.
+    deadline: Literal["off", "auto"] = "off"
+    deadline_slack: float = field(default=0.1, metadata=NON_NEGATIVE)
 
 
 @dataclass(frozen=True)
 class GossipConfig:
     graph: Literal["ring", "exponential"] = "ring"  # whom each rank averages with
+    # With strategy.compression.codec (CHOCO-SGD): step size gamma towards the neighbours' public copies.
+    consensus_step: float = field(default=0.5, metadata=_check(lambda v: 0 < v <= 1, "a number in (0, 1]"))
 
 
 @dataclass(frozen=True)
@@ -112,11 +119,15 @@ class ParameterServerConfig:
     servers: int = field(default=1, metadata=AT_LEAST_1)  # the last ranks serve, the rest train (rank 0 trains)
     mode: Literal["bsp", "asp", "ssp"] = "ssp"
     staleness: int = field(default=2, metadata=NON_NEGATIVE)  # SSP: how far a worker may run ahead
+    # SSP: instead of a faster worker waiting for a straggler, the straggler's late steps are
+    # dropped (not computed) and gradients staler than the bound discarded (parameter_server.py)
+    drop_behind: bool = False
 
 
 @dataclass(frozen=True)
 class CompressionConfig:
-    # What ddp sends per gradient bucket, and diloco per pseudo-gradient (paratrain.compression).
+    # What ddp sends per gradient bucket, local_sgd / diloco per delta, gossip per message (CHOCO-SGD)
+    # and the parameter server per push and pull (paratrain.compression).
     codec: Literal["none", "fp16", "bf16", "powersgd", "topk", "randomk", "sign", "int8"] = "none"
     ratio: float = field(default=0.01, metadata=_check(lambda v: 0 < v <= 1, "a number in (0, 1]"))  # topk, randomk
     rank: int = field(default=4, metadata=AT_LEAST_1)  # powersgd: rank of the low-rank approximation
@@ -139,7 +150,8 @@ class StrategyConfig:
     local_sgd: LocalSGDConfig = field(default_factory=LocalSGDConfig)  # local_sgd and diloco
     gossip: GossipConfig = field(default_factory=GossipConfig)
     ps: ParameterServerConfig = field(default_factory=ParameterServerConfig)
-    compression: CompressionConfig = field(default_factory=CompressionConfig)  # ddp and diloco
+    # ddp (gradients), local_sgd and diloco (deltas at each sync), gossip (CHOCO-SGD messages), ps (push, pull)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
 
 
 @dataclass(frozen=True)
@@ -356,11 +368,12 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                 raise ConfigError(f"strategy.{key} = {value!r}: only strategy.name = 'hybrid' takes degrees; "
                                   f"'{s.name}' uses every process on its own axis")
     codec = s.compression.codec
-    if codec != "none" and s.name not in ("ddp", "diloco"):
-        raise ConfigError(f"strategy.compression.codec = '{codec}': only strategy.name = 'ddp' or 'diloco' "
-                          f"compresses; '{s.name}' takes 'none'")
-    if codec == "powersgd" and s.name == "diloco":
-        raise ConfigError("strategy.compression.codec = 'powersgd': diloco takes fp16, bf16, topk, randomk, sign "
+    compressing = ("ddp", "local_sgd", "diloco", "gossip", "parameter_server")
+    if codec != "none" and s.name not in compressing:
+        raise ConfigError(f"strategy.compression.codec = '{codec}': only strategy.name = "
+                          f"{', '.join(repr(n) for n in compressing)} compresses; '{s.name}' takes 'none'")
+    if codec == "powersgd" and s.name != "ddp":
+        raise ConfigError(f"strategy.compression.codec = 'powersgd': {s.name} takes fp16, bf16, topk, randomk, sign "
                           "or int8 (PowerSGD is a DDP hook)")
     if t.global_batch_size % t.grad_accum_steps:
         raise ConfigError(

@@ -31,7 +31,11 @@ class MetricsLog:
 
     def log_step(self, step: int, stats: StepStats, lr: float, data_s: float, step_s: float,
                  global_samples: int, tokens_per_sample: int) -> dict:
-        """`samples`/`tokens` in `stats` are this rank's; throughput is the whole job's."""
+        """`samples`/`tokens` in `stats` are this rank's; throughput is the whole job's, as this rank
+        sees it (a step a straggler dropped trained nothing here: it counts no samples, and its NaN
+        loss is not the run's final loss)."""
+        if stats.skipped:
+            global_samples = 0
         fields = asdict(stats)
         extra = fields.pop("extra")  # flat in the record, beside the common fields
         rec = {"kind": "step", "step": step, "lr": lr, "step_s": step_s, "data_s": data_s, **fields, **extra,
@@ -43,7 +47,8 @@ class MetricsLog:
         self.bytes_sent += stats.bytes_sent
         self.samples += global_samples
         self.tokens += global_samples * tokens_per_sample
-        self.last = rec
+        if not stats.skipped:
+            self.last = rec
         return rec
 
     def log_eval(self, step: int, loss: float) -> None:

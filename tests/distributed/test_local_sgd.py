@@ -1,6 +1,8 @@
-"""local_sgd and diloco on gloo ranks: the DDP limit, replica agreement, bytes, resume, a lost worker.
+"""local_sgd and diloco on gloo ranks: the DDP limit, replica agreement, bytes, resume (compressed
+DiLoCo's too), a lost worker (compressed or not).
 
-All two-rank trainings share one spawn (a module fixture); the lost-worker test has its own.
+All two-rank trainings share one spawn (a module fixture); the lost-worker tests have their own.
+Codecs on local SGD: test_local_sgd_codecs.py; time-bounded rounds: test_local_sgd_deadline.py.
 """
 import shutil
 
@@ -9,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from paratrain.checkpoint import read_checkpoint
-from paratrain.comm import ring_allreduce_bytes
+from paratrain.comm import ring_allgather_bytes, ring_allreduce_bytes
 from paratrain.config import ConfigError, validate
 from paratrain.testing import run_ranks
 from tests.helpers import MLP, config, fit, max_param_diff
@@ -21,6 +23,14 @@ DDP_LIMIT = ["strategy.local_sgd.sync_every=1", "strategy.local_sgd.outer_lr=1.0
 # Syncs after steps 4, 8, 12, 16 and the last, 18: the resumed run must know where it is in the cycle.
 RESUME = ["strategy.name=diloco", "strategy.local_sgd.sync_every=4", "training.steps=18", "checkpoint.every=8",
           "checkpoint.keep=3"]
+# int8 draws random numbers and keeps an error-feedback residual: both must come back on resume.
+INT8 = "strategy.compression.codec=int8"
+P = 10 * 20 + 20 + 20 * 1 + 1  # the MLP's parameters
+# Bytes per rank of a sync on 2 ranks: the all-gather of every rank's 4-byte loss, then the ring
+# all-reduce of the fp32 parameters.
+LOSS_GATHER = ring_allgather_bytes(2 * 4, 2)
+SYNC_BYTES = ring_allreduce_bytes(4 * P, 2)
+SYNCS = {3, 7, 9}  # step indices of a 10-step run with H = 4: after steps 4, 8 and the last
 
 
 def stepwise(cfg) -> dict:
@@ -58,13 +68,15 @@ def _two_rank_runs(tmp) -> dict:
         "local_h4": stepwise(config(MLP, "strategy.name=local_sgd", "strategy.local_sgd.sync_every=4",
                                     "training.steps=10", "checkpoint.enabled=false", run_dir=tmp / "local_h4")),
         "full": fit(config(MLP, *RESUME, run_dir=tmp / "full")),
+        "full_int8": fit(config(MLP, *RESUME, INT8, run_dir=tmp / "full_int8")),
     }
-    ckpt = tmp / "resumed" / "checkpoints" / "step-00000008.pt"
-    if dist.get_rank() == 0:
-        ckpt.parent.mkdir(parents=True)
-        shutil.copy(tmp / "full" / "checkpoints" / ckpt.name, ckpt)
-    dist.barrier()
-    runs["resumed"] = fit(config(MLP, *RESUME, run_dir=tmp / "resumed"), resume=ckpt)
+    for suffix, codec in (("", []), ("_int8", [INT8])):
+        ckpt = tmp / f"resumed{suffix}" / "checkpoints" / "step-00000008.pt"
+        if dist.get_rank() == 0:
+            ckpt.parent.mkdir(parents=True)
+            shutil.copy(tmp / f"full{suffix}" / "checkpoints" / ckpt.name, ckpt)
+        dist.barrier()
+        runs[f"resumed{suffix}"] = fit(config(MLP, *RESUME, *codec, run_dir=tmp / f"resumed{suffix}"), resume=ckpt)
     return runs
 
 
@@ -104,25 +116,27 @@ def test_local_sgd_h1_equals_single(two_ranks, single_plain_sgd):
 
 def test_replicas_agree_after_each_sync_and_drift_between(two_ranks):
     _, (a, b) = two_ranks
-    syncs = {3, 7, 9}  # step indices: after steps 4, 8 and the last
     for step, (ra, rb) in enumerate(zip(a["local_h4"]["steps"], b["local_h4"]["steps"])):
         diff = (ra["params"] - rb["params"]).abs().max().item()
-        if step in syncs:
+        if step in SYNCS:
             assert diff == 0.0, step
             assert ra["replica_rms_dist"] > 1e-6 and ra["replicas"] == 2  # they had drifted apart
+            # The logged loss: the mean over both ranks' batches, gathered at the sync (with H = 1 it is
+            # single's loss: test_local_sgd_h1_equals_single).
+            assert ra["loss"] == rb["loss"] and ra["loss_ranks"] == rb["loss_ranks"] == 2
         else:
             assert diff > 1e-6, step  # each trained on its own shard with no communication
             assert "replica_rms_dist" not in ra
+            # Nothing sent, not even the loss: each rank logs its own batch's.
+            assert ra["loss"] != rb["loss"] and ra["loss_ranks"] == 1
 
 
-def test_bytes_ring_allreduce_of_params_on_sync_steps_only(two_ranks):
+def test_bytes_only_on_sync_steps(two_ranks):
     _, ranks = two_ranks
-    n_params = ranks[0]["local_h4"]["steps"][0]["params"].numel()
-    loss_bytes = ring_allreduce_bytes(4, 2)  # the 4-byte loss for the log, every step
+    assert ranks[0]["local_h4"]["steps"][0]["params"].numel() == P
     for r in ranks:
         for step, rec in enumerate(r["local_h4"]["steps"]):
-            sync = ring_allreduce_bytes(4 * n_params, 2) if step in (3, 7, 9) else 0
-            assert rec["bytes_sent"] == sync + loss_bytes, step
+            assert rec["bytes_sent"] == (SYNC_BYTES + LOSS_GATHER if step in SYNCS else 0), step
 
 
 def test_resume_from_sync_checkpoint_equals_uninterrupted_diloco(two_ranks):
@@ -130,6 +144,7 @@ def test_resume_from_sync_checkpoint_equals_uninterrupted_diloco(two_ranks):
     tmp, ranks = two_ranks
     for r in ranks:
         assert max_param_diff(r["full"]["params"], r["resumed"]["params"]) == 0.0
+    assert max_param_diff(ranks[0]["full"]["params"], ranks[0]["full_int8"]["params"]) > 1e-4  # int8 matters
     assert ranks[0]["resumed"]["summary"]["steps"] == 10  # it really ran only the second half
     saved = read_checkpoint(tmp / "full" / "checkpoints" / "step-00000008.pt")["strategy"]
     extra = saved["local_sgd"]
@@ -142,26 +157,43 @@ def test_resume_from_sync_checkpoint_equals_uninterrupted_diloco(two_ranks):
     assert single["summary"]["steps"] == 10
 
 
-def test_diloco_survives_a_killed_worker(tmp_path):
+def test_resume_from_sync_checkpoint_equals_uninterrupted_compressed_diloco(two_ranks):
+    # Besides the above: each rank's error-feedback residual and its codec's random generator.
+    tmp, ranks = two_ranks
+    for r in ranks:
+        assert max_param_diff(r["full_int8"]["params"], r["resumed_int8"]["params"]) == 0.0
+    assert ranks[0]["resumed_int8"]["summary"]["steps"] == 10
+    saved = read_checkpoint(tmp / "full_int8" / "checkpoints" / "step-00000008.pt")["strategy"]
+    codec = saved["local_sgd"]["codec_states"]
+    assert len(codec) == 2 and not torch.equal(codec[0]["generator"], codec[1]["generator"])
+    assert all(c["residual"].abs().max().item() > 0 for c in codec)  # what int8 rounding left to send
+
+
+@pytest.mark.parametrize("codec", ["none", "int8"])
+def test_diloco_survives_a_killed_worker(tmp_path, codec):
     kill_at = 6
     cfg = config(MLP, "strategy.name=diloco", PLAIN_SGD, "strategy.local_sgd.sync_every=2", "training.steps=16",
-                 "training.eval_every=0", "checkpoint.every=4", "run.timeout_s=5",
-                 "faults.rank=2", f"faults.kill_at_step={kill_at}", run_dir=tmp_path / "kill")
+                 "training.eval_every=0", "checkpoint.every=4", "run.timeout_s=5", "faults.rank=2",
+                 f"faults.kill_at_step={kill_at}", f"strategy.compression.codec={codec}", run_dir=tmp_path / "kill")
     a, b, lost = run_ranks(stepwise, 3, cfg, allow_missing=True, timeout_s=120)
     assert lost is None  # it left before step 6 without a word
     a, b = a["steps"], b["steps"]
     assert len(a) == len(b) == 16  # the survivors finished every step
-    assert a[kill_at]["wait_s"] > 0  # they noticed at the loss all-reduce of step 6 and agreed
+    # Nothing is sent between syncs: they noticed at the first collective of the sync of step 7 and agreed.
+    assert a[kill_at]["wait_s"] == 0 and a[kill_at + 1]["wait_s"] > 0
     for step, (ra, rb) in enumerate(zip(a, b)):
         if step % 2 == 1:  # sync steps: replicas identical, averaged over 3 ranks, then 2
             assert ra["replicas"] == (3 if step < kill_at else 2)
             assert (ra["params"] - rb["params"]).abs().max().item() == 0.0, step
-        assert ra["loss"] == rb["loss"]  # the mean over the survivors
-    first_after, last = sum(r["loss"] for r in a[kill_at:kill_at + 3]), sum(r["loss"] for r in a[-3:])
+            assert ra["loss"] == rb["loss"] and ra["loss_ranks"] == (3 if step < kill_at else 2)  # the survivors' mean
+    first_after, last = sum(r["loss"] for r in a[kill_at:kill_at + 4]), sum(r["loss"] for r in a[-4:])
     assert last < 0.8 * first_after, (first_after, last)
     # Checkpoints after the loss are written by the survivors (the trainer uses live_group()).
     ckpt = read_checkpoint(tmp_path / "kill" / "checkpoints" / "step-00000016.pt")
-    assert len(ckpt["rng"]) == 2 and ckpt["strategy"]["local_sgd"]["inner_optimizers"][2] is None
+    extra = ckpt["strategy"]["local_sgd"]
+    assert len(ckpt["rng"]) == 2 and extra["inner_optimizers"][2] is None
+    if codec != "none":
+        assert extra["codec_states"][2] is None and extra["codec_states"][1]["residual"] is not None
 
 
 def test_outer_nesterov_needs_outer_momentum():

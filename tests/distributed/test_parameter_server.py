@@ -1,5 +1,6 @@
 """parameter_server on 3 gloo ranks: BSP is ddp's math, ASP alone is single, SSP keeps its staleness
-bound (ASP does not), a lost worker is survived, resume is exact, bytes are exact.
+bound (ASP does not), SSP with drop_behind keeps it too without making the fast worker wait, a lost
+worker is survived, resume is exact, bytes are exact.
 
 Process start-up dominates on 2 cores, so every training shares one spawn of the ranks (`runs`,
 module-scoped) and the tests read their results. The run that kills a worker comes last: its
@@ -7,6 +8,7 @@ lost rank cannot take part in another training.
 """
 import json
 import shutil
+import statistics
 
 import pytest
 import torch
@@ -22,7 +24,8 @@ PS = ["strategy.name=parameter_server"]
 # One worker made slow: slowdown=3 alone adds ~2 ms to the MLP's ~1 ms of compute, lost in the
 # noise of 3 processes on 2 cores; the fixed delay makes the straggler unmistakable. Evaluation
 # only at the end: a mid-run evaluation is a barrier, where the fast worker's lead starts again.
-SLOW = [*PS, "strategy.ps.staleness=1", "faults.rank=1", "faults.slowdown=3", "faults.delay_s=0.03",
+DELAY_S = 0.03
+SLOW = [*PS, "strategy.ps.staleness=1", "faults.rank=1", "faults.slowdown=3", f"faults.delay_s={DELAY_S}",
         "training.eval_every=0"]
 SSP_BOUND = (2 - 1) * (2 * 1 + 1)  # W = 2 workers, s = 1: (W-1)(2s+1), see parameter_server.py
 # Dropout, warm-up + cosine, AdamW: resuming must restore every worker's RNG stream, the servers'
@@ -81,6 +84,8 @@ def runs(tmp_path_factory):
                         copy_checkpoint(tmp / "single-mlp", tmp / "from-single")),
         "ssp-slow": (fit, config(MLP, *SLOW, "strategy.ps.mode=ssp", run_dir=tmp / "ssp-slow")),
         "asp-slow": (fit, config(MLP, *SLOW, "strategy.ps.mode=asp", run_dir=tmp / "asp-slow")),
+        "ssp-drop": (fit, config(MLP, *SLOW, "strategy.ps.mode=ssp", "strategy.ps.drop_behind=true",
+                                 run_dir=tmp / "ssp-drop")),
         "resume": (resume_rank, config(TINY_GPT, *RESUMABLE, run_dir=tmp / "resume" / "full"),
                    config(TINY_GPT, *RESUMABLE, run_dir=tmp / "resume" / "resumed"), tmp / "resume"),
         "kill": (fit, config(MLP, *KILL, run_dir=tmp / "kill")),  # last: rank 1 does not come back
@@ -154,6 +159,29 @@ def test_ssp_keeps_its_staleness_bound_and_asp_does_not(runs):
     assert asp["max_staleness"] > SSP_BOUND  # the same slow worker without the gate: the bound means something
 
 
+def test_drop_behind_keeps_the_bound_and_the_fast_worker_does_not_wait(runs):
+    run_dir = runs["tmp"] / "ssp-drop"
+    report, fast, slow = server_report(run_dir), step_records(run_dir, 0), step_records(run_dir, 1)
+    assert [r["step"] for r in fast] == [r["step"] for r in slow] == list(range(20))  # one step numbering
+    # The bound, from what was recorded: the server's histogram of applied gradients, each worker's replies.
+    assert report["staleness_bound"] == SSP_BOUND and report["max_staleness"] <= SSP_BOUND
+    assert max(r.get("staleness", 0) for r in fast + slow) <= SSP_BOUND
+    # The straggler dropped late steps (computing nothing: no samples, no fault delay); the fast one none.
+    skipped = [r for r in slow if r["skipped"]]
+    assert skipped and all(r["samples"] == 0 and r["bytes_sent"] == 0 for r in skipped)
+    assert not any(r["skipped"] for r in fast)
+    assert max(r["skipped_total"] for r in slow) == len(skipped)
+    assert report["dropped_steps"] == [0, len(skipped)]  # the server counted the same steps as dropped
+    # Every step computed was pushed, and applied or discarded as too stale: nothing else.
+    assert report["gradients"] + report["discarded_gradients"] == 20 + (20 - len(skipped))
+    assert sum(r.get("discarded", 0) for r in slow) == report["discarded_gradients"]
+    # Plain SSP held the fast worker about one slow step (>= DELAY_S) at a time; drop_behind does not.
+    assert statistics.median(r["wait_s"] for r in fast) < DELAY_S / 3
+    assert statistics.median(r["wait_s"] for r in step_records(runs["tmp"] / "ssp-slow", 0)) > DELAY_S / 3
+    plain = server_report(runs["tmp"] / "ssp-slow")
+    assert plain["dropped_steps"] == [0, 0] and plain["discarded_gradients"] == 0  # off: nothing dropped
+
+
 def test_training_goes_on_after_a_worker_is_lost(runs):
     chief, server = runs["kill"][0], server_report(runs["tmp"] / "kill")
     assert chief["summary"]["steps"] == 40
@@ -204,6 +232,8 @@ def test_partition_balances_whole_tensors():
     (["optimizer.grad_clip=1.0"], 3, "optimizer.grad_clip"),
     (["faults.rank=2", "faults.slowdown=2"], 3, "faults.rank = 2: a server"),
     (["faults.rank=0", "faults.kill_at_step=3"], 3, "faults.rank = 0"),
+    (["strategy.ps.mode=bsp", "strategy.ps.drop_behind=true"], 3, "strategy.ps.drop_behind = true"),
+    (["strategy.ps.mode=asp", "strategy.ps.drop_behind=true"], 3, "strategy.ps.drop_behind = true"),
 ])
 def test_invalid_layouts_are_one_line_errors(sets, world, key):
     cfg = config(MLP, *PS, *sets)

@@ -98,3 +98,19 @@ def test_resumed_metrics_drop_a_half_written_line(tmp_path):
     path.write_text('{"kind": "step", "step": 0}\n{"kind": "step", "step": 1}\n{"kind": "step", "st')
     MetricsLog(tmp_path, 0, start_step=1).close()
     assert path.read_text() == '{"kind": "step", "step": 0}\n'
+
+
+def test_dropped_steps_count_no_samples_and_keep_the_last_computed_loss(tmp_path):
+    import math
+
+    from paratrain.metrics import MetricsLog
+    from paratrain.strategies.base import StepStats
+
+    log = MetricsLog(tmp_path, 0, 0)
+    log.log_step(0, StepStats(2.5, 8, 0), 0.1, 0.0, 1.0, 16, 0)
+    rec = log.log_step(1, StepStats(math.nan, 0, 0, skipped=True), 0.1, 0.0, 1.0, 16, 0)
+    summary = log.summary()
+    log.close()
+    assert rec["samples_per_s"] == 0 and rec["skipped"]
+    assert summary["samples_per_s"] == 16 / 2.0  # the dropped step's time counts, its batch does not
+    assert summary["final_loss"] == 2.5

@@ -92,8 +92,9 @@ def test_pack_unpack_roundtrip():
     assert all(torch.equal(a, b) for a, b in zip(payload, back))
 
 
-@pytest.mark.parametrize("sets", [["strategy.name=zero2"], ["strategy.name=tensor"], ["strategy.name=local_sgd"],
-                                  ["strategy.name=diloco", "strategy.compression.codec=powersgd"]])
+@pytest.mark.parametrize("sets", [["strategy.name=zero2"], ["strategy.name=tensor"], ["strategy.name=hogwild"],
+                                  ["strategy.name=diloco", "strategy.compression.codec=powersgd"],
+                                  ["strategy.name=gossip", "strategy.compression.codec=powersgd"]])
 def test_config_rejects_compression_where_unsupported(sets):
     codec = [] if any("codec" in s for s in sets) else ["strategy.compression.codec=topk"]
     with pytest.raises(ConfigError, match="strategy.compression.codec"):

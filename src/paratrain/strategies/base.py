@@ -29,7 +29,7 @@ from paratrain.topology import ParallelDims, Topology
 
 @dataclass
 class StepStats:
-    loss: float  # mean over the global batch
+    loss: float  # mean over the global batch where the step communicates; else this rank's own (extra["loss_ranks"])
     samples: int  # processed by this rank
     tokens: int
     compute_s: float = 0.0  # forward + backward (with whatever communication it could not hide)

@@ -20,10 +20,19 @@ its local step, before mixing) and the mean of the replicas it received. The dis
 global mean would need an all-reduce of the whole model; the neighbours' is free, and it stays
 at zero on every step only when all replicas agree (the graph, over its rounds, is connected).
 
-Only parameters are gossiped (buffers stay local). Evaluation averages each rank's own replica's
-loss on its shard of the held-out batches. Checkpoints store rank 0's replica; resuming restarts
-every replica from it, so a resumed run is not bit-identical to an uninterrupted one (the
-replicas' disagreement is reset to zero, the exponential graph's rounds start again from 1).
+With `strategy.compression.codec` set, the messages are compressed and the mixing is CHOCO-SGD's
+(choco.py: public copies of the neighbours, compressed corrections to them, a consensus step of
+`strategy.gossip.consensus_step`); ring graph only; PowerSGD is not taken (a DDP gradient hook).
+`neighbour_distance` is then measured to the neighbours' public copies. Without a codec nothing
+of that runs: the mixing above, exactly.
+
+A step's logged `loss` is this rank's own batch's: gossip has no collective in which to average
+it, and adding one (an all-reduce every step) would make every step a barrier over all ranks.
+Only parameters are gossiped (buffers stay local). Evaluation, a collective anyway, averages each
+rank's own replica's loss on its shard of the held-out batches. Checkpoints store rank 0's
+replica; resuming restarts every replica from it (and CHOCO's public copies from zero), so a
+resumed run is not bit-identical to an uninterrupted one (the replicas' disagreement is reset to
+zero, the exponential graph's rounds start again from 1).
 """
 from __future__ import annotations
 
@@ -32,8 +41,11 @@ import time
 import torch
 import torch.distributed as dist
 
+from paratrain.config import Config, ConfigError, GossipConfig
 from paratrain.data import Batch
 from paratrain.strategies.base import StepStats, Strategy
+from paratrain.strategies.choco import ChocoGossip
+from paratrain.topology import ParallelDims
 
 
 def num_hops(n: int) -> int:
@@ -57,8 +69,9 @@ def gossip_peers(rank: int, n: int, graph: str, step: int) -> tuple[list[int], l
 def exchange(flat: torch.Tensor, group, send_to: list[int], recv_from: list[int]) -> list[torch.Tensor]:
     """Send `flat` to every peer in `send_to`, receive one vector from each in `recv_from`.
 
-    Every rank gossips a vector of the same length and dtype (the same model, fp32), so the
-    receive buffers are exactly the size of the messages: gloo needs no size header here.
+    Every rank gossips a vector of the same length and dtype (the same model, fp32; or a packed
+    CHOCO message, whose size depends only on the model and the codec), so the receive buffers
+    are exactly the size of the messages: gloo needs no size header here.
     """
     received = [torch.empty_like(flat) for _ in recv_from]
     ops = [dist.P2POp(dist.isend, flat, dist.get_global_rank(group, p), group) for p in send_to]
@@ -71,9 +84,35 @@ def exchange(flat: torch.Tensor, group, send_to: list[int], recv_from: list[int]
 class Gossip(Strategy):
     name = "gossip"
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    @classmethod
+    def parallel_dims(cls, cfg: Config, world_size: int) -> ParallelDims:
+        g, codec = cfg.strategy.gossip, cfg.strategy.compression.codec
+        if codec == "powersgd":
+            raise ConfigError("strategy.compression.codec = 'powersgd': gossip takes fp16, bf16, int8, topk, randomk "
+                              "or sign (PowerSGD is a DDP gradient hook)")
+        if codec != "none" and g.graph != "ring":
+            raise ConfigError(f"strategy.gossip.graph = '{g.graph}': compressed gossip (CHOCO-SGD) needs the same "
+                              "neighbours at every step; use 'ring' or strategy.compression.codec = 'none'")
+        if codec == "none" and g.consensus_step != GossipConfig.consensus_step:
+            raise ConfigError(f"strategy.gossip.consensus_step = {g.consensus_step}: used only by compressed gossip; "
+                              "set strategy.compression.codec or leave it at its default "
+                              f"{GossipConfig.consensus_step}")
+        return super().parallel_dims(cfg, world_size)
+
+    def __init__(self, cfg: Config, topo, model, loss_fn):
+        super().__init__(cfg, topo, model, loss_fn)
         self.gossip_round = 0  # picks the exponential graph's peer; the same count on every rank
+        c = cfg.strategy.compression
+        self.choco = (ChocoGossip(c.codec, c.ratio, cfg.strategy.gossip.consensus_step, topo.rank)
+                      if c.codec != "none" else None)
+
+    def mean_over_dp(self, value: torch.Tensor) -> float:
+        """Strategy.train_step logs its loss through here: this rank's own, no collective."""
+        return value.item()
+
+    def evaluate(self, batches: list[Batch]) -> float:
+        own = torch.tensor([super().evaluate(batches)], device=self.topo.device)  # this replica, this shard
+        return Strategy.mean_over_dp(self, own.reshape(()))
 
     def train_step(self, batch: Batch) -> StepStats:
         stats = super().train_step(batch)  # the local step on this rank's shard (no gradient all-reduce)
@@ -86,7 +125,8 @@ class Gossip(Strategy):
 
     @torch.no_grad()
     def mix(self) -> float:
-        """Average this replica with the neighbours' (uniform weights); returns the distance to them."""
+        """Average this replica with the neighbours' (uniform weights; compressed: CHOCO's consensus
+        step); returns the distance to them."""
         n, rank = self.dp_size, self.dp_rank
         send_to, recv_from = gossip_peers(rank, n, self.cfg.strategy.gossip.graph, self.gossip_round)
         self.gossip_round += 1
@@ -95,14 +135,25 @@ class Gossip(Strategy):
         params = list(self.model.parameters())
         # One flat fp32 vector: one message per peer, whatever the number of tensors.
         flat = torch.cat([p.detach().reshape(-1).float() for p in params])
-        t0 = time.perf_counter()
-        received = exchange(flat, self.topo.group("dp"), send_to, recv_from)
-        self.meter.add(len(send_to) * flat.numel() * flat.element_size(), time.perf_counter() - t0)
-        neighbours = torch.stack(received).sum(0)
-        distance = (flat - neighbours / len(received)).norm().item()
-        mixed = (flat + neighbours) / (1 + len(received))
+        if self.choco is not None:
+            mixed, distance = self._choco_mix(flat, send_to, recv_from)
+        else:
+            t0 = time.perf_counter()
+            received = exchange(flat, self.topo.group("dp"), send_to, recv_from)
+            self.meter.add(len(send_to) * flat.numel() * flat.element_size(), time.perf_counter() - t0)
+            neighbours = torch.stack(received).sum(0)
+            distance = (flat - neighbours / len(received)).norm().item()
+            mixed = (flat + neighbours) / (1 + len(received))
         offset = 0
         for p in params:  # in place: the optimizer's state stays attached to the same tensors
             p.copy_(mixed[offset:offset + p.numel()].view_as(p))
             offset += p.numel()
         return distance
+
+    def _choco_mix(self, flat: torch.Tensor, send_to: list[int], recv_from: list[int]) -> tuple[torch.Tensor, float]:
+        """CHOCO-SGD: send the compressed correction of this node's public copy, mix with the copies."""
+        message = self.choco.message(flat)  # the same size on every rank: fixed k, bits or dtype
+        t0 = time.perf_counter()
+        received = exchange(message, self.topo.group("dp"), send_to, recv_from)
+        self.meter.add(len(send_to) * message.numel() * message.element_size(), time.perf_counter() - t0)
+        return self.choco.mix(flat, dict(zip(recv_from, received)))

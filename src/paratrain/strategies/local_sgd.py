@@ -3,7 +3,7 @@
 `local_sgd`: Local SGD, or periodic model averaging (Stich, "Local SGD Converges Fast and
 Communicates Little", ICLR 2019; Lin et al., "Don't Use Large Mini-Batches, Use Local SGD",
 ICLR 2020). Each rank trains its own replica with the inner optimizer on its data shard for
-H = `strategy.local_sgd.sync_every` steps with no gradient communication, then one all-reduce
+H = `strategy.local_sgd.sync_every` steps with no communication at all, then one all-reduce
 averages the replicas' parameters.
 
 `diloco`: DiLoCo (Douillard et al., "DiLoCo: Distributed Low-Communication Training of Language
@@ -14,115 +14,60 @@ parameters. Inner optimizer states stay local, as in the paper. With H = 1, oute
 momentum and plain inner SGD both are exactly DDP: the average of parameters one step after a
 common start, theta - lr * g_i, is theta - lr * mean(g_i).
 
-Every sync records `replica_rms_dist` (RMS distance of this rank's parameters from the average,
-just before averaging) and `replicas` (how many are averaged) in the step record. The last step
-always syncs, so the trained model is the average. A global batch is split as in ddp.
+Step records. Between syncs a rank sends nothing, not even its loss: a step's `loss` is this
+rank's own batch's (`loss_ranks` = 1), since an all-reduce of it every step would make every
+step a barrier. At a sync, where the ranks meet anyway, one small all-gather brings every
+rank's loss (and, with a deadline, its step time), and `loss` is their mean over the global
+batch (`loss_ranks` = the replicas that computed the step). Every sync also records
+`replica_rms_dist` (RMS distance of this rank's parameters from the average, just before
+averaging) and `replicas` (how many are averaged). The last step always syncs, so the trained
+model is the average. A global batch is split as in ddp. Evaluation averages over the replicas.
 
-A lost worker (`[faults] kill_at_step`) is survived: the failed collective is caught, the
-survivors agree on who is alive through the rendezvous store, continue on a new process group
-of their own, and average over themselves; the lost rank's data shard is no longer trained on.
-The trainer's checkpoints and closing summary use that group too (`live_group`). Agreeing takes
-`run.timeout_s` (see `Replicas`). Rank 0 cannot be lost: its process hosts the store.
+Compression (`strategy.compression.codec`, see paratrain.compression). diloco averages its
+pseudo-gradient through the codec; local_sgd averages its delta from the last synchronised
+parameters (the anchor) and applies the mean delta to the anchor, so the replicas are again
+identical after each sync. A lossy codec's error-feedback residual carries what it dropped to
+the next sync. (Compressed local SGD is DiLoCo with outer lr 1 and no outer momentum.)
+
+Stragglers (`strategy.local_sgd.deadline = "auto"`, see deadline.py: DropCompute). Rounds are
+bounded by time: a rank that would overrun the round's agreed budget drops its remaining inner
+steps (`skipped` in the step record, `loss` NaN, `skipped_steps` per round at the sync), so the
+ranks reach the sync together; the average stays a plain mean over ranks, to which a rank that
+dropped steps contributes its smaller update.
+
+A lost worker (`[faults] kill_at_step`) is survived, compressed or not: every collective of a
+sync goes through `Replicas` (replicas.py), which catches the failure, lets the survivors agree
+on who is alive through the rendezvous store and retries on a new process group of their own;
+the lost rank's data shard is no longer trained on. Ranks notice the loss at the next sync (or
+evaluation). The trainer's checkpoints and closing summary use that group too (`live_group`).
+Agreeing takes up to `run.timeout_s`. Rank 0 cannot be lost: its process hosts the store.
 
 Checkpoints hold rank 0's replica (read by any strategy), plus under the key "local_sgd" the
-step count (where the sync cycle stands), every rank's inner optimizer state and, for DiLoCo, the anchor and
-the outer momentum, all keyed by parameter name. On resume every rank starts from rank 0's
-replica and its own inner state (rank 0's if the world size changed): a resume from a sync step
-reproduces the uninterrupted run exactly; from the middle of a cycle the replicas' disagreement
-is reset to zero.
-
-With `strategy.compression.codec` set, diloco averages its pseudo-gradient through that codec
-(paratrain.compression; error-feedback residual kept across syncs, not checkpointed), and a
-lost worker then ends the run instead of being survived. Every rank's inner state makes the checkpoint n times bigger in that part.
+step count (where the sync cycle stands), every rank's inner optimizer state, the anchor where
+there is one (diloco; local_sgd with a codec), DiLoCo's outer momentum and, with a codec, every
+rank's codec state (error-feedback residual over the flat vector, and random generator), the
+rest keyed by parameter name. On resume every rank starts from rank 0's replica and its own
+inner and codec state (rank 0's inner state and no residual if the world size changed): a
+resume from a sync step reproduces the uninterrupted run exactly; from the middle of a cycle
+the replicas' disagreement is reset to zero. A deadline's measurements start again (no budget
+in the first round after a resume). Every rank's inner state makes that part of the checkpoint
+n times bigger.
 """
 from __future__ import annotations
 
-import sys
+import math
 import time
-import uuid
 
 import torch
-import torch.distributed as dist
 
 from paratrain.config import Config, ConfigError
 from paratrain.data import Batch
 from paratrain.strategies.base import StepStats, Strategy, load_full_state, to_cpu
+from paratrain.strategies.deadline import RoundDeadline
+from paratrain.strategies.replicas import Replicas
 from paratrain.topology import ParallelDims
 
 STATE_KEY = "local_sgd"  # extra top-level key of the strategy state; other strategies ignore it
-
-
-class Replicas:
-    """The live replicas and a process group over them, shrunk when a worker is lost.
-
-    A lost peer fails gloo's collective at once for the ranks that exchange data with it
-    ("Connection reset by peer" / "Connection closed by peer"); the others would wait for the
-    process-group timeout. Aborting the failed group closes our connections, which fails those
-    at once too. Then each survivor sets a key in the rendezvous store and waits until all
-    current members have, or `grace_s` has passed (the process-group timeout: the bound within
-    which a live rank reaches a collective). The first to finish writes the member list with
-    compare_set, so all survivors adopt the same one. `new_group` with local synchronization is
-    documented to need only its members; a plain one must be entered by every process of the
-    world (torch 2.13 with gloo did not wait for a dead one, measured, but that is not promised).
-    The world group stays broken; the trainer's own collectives use `live_group()` instead.
-    """
-
-    def __init__(self, group, meter, grace_s: float):
-        self.group, self.meter, self.grace_s = group, meter, grace_s
-        self.ranks = dist.get_process_group_ranks(group) if group is not None else [0]
-        self.generation, self.recovery_s = 0, 0.0
-        if len(self.ranks) > 1:  # this training's own keys: trainings may share one store
-            run_id = [uuid.uuid4().hex]
-            dist.broadcast_object_list(run_id, src=self.ranks[0], group=group)
-            self.prefix = f"paratrain/local_sgd/{run_id[0]}"
-
-    def mean(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Average over the live replicas; retried over the survivors if one is lost."""
-        while len(self.ranks) > 1:
-            try:  # a clone: a failed all-reduce leaves its buffer half reduced
-                return self.meter.all_reduce(tensor.clone(), self.group) / len(self.ranks)
-            except RuntimeError as error:  # gloo: a peer's connection closed, or the timeout
-                self._shrink(error)
-        return tensor.clone()
-
-    def _shrink(self, error: RuntimeError) -> None:
-        t0, me = time.perf_counter(), dist.get_rank()
-        self.group.abort()  # release the peers still blocked in this collective on us
-        self.generation += 1
-        key = f"{self.prefix}/{self.generation}"
-        try:  # the rendezvous TCPStore, outside every process group (torch has no public getter)
-            store = dist.distributed_c10d._get_default_store()
-            store.set(f"{key}/alive/{me}", "1")
-
-            def alive() -> list[int]:
-                return [r for r in self.ranks if store.check([f"{key}/alive/{r}"])]
-
-            deadline = time.monotonic() + self.grace_s
-            while len(alive()) < len(self.ranks) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            agreed = store.compare_set(f"{key}/ranks", "", ",".join(map(str, alive()))).decode()
-        except RuntimeError:  # DistNetworkError
-            raise RuntimeError("lost the rendezvous store (it lives in rank 0's process): "
-                               "cannot agree on survivors") from error
-        ranks = [int(r) for r in agreed.split(",")]
-        if me not in ranks:
-            raise RuntimeError(f"rank {me} was left out: the survivors agreed on ranks {ranks} "
-                               f"before it arrived ({self.grace_s:.0f} s grace)") from error
-        if ranks == self.ranks:
-            raise error  # everyone is alive: the failure is not a lost worker
-        print(f"paratrain: lost rank(s) {sorted(set(self.ranks) - set(ranks))}; continuing on ranks {ranks}",
-              file=sys.stderr, flush=True)
-        self.group = dist.new_group(ranks, use_local_synchronization=True)
-        self.ranks = ranks
-        self.recovery_s += time.perf_counter() - t0
-
-    def gather_to_first(self, obj) -> dict | None:
-        """{rank: obj} of every live rank on the first live rank (rank 0), None elsewhere."""
-        if len(self.ranks) == 1:
-            return {self.ranks[0]: obj}
-        parts = [None] * len(self.ranks) if dist.get_rank() == self.ranks[0] else None
-        dist.gather_object(obj, parts, dst=self.ranks[0], group=self.group)
-        return dict(zip(self.ranks, parts)) if parts is not None else None
 
 
 def _flat(tensors) -> torch.Tensor:
@@ -136,63 +81,153 @@ def _unflat(flat: torch.Tensor, like) -> list[torch.Tensor]:
 class LocalSGD(Strategy):
     name = "local_sgd"
 
+    @classmethod
+    def parallel_dims(cls, cfg: Config, world_size: int) -> ParallelDims:
+        o = cfg.strategy.local_sgd
+        if cfg.strategy.compression.codec == "powersgd":
+            raise ConfigError(f"strategy.compression.codec = 'powersgd': {cls.name} takes fp16, bf16, int8, topk, "
+                              "randomk or sign (PowerSGD is a DDP gradient hook)")
+        if o.deadline == "auto" and o.sync_every == 1:
+            raise ConfigError("strategy.local_sgd.deadline = 'auto': needs strategy.local_sgd.sync_every >= 2 "
+                              "(a round of one step has no inner step to drop)")
+        return super().parallel_dims(cfg, world_size)
+
     def __init__(self, cfg: Config, topo, model, loss_fn):
         super().__init__(cfg, topo, model, loss_fn)
-        self.sync_every, self.total_steps = cfg.strategy.local_sgd.sync_every, cfg.training.steps
+        o, c = cfg.strategy.local_sgd, cfg.strategy.compression
+        self.sync_every, self.total_steps = o.sync_every, cfg.training.steps
         self.steps_done = 0
         self.replicas = Replicas(topo.group("dp"), self.meter, cfg.run.timeout_s)
+        self.compressor = None
+        if c.codec != "none":
+            from paratrain.compression import make_codec
+            from paratrain.compression.adapters import DeltaCompressor
+
+            self.compressor = DeltaCompressor(make_codec(c.codec, c.ratio, c.error_feedback), topo.rank)
+        self.names = [n for n, _ in self.module.named_parameters()]
+        # The parameters of the last sync: compressed deltas are taken from them (DiLoCo: always).
+        self.anchor = [p.detach().clone() for p in self.module.parameters()] if self._has_anchor() else None
+        self.deadline = RoundDeadline(o.deadline_slack) if o.deadline == "auto" else None
+
+    def _has_anchor(self) -> bool:
+        return self.compressor is not None
 
     def mean_over_dp(self, value: torch.Tensor) -> float:
-        return self.replicas.mean(value.reshape(1).float()).item()
+        """Strategy.train_step logs its loss through here: this rank's own, no collective (see
+        the module docstring); `_sync` and `evaluate` average where the ranks meet anyway."""
+        return value.item()
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[Batch]) -> float:
+        t0 = time.perf_counter()
+        own = super().evaluate(batches)  # this replica's loss on this rank's held-out shard
+        loss = self.replicas.mean(torch.tensor([own], device=self.topo.device)).item()
+        if self.deadline is not None:  # a collective: fast ranks wait here for slow ones
+            self.deadline.pause(time.perf_counter() - t0)
+        return loss
 
     def live_group(self):
         return self.replicas.group if self.replicas.generation else None  # None: the whole world
 
     def train_step(self, batch: Batch) -> StepStats:
-        stats = super().train_step(batch)  # local step: no gradient communication (no DDP wrapper)
         self.steps_done += 1
+        if self.deadline is not None and self.deadline.skip(time.perf_counter()):
+            # Dropped to keep the round's pace: no forward, no backward, this batch unused.
+            stats = StepStats(math.nan, 0, 0, skipped=True)
+        else:
+            stats = super().train_step(batch)  # the local step: no communication
+        stats.extra["loss_ranks"] = 0 if stats.skipped else 1
         if self.steps_done % self.sync_every == 0 or self.steps_done == self.total_steps:
-            t0 = time.perf_counter()
-            params = list(self.module.parameters())
-            with torch.no_grad():
-                local = self._to_average(params)
-                mean = self._mean(local)
-                self._apply(params, mean)
-            # For both algorithms local - mean is this replica's offset from the average replica.
-            stats.extra = {"replica_rms_dist": (local - mean).pow(2).mean().sqrt().item(),
-                           "replicas": len(self.replicas.ranks)}
-            nbytes, comm_s = self.meter.take()
-            # comm_s includes the time this rank waits at the all-reduce for slower replicas:
-            # gloo's blocking all-reduce gives no way to tell the barrier from the transfer.
-            stats.bytes_sent += nbytes
-            stats.comm_s += comm_s
-            stats.optim_s += time.perf_counter() - t0 - comm_s
+            self._sync(stats)
         stats.wait_s += self.replicas.recovery_s  # agreeing on survivors after a loss
         self.replicas.recovery_s = 0.0
         return stats
 
-    # -- the synchronisation: what is averaged and what is done with the average
-    def _mean(self, local: torch.Tensor) -> torch.Tensor:
-        return self.replicas.mean(local)
+    def _sync(self, stats: StepStats) -> None:
+        t0 = time.perf_counter()
+        fastest_step_s = self._share_step_stats(stats)
+        params = list(self.module.parameters())
+        with torch.no_grad():
+            local = self._to_average(params)
+            mean = self._mean(local)
+            self._apply(params, mean)
+        # For every variant local - mean is this replica's offset from the average replica.
+        stats.extra.update(replica_rms_dist=(local - mean).pow(2).mean().sqrt().item(),
+                           replicas=len(self.replicas.ranks))
+        if self.deadline is not None:
+            stats.extra.update(skipped_steps=self.deadline.skipped, round_budget_s=self.deadline.budget_s)
+            self.deadline.next_round(fastest_step_s, min(self.sync_every, self.total_steps - self.steps_done))
+        nbytes, comm_s = self.meter.take()
+        # comm_s includes the time this rank waits at the collectives for slower replicas:
+        # gloo's blocking collectives give no way to tell the barrier from the transfer.
+        stats.bytes_sent += nbytes
+        stats.comm_s += comm_s
+        stats.optim_s += time.perf_counter() - t0 - comm_s
 
+    def _share_step_stats(self, stats: StepStats) -> float:
+        """All-gather every replica's loss (NaN: dropped the step) and, with a deadline, its median
+        step time; set `stats.loss` to the mean loss; return the fastest replica's step time."""
+        row = [stats.loss] + ([self.deadline.own_median_s()] if self.deadline is not None else [])
+        rows = self.replicas.gather(torch.tensor(row, dtype=torch.float32, device=self.topo.device))
+        losses = rows[:, 0][~rows[:, 0].isnan()]
+        stats.loss = losses.mean().item() if losses.numel() else math.nan
+        stats.extra["loss_ranks"] = losses.numel()
+        return rows[:, 1].min().item() if self.deadline is not None else math.inf
+
+    # -- the synchronisation: what is averaged and what is done with the average
     def _to_average(self, params) -> torch.Tensor:
-        return _flat(params)
+        if self.anchor is None:
+            return _flat(params)
+        return _flat(params) - _flat(self.anchor)  # compressed: this replica's delta since the last sync
+
+    def _mean(self, local: torch.Tensor) -> torch.Tensor:
+        if self.compressor is None:
+            return self.replicas.mean(local)
+        state = self.compressor.state
+        residual, rng = state.residual, state.generator.get_state()
+
+        def exchange(group) -> torch.Tensor:
+            # A retry after a lost worker must compress the same input as the failed try: the
+            # codec state (residual, random draws) goes back to what it was before it.
+            state.residual = residual
+            state.generator.set_state(rng)
+            return self.compressor.mean(local, group, self.meter)
+
+        return self.replicas.run(exchange, local.clone)
 
     def _apply(self, params, mean: torch.Tensor) -> None:
-        for p, m in zip(params, _unflat(mean, params)):
-            p.copy_(m)
+        if self.anchor is None:
+            for p, m in zip(params, _unflat(mean, params)):
+                p.copy_(m)
+            return
+        for a, p, d in zip(self.anchor, params, _unflat(mean, self.anchor)):
+            a.add_(d)  # the same anchor and mean delta on every rank: identical replicas
+            p.copy_(a)
 
     # -- checkpoints
     def state_dict(self) -> dict:
+        t0 = time.perf_counter()
         state = super().state_dict()
-        inner = self.replicas.gather_to_first(state["optimizer"])  # collective: every rank's state
-        if inner is not None:
+        own = {"optimizer": state["optimizer"], "codec": self._codec_state()}
+        parts = self.replicas.gather_to_first(own)  # collective: every rank's inner and codec state
+        if parts is not None:
+            ranks = range(self.topo.world_size)
             state[STATE_KEY] = {"step": self.steps_done, **self._extra_state(),
-                                "inner_optimizers": [inner.get(r) for r in range(self.topo.world_size)]}
+                                "inner_optimizers": [parts[r]["optimizer"] if r in parts else None for r in ranks]}
+            if self.compressor is not None:
+                state[STATE_KEY]["codec_states"] = [parts[r]["codec"] if r in parts else None for r in ranks]
+        if self.deadline is not None:  # a gather: not the round's own work
+            self.deadline.pause(time.perf_counter() - t0)
         return state
 
+    def _codec_state(self) -> dict | None:
+        if self.compressor is None:
+            return None
+        s = self.compressor.state
+        return to_cpu({"residual": s.residual, "generator": s.generator.get_state()})
+
     def _extra_state(self) -> dict:
-        return {}
+        return to_cpu({"anchor": dict(zip(self.names, self.anchor))}) if self.anchor is not None else {}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)  # rank 0's replica and inner optimizer state
@@ -201,13 +236,25 @@ class LocalSGD(Strategy):
             self._load_extra({})
             return
         self.steps_done = extra["step"]
-        inner = extra["inner_optimizers"]
-        if len(inner) == self.topo.world_size and inner[self.topo.rank] is not None:
-            load_full_state(self.module, self.optimizer, {"model": state["model"], "optimizer": inner[self.topo.rank]})
+        inner, rank = extra["inner_optimizers"], self.topo.rank
+        same_world = len(inner) == self.topo.world_size
+        if same_world and inner[rank] is not None:
+            load_full_state(self.module, self.optimizer, {"model": state["model"], "optimizer": inner[rank]})
+        codec = extra.get("codec_states")
+        if self.compressor is not None and same_world and codec is not None and codec[rank] is not None:
+            s = self.compressor.state
+            s.residual = None if codec[rank]["residual"] is None else codec[rank]["residual"].to(self.topo.device)
+            s.generator.set_state(codec[rank]["generator"])
         self._load_extra(extra)
 
     def _load_extra(self, extra: dict) -> None:
-        pass
+        if self.anchor is None:
+            return
+        # Another strategy's checkpoint has no anchor: its replica is the last sync point.
+        anchor = extra.get("anchor") or dict(zip(self.names, self.module.parameters()))
+        with torch.no_grad():
+            for n, a in zip(self.names, self.anchor):
+                a.copy_(anchor[n])
 
 
 class DiLoCo(LocalSGD):
@@ -223,22 +270,10 @@ class DiLoCo(LocalSGD):
     def __init__(self, cfg: Config, topo, model, loss_fn):
         super().__init__(cfg, topo, model, loss_fn)
         o = cfg.strategy.local_sgd
-        self.names = [n for n, _ in self.module.named_parameters()]
-        self.anchor = [p.detach().clone() for p in self.module.parameters()]
         self.outer = torch.optim.SGD(self.anchor, lr=o.outer_lr, momentum=o.outer_momentum, nesterov=o.outer_nesterov)
-        self.compressor = None
-        if cfg.strategy.compression.codec != "none":
-            from paratrain.compression import make_codec
-            from paratrain.compression.adapters import DeltaCompressor
 
-            c = cfg.strategy.compression
-            self.compressor = DeltaCompressor(make_codec(c.codec, c.ratio, c.error_feedback), topo.rank)
-
-    def _mean(self, local: torch.Tensor) -> torch.Tensor:
-        # Compressed: no recovery from a lost worker (a failed collective ends the run).
-        if self.compressor is None:
-            return super()._mean(local)
-        return self.compressor.mean(local, self.replicas.group, self.meter)
+    def _has_anchor(self) -> bool:
+        return True
 
     def _to_average(self, params) -> torch.Tensor:
         return _flat(self.anchor) - _flat(params)  # the pseudo-gradient
@@ -253,14 +288,10 @@ class DiLoCo(LocalSGD):
     def _extra_state(self) -> dict:
         momentum = {n: self.outer.state[a]["momentum_buffer"] for n, a in zip(self.names, self.anchor)
                     if self.outer.state.get(a, {}).get("momentum_buffer") is not None}
-        return to_cpu({"anchor": dict(zip(self.names, self.anchor)), "outer_momentum": momentum})
+        return {**super()._extra_state(), "outer_momentum": to_cpu(momentum)}
 
     def _load_extra(self, extra: dict) -> None:
-        # Another strategy's checkpoint has no anchor: its replica is the last sync point.
-        anchor = extra.get("anchor") or dict(zip(self.names, self.module.parameters()))
-        with torch.no_grad():
-            for n, a in zip(self.names, self.anchor):
-                a.copy_(anchor[n])
+        super()._load_extra(extra)  # the anchor
         self.outer.state.clear()
         for n, a in zip(self.names, self.anchor):
             if n in extra.get("outer_momentum", {}):

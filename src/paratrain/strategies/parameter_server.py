@@ -22,13 +22,31 @@ momentum 0.9, diverged with 3 SSP workers and trained with lr 0.05 / 3).
 A worker's step: forward and backward on its batch, push each server its part of the gradient,
 pull the updated part back (the reply to the push), copy it into the model. `wait_s` is the
 time blocked for the replies (the server's work, BSP's round, SSP's gate); `bytes_sent` is
-exactly headers + gradient; the step record adds `staleness` (largest over servers) and
-`bytes_received` (reply headers + parameters). The staleness of an applied gradient is the
+exactly headers + gradient (or its codec's payload); the step record adds `staleness` (largest
+over servers) and `bytes_received` (reply headers + parameters, or payloads). The staleness of an applied gradient is the
 server's version (updates applied) at apply time minus the version it was computed on: 0 under
 BSP; under SSP with bound s and W workers at most (W-1)(2s+1), since between a worker's read at
 clock c (all others at >= c-s) and its push, another worker can push at most up to clock c+s+1;
 unbounded under ASP. Each server writes metrics/ps_server<rank>.json (histogram, bytes, lost
-workers) at the end.
+workers, dropped steps) at the end.
+
+Stragglers under SSP: `strategy.ps.drop_behind` (DropCompute, Giladi et al., 2023, which drops
+the compute a worker has not finished in time; backup workers, Chen et al., "Revisiting
+Distributed Synchronous SGD", 2016, which drop the last gradients of a step). Plain SSP holds a
+worker that is s clocks ahead of the slowest. With drop_behind the server moves the laggards'
+clocks up to that worker's clock - s instead, and answers at once: no worker waits for a slower
+one. A moved worker's step in progress still counts; the steps between it and its new clock are
+dropped, never computed: the reply to its next push carries the clock to go on from, and until
+then its trainer steps return at once (`skipped` in the step record, loss NaN, no samples, no
+injected fault delay; `skipped_total` counts them), so every rank keeps the same step numbers.
+The staleness bound, no longer kept by waiting, is kept on arrival: a gradient staler than
+(W-1)(2s+1) is discarded (`discarded` in the step record, `discarded_gradients` in the report),
+so every applied gradient is within it, as under plain SSP.
+
+Compression: with `strategy.compression.codec` (fp16, bf16, int8, topk, randomk, sign; PowerSGD,
+a DDP comm hook, is refused before any worker starts), a push carries each shard's gradient
+through the codec with error feedback, and a pull the difference between the server's parameters
+and the copy this worker holds (ps_codec.py). The worker trains and evaluates on that copy.
 
 Training steps have no collectives among workers: the logged loss is the worker's own batch's.
 Evaluation (mean over live workers), checkpoints and the end of the run go through `live_group`:
@@ -39,7 +57,10 @@ cannot be lost (the checkpoints' collectives gather on it), nor can a server (a 
 from it fails with gloo's error). Checkpoints hold the servers' state:
 the chief asks each server for its shard and optimizer state at each checkpoint and writes one
 ordinary, name-keyed checkpoint (any strategy can resume it, and this one any other's); on
-resume every server loads its shard from it. Gradient clipping is refused: each server holds
+resume every server loads its shard from it. With a codec the checkpoint also holds, under the
+key "parameter_server", every live worker's push residuals and each server's copies of what its
+workers hold, with the codecs' generators: a resumed run goes on exactly (under another layout,
+or from another strategy's checkpoint, residuals start at zero and copies at the parameters). Gradient clipping is refused: each server holds
 part of the gradient, and the global norm would need the servers to talk to each other.
 """
 from __future__ import annotations
@@ -59,7 +80,11 @@ from paratrain.data import Batch
 from paratrain.optim import build_optimizer
 from paratrain.strategies import ps_protocol as wire
 from paratrain.strategies.base import StepStats, Strategy, to_cpu
+from paratrain.strategies.ps_codec import ServerLinks, WorkerLinks
 from paratrain.strategies.ps_server import Server, load_named_optimizer
+
+STATE_KEY = "parameter_server"  # a checkpoint's codec state (residuals, copies); other strategies ignore it
+PS_CODECS = ("fp16", "bf16", "int8", "topk", "randomk", "sign")
 from paratrain.topology import ParallelDims
 
 
@@ -105,6 +130,13 @@ class ParameterServer(Strategy):
         if f.rank == 0 and f.kill_at_step >= 0:
             raise ConfigError("faults.rank = 0: parameter_server's rank 0 is the chief worker (checkpoints, "
                               "summary) and cannot be lost; kill another worker")
+        ps, codec = cfg.strategy.ps, cfg.strategy.compression.codec
+        if ps.drop_behind and ps.mode != "ssp":
+            raise ConfigError(f"strategy.ps.drop_behind = true: needs strategy.ps.mode = 'ssp', not '{ps.mode}' "
+                              "(BSP waits for every worker by definition, ASP never waits)")
+        if codec not in ("none", *PS_CODECS):
+            raise ConfigError(f"strategy.compression.codec = '{codec}': parameter_server takes "
+                              f"{', '.join(PS_CODECS)} or none (PowerSGD is a DDP comm hook)")
         return ServerDims(dp=workers, servers=servers)
 
     # -- roles and the shard layout, settled before the base class builds the optimizer
@@ -123,6 +155,18 @@ class ParameterServer(Strategy):
         self.server_ranks = [self.num_workers + s for s in range(len(layout))]
         self.clock, self.lr = 0, self.cfg.optimizer.lr
         self.versions = [0] * len(layout)  # worker: the version of each shard it holds
+        # SSP's drop_behind: the step the servers expect next (steps before it are skipped)
+        self.resume_at, self.skipped = 0, 0
+        dtype = next(iter(params.values())).dtype
+        compression = self.cfg.strategy.compression
+        if self.is_server:
+            index = self.topo.rank - self.num_workers
+            self.links = ServerLinks(compression, index, sum(p.numel() for p in self.shards[index]), dtype,
+                                     self.num_workers)
+        else:
+            self.links = WorkerLinks(compression, self.topo.rank, [sum(p.numel() for p in sh) for sh in self.shards],
+                                     dtype)
+        self._live = None  # the group of the last membership barrier (checkpoints gather residuals over it)
         self._groups: dict[tuple, object] = {}
         self._final_members = None
         return model
@@ -153,6 +197,8 @@ class ParameterServer(Strategy):
 
     # -- a worker's step
     def train_step(self, batch: Batch) -> StepStats:
+        if self.clock < self.resume_at:
+            return self._skip()
         micro = batch.split(self.cfg.training.grad_accum_steps)
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=self.topo.device)
@@ -162,14 +208,14 @@ class ParameterServer(Strategy):
             loss_sum += loss.detach()
         t1 = time.perf_counter()
         busy = self._busy_servers()
-        replies = {s: (torch.zeros(wire.PUSH_REPLY_NUMEL, dtype=torch.float64),
-                       torch.empty(sum(p.numel() for p in self.shards[s]), dtype=self.shards[s][0].dtype))
+        replies = {s: (torch.zeros(wire.PUSH_REPLY_NUMEL, dtype=torch.float64), self.links.reply_buffer(s))
                    for s in busy}
         pending = [dist.irecv(t, src=self.server_ranks[s], tag=tag) for s, (h, flat) in replies.items()
                    for t, tag in ((h, wire.REPLY), (flat, wire.PAYLOAD))]  # posted first: the reply never waits
         sends, nbytes = [], 0
         for s in busy:
-            grad = wire.flatten(p.grad if p.grad is not None else torch.zeros_like(p) for p in self.shards[s])
+            grad = self.links.encode_push(s, wire.flatten(p.grad if p.grad is not None else torch.zeros_like(p)
+                                                         for p in self.shards[s]))
             head = wire.header(wire.Kind.PUSH, self.topo.rank, self.clock, self.versions[s], self.lr)
             sends += [dist.isend(head, dst=self.server_ranks[s], tag=wire.HEADER),
                       dist.isend(grad, dst=self.server_ranks[s], tag=wire.PAYLOAD)]
@@ -181,19 +227,32 @@ class ParameterServer(Strategy):
         for w in pending:
             w.wait()
         t3 = time.perf_counter()
-        staleness, received = 0, 0
+        staleness, received, discarded, self.clock = 0, 0, 0, self.clock + 1
         with torch.no_grad():
-            for s, (head, flat) in replies.items():
+            for s, (head, buf) in replies.items():
+                flat = self.links.apply_pull(s, buf, self.shards[s])
                 for p, value in zip(self.shards[s], wire.unflatten(flat, self.shards[s])):
                     p.copy_(value)
-                self.versions[s], staleness = int(head[0]), max(staleness, int(head[1]))
-                received += head.numel() * 8 + flat.numel() * flat.element_size()
+                self.versions[s] = int(head[0])
+                if head[3]:  # applied; else discarded as too stale (drop_behind): its staleness never counted
+                    staleness = max(staleness, int(head[1]))
+                discarded += not head[3]
+                self.resume_at = max(self.resume_at, int(head[2]))  # past the steps dropped for us
+                received += head.numel() * 8 + buf.numel() * buf.element_size()
         self.model.zero_grad(set_to_none=True)
-        self.clock += 1
         sent, comm_s = self.meter.take()
+        extra = {"staleness": staleness, "bytes_received": received}
+        if self.cfg.strategy.ps.drop_behind:
+            extra.update(discarded=discarded, skipped_total=self.skipped)
         return StepStats(loss_sum.item(), batch.num_samples, batch.num_tokens, compute_s=t1 - t0, comm_s=comm_s,
-                         optim_s=time.perf_counter() - t3, wait_s=t3 - t2, bytes_sent=sent,
-                         extra={"staleness": staleness, "bytes_received": received})
+                         optim_s=time.perf_counter() - t3, wait_s=t3 - t2, bytes_sent=sent, extra=extra)
+
+    def _skip(self) -> StepStats:
+        """drop_behind: the servers counted this step as dropped; nothing to compute or send (no
+        loss: NaN, as local_sgd's dropped steps; no samples)."""
+        self.clock += 1
+        self.skipped += 1
+        return StepStats(float("nan"), 0, 0, skipped=True, extra={"skipped_total": self.skipped})
 
     # -- membership: who is still in the job, agreed on at server 0
     def _members(self, kind: wire.Kind) -> tuple[int, ...]:
@@ -216,7 +275,8 @@ class ParameterServer(Strategy):
             return self._group_of((self.topo.rank,))
         if self._final_members is not None:  # after close(): the membership of the last barrier
             return self._group_of(self._final_members)
-        return self._group_of(self._members(wire.Kind.BARRIER))
+        self._live = self._group_of(self._members(wire.Kind.BARRIER))
+        return self._live
 
     def mean_over_dp(self, value: torch.Tensor) -> float:
         group = self.live_group()
@@ -226,7 +286,7 @@ class ParameterServer(Strategy):
     def serve(self) -> None:
         index = self.topo.rank - self.num_workers
         self.server = Server(self.cfg, index, self.num_workers, self.shard_names[index], self.shards[index],
-                             self.optimizer)
+                             self.optimizer, self.links)
         self.server.run()
 
     def close(self, run_dir) -> None:
@@ -241,20 +301,52 @@ class ParameterServer(Strategy):
     # -- checkpoints: one ordinary name-keyed checkpoint, the servers' shards fetched by the chief
     def state_dict(self) -> dict:
         model = to_cpu(self.module.state_dict())  # buffers, and this worker's replica of the parameters
+        pushes = self._gather_push_states()
         if self.topo.rank != 0:
             return {"model": model, "optimizer": {"state": {}, "param_groups": []}}
-        parts = [{"model": model, "optimizer": {"state": {}, "param_groups": []}}]
+        parts, pulls = [{"model": model, "optimizer": {"state": {}, "param_groups": []}}], {}
         for s in self._busy_servers():
             dist.send(wire.header(wire.Kind.STATE, self.topo.rank), dst=self.server_ranks[s], tag=wire.HEADER)
             parts.append(wire.recv_object(self.server_ranks[s]))
+            pulls[s] = parts[-1].pop("pull", None)
         state = merge_states(parts)  # later parts win: the servers' parameters over the replica's
         canonical = {id(p): n for n, p in self.module.named_parameters()}
         for name, p in self.module.named_parameters(remove_duplicate=False):  # tied weights: every name
             state["model"][name] = state["model"][canonical[id(p)]]
+        if self.links.compressed:
+            state[STATE_KEY] = {"num_workers": self.num_workers, "layout": self.shard_names,
+                                "push": pushes, "pull": pulls}
         return state
+
+    def _gather_push_states(self) -> dict | None:
+        """With a codec: every live worker's push residuals and generators, on the chief (a collective
+        over the group of the checkpoint's membership barrier: Checkpointer.save has just made it)."""
+        if not self.links.compressed:
+            return None
+        mine, group = to_cpu(self.links.state()), self._live if self._live is not None else self.live_group()
+        if dist.get_world_size(group) == 1:
+            return {self.topo.rank: mine}
+        parts = [None] * dist.get_world_size(group) if self.topo.rank == 0 else None
+        dist.gather_object((self.topo.rank, mine), parts, dst=0, group=group)
+        return dict(parts) if parts is not None else None
 
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["model"])
         if self.is_server and self.optimizer is not None:
             load_named_optimizer(self.optimizer, self.shard_names[self.topo.rank - self.num_workers],
                                  state["optimizer"])
+        extra = state.get(STATE_KEY)
+        if (not self.links.compressed or extra is None or extra["layout"] != self.shard_names
+                or extra["num_workers"] != self.num_workers):
+            return  # written without a codec or for another layout: residuals start at zero, copies from here
+        if self.is_server:
+            self.links.load(extra["pull"].get(self.topo.rank - self.num_workers) or {})
+            return
+        me = self.topo.rank
+        replicas = [((extra["pull"].get(s) or {}).get(me) or {}).get("sent") for s in range(len(self.shards))]
+        self.links.load(extra["push"].get(me), replicas)
+        with torch.no_grad():  # this worker goes on from the copy it held, as the servers know it
+            for shard, flat in zip(self.shards, replicas):
+                if flat is not None:
+                    for p, value in zip(shard, wire.unflatten(flat, shard)):
+                        p.copy_(value)

@@ -7,17 +7,24 @@ computes the same layout from the same model, so no message carries sizes or nam
 Messages travel over gloo point-to-point on three tags. A request is a fixed-size float64
 header (float64 so that it can carry the learning rate; the integers in it are exact), possibly
 followed by a payload whose size the receiver knows already (gloo aborts the receiving process
-when a buffer is smaller than the message, so nothing is ever sized by guess):
+when a buffer is smaller than the message, so nothing is ever sized by guess): a shard's flat
+tensor in the parameters' dtype, or with a codec its packed payload, whose size the codec and
+the shard fix (ps_codec.py):
 
-    worker -> server  [PUSH,    worker, clock, version, lr]   + the shard's flat gradient
+    worker -> server  [PUSH,    worker, clock, version, lr]   + the shard's gradient (flat or packed)
                       [BARRIER, worker, 0,     0,       0]    server 0 only
                       [STATE,   worker, 0,     0,       0]    the chief only, at checkpoints
                       [DONE,    worker, 0,     0,       0]    every server, after the last step
-    server -> worker  PUSH:            [version, staleness]   + the shard's flat parameters
+    server -> worker  PUSH:  [version, staleness, next clock, applied]
+                                                               + the shard's parameters (flat, or
+                                                                 a packed difference: ps_codec.py)
                       BARRIER, DONE:   live mask, one entry per worker (server 0)
                       STATE:           [nbytes]                + torch.save bytes of the shard's state
 
-A worker has at most one request outstanding per server, so replies need no matching.
+A worker has at most one request outstanding per server, so replies need no matching. In a
+push reply, `next clock` is the step the worker is to compute next (past the steps the server
+dropped for it under SSP's drop_behind; otherwise its clock + 1) and `applied` is 0 when the
+server discarded the gradient as too stale (drop_behind only).
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ import queue
 import threading
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -33,7 +41,7 @@ import torch.distributed as dist
 HEADER, REPLY, PAYLOAD = 1, 2, 3  # tags
 HEADER_NUMEL = 5
 HEADER_BYTES = 8 * HEADER_NUMEL
-PUSH_REPLY_NUMEL = 2
+PUSH_REPLY_NUMEL = 4
 
 
 class Kind(IntEnum):
@@ -104,9 +112,9 @@ class Inbox:
     after everything it sent before dying. A thread ends after its worker's DONE or death.
     """
 
-    def __init__(self, workers: list[int], payload_numel: int, dtype: torch.dtype):
+    def __init__(self, workers: list[int], empty_payload: Callable[[], torch.Tensor]):
         self.queue: queue.Queue[Message] = queue.Queue()
-        self.payload_numel, self.dtype = payload_numel, dtype
+        self.empty_payload = empty_payload  # a push's buffer, of exactly its size
         self.threads = [threading.Thread(target=self._receive, args=(w,), daemon=True) for w in workers]
         for t in self.threads:
             t.start()
@@ -121,7 +129,7 @@ class Inbox:
                 dist.recv(h, src=worker, tag=HEADER)
                 msg = Message(worker, Kind(int(h[0])), int(h[2]), int(h[3]), float(h[4]))
                 if msg.kind == Kind.PUSH:
-                    msg.payload = torch.empty(self.payload_numel, dtype=self.dtype)
+                    msg.payload = self.empty_payload()
                     dist.recv(msg.payload, src=worker, tag=PAYLOAD)
                 self.queue.put(msg)
                 if msg.kind == Kind.DONE:

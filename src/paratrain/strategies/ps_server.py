@@ -1,9 +1,11 @@
 """One parameter server's loop: BSP, ASP and SSP over ps_protocol's messages.
 
 The consistency models of Li et al. (OSDI 2014) and SSP of Ho et al. (NeurIPS 2013); the
-strategy around it, and what the numbers mean, are described in parameter_server.py. Messages
-are handled one at a time, in arrival order, by this thread alone; after each, whatever it made
-ready (a full BSP round, an SSP reply whose gate opened, a barrier) is answered.
+strategy around it, and what the numbers mean, are described in parameter_server.py, and SSP's
+drop_behind there too (DropCompute, Giladi et al. 2023). Messages are handled one at a time, in
+arrival order, by this thread alone; after each, whatever it made ready (a full BSP round, an SSP
+reply whose gate opened, a barrier) is answered. Gradients come in and parameters go out through
+`ServerLinks` (ps_codec.py): as they are, or through a codec.
 """
 from __future__ import annotations
 
@@ -14,19 +16,32 @@ import torch.distributed as dist
 
 from paratrain.config import Config
 from paratrain.strategies import ps_protocol as wire
+from paratrain.strategies.ps_codec import ServerLinks
 from paratrain.strategies.ps_protocol import Kind, Message
 
 
+def staleness_bound(mode: str, num_workers: int, slack: int) -> int | None:
+    """Largest staleness an applied gradient can have: 0 under BSP, (W-1)(2s+1) under SSP (see
+    parameter_server.py; drop_behind enforces it by discarding), none under ASP."""
+    return {"bsp": 0, "ssp": (num_workers - 1) * (2 * slack + 1), "asp": None}[mode]
+
+
 class Server:
-    def __init__(self, cfg: Config, index: int, num_workers: int, names: list[str], params: list, optimizer):
-        self.mode, self.slack = cfg.strategy.ps.mode, cfg.strategy.ps.staleness
+    def __init__(self, cfg: Config, index: int, num_workers: int, names: list[str], params: list, optimizer,
+                 links: ServerLinks):
+        ps = cfg.strategy.ps
+        self.mode, self.slack, self.drop_behind = ps.mode, ps.staleness, ps.drop_behind
+        self.bound = staleness_bound(ps.mode, num_workers, ps.staleness)
         self.index, self.num_workers = index, num_workers
-        self.names, self.params, self.optimizer = names, params, optimizer
+        self.names, self.params, self.optimizer, self.links = names, params, optimizer, links
         self.live, self.done, self.lost = set(range(num_workers)), set(), []
-        self.clock = [0] * num_workers  # gradients applied per worker (SSP's clocks)
+        # SSP's clocks: steps of each worker accounted for, pushed or (drop_behind) dropped
+        self.clock = [0] * num_workers
+        self.pushes = [0] * num_workers
+        self.discarded = 0  # drop_behind: gradients that arrived staler than the bound
         self.version = 0  # updates applied to this shard
         self.round: dict[int, Message] = {}  # BSP: the open round's gradients, by worker
-        self.held: dict[int, int] = {}  # SSP: worker -> staleness of its applied gradient, reply held back
+        self.held: dict[int, tuple[int, bool]] = {}  # SSP: worker -> (staleness, applied), reply held back
         self.at_barrier: set[int] = set()
         self.final_sent = False
         self.staleness: Counter[int] = Counter()
@@ -34,8 +49,8 @@ class Server:
 
     def run(self) -> None:
         """Serve until every worker is done or lost."""
-        numel = sum(p.numel() for p in self.params)
-        inbox = wire.Inbox(list(range(self.num_workers)), numel, self.params[0].dtype if self.params else torch.float32)
+        self.links.start(self.params)
+        inbox = wire.Inbox(list(range(self.num_workers)), self.links.push.empty)
         handlers = {Kind.PUSH: self._push, Kind.BARRIER: self._barrier, Kind.STATE: self._state,
                     Kind.DONE: self._done, Kind.DEAD: self._lose}
         while self.live - self.done:
@@ -53,17 +68,26 @@ class Server:
     # -- gradients
     def _push(self, msg: Message) -> None:
         self.push_bytes += wire.HEADER_BYTES + msg.payload.numel() * msg.payload.element_size()
+        self.pushes[msg.worker] += 1
+        # max: under drop_behind the clock may be past this step already (dropped while it was
+        # computed), or a worker may come with a later step than this server knew (another server
+        # dropped steps for it); otherwise it is clock + 1.
+        self.clock[msg.worker] = max(self.clock[msg.worker], msg.clock + 1)
+        msg.payload = self.links.decode_push(msg.payload)
         if self.mode == "bsp":
             self.round[msg.worker] = msg
             return
         stale = self.version - msg.version
-        self._apply(msg.payload, msg.lr)
-        self.staleness[stale] += 1
-        self.clock[msg.worker] += 1
+        applied = not (self.drop_behind and stale > self.bound)
+        if applied:
+            self._apply(msg.payload, msg.lr)
+            self.staleness[stale] += 1
+        else:  # too late to be of use within the bound: dropped, as DropCompute drops late work
+            self.discarded += 1
         if self.mode == "asp":
-            self._reply(msg.worker, stale, wire.flatten(self.params))
+            self._reply(msg.worker, stale, applied, wire.flatten(self.params))
         else:
-            self.held[msg.worker] = stale
+            self.held[msg.worker] = (stale, applied)
 
     def _close_round(self) -> None:
         """BSP: once every live worker has pushed, average (worker order: deterministic) and step once."""
@@ -80,16 +104,25 @@ class Server:
         flat = wire.flatten(self.params)
         for m in msgs:
             self.staleness[version - m.version] += 1
-            self._reply(m.worker, version - m.version, flat)
+            self._reply(m.worker, version - m.version, True, flat)
 
     def _open_gate(self) -> None:
-        """SSP: answer a held pull once its worker is at most `staleness` clocks ahead of the slowest."""
+        """SSP: answer a held pull once its worker is at most `staleness` clocks ahead of the slowest.
+
+        drop_behind: a worker never waits; the workers it would wait for are moved up to its
+        clock - staleness instead. A moved worker's step in progress still counts (its gradient
+        is applied if within the bound); the steps after it, up to the new clock, are dropped:
+        the reply to its next push tells it to skip them."""
+        if self.drop_behind:
+            for w in self.held:
+                for v in self.live - self.done:
+                    self.clock[v] = max(self.clock[v], self.clock[w] - self.slack)
         active = [self.clock[w] for w in self.live - self.done]
         slowest = min(active) if active else 0
         ready = [w for w in sorted(self.held) if self.clock[w] - slowest <= self.slack]
         flat = wire.flatten(self.params) if ready else None
         for w in ready:
-            self._reply(w, self.held.pop(w), flat)
+            self._reply(w, *self.held.pop(w), flat)
 
     def _apply(self, grad: torch.Tensor, lr: float) -> None:
         for p, g in zip(self.params, wire.unflatten(grad, self.params)):
@@ -100,14 +133,15 @@ class Server:
         self.optimizer.zero_grad(set_to_none=True)
         self.version += 1
 
-    def _reply(self, worker: int, stale: int, flat: torch.Tensor) -> None:
-        head = torch.tensor([self.version, stale], dtype=torch.float64)
+    def _reply(self, worker: int, stale: int, applied: bool, flat: torch.Tensor) -> None:
+        head = torch.tensor([self.version, stale, self.clock[worker], applied], dtype=torch.float64)
+        payload = self.links.encode_pull(worker, flat)
         try:
             dist.send(head, dst=worker, tag=wire.REPLY)
-            dist.send(flat, dst=worker, tag=wire.PAYLOAD)
+            dist.send(payload, dst=worker, tag=wire.PAYLOAD)
         except RuntimeError:  # gone: its receiving thread reports the death, and _lose acts on it
             return
-        self.pull_bytes += head.numel() * 8 + flat.numel() * flat.element_size()
+        self.pull_bytes += head.numel() * 8 + payload.numel() * payload.element_size()
 
     # -- membership (server 0 coordinates), lost workers, checkpoints
     def _barrier(self, msg: Message) -> None:
@@ -145,14 +179,18 @@ class Server:
     def _state(self, msg: Message) -> None:
         state = {"model": {n: p.detach().cpu().clone() for n, p in zip(self.names, self.params)},
                  "optimizer": named_optimizer_state(self.optimizer, self.names)}
+        if self.links.compressed:  # what each worker holds, and the pull's generators (ps_codec.py)
+            state["pull"] = self.links.state()
         self.checkpoint_bytes += wire.send_object(state, msg.worker)
 
     def report(self) -> dict:
-        bound = {"bsp": 0, "ssp": (self.num_workers - 1) * (2 * self.slack + 1), "asp": None}[self.mode]
         return {"server": self.index, "mode": self.mode, "parameters": sum(p.numel() for p in self.params),
                 "updates": self.version, "gradients": sum(self.staleness.values()),
                 "staleness": {str(k): v for k, v in sorted(self.staleness.items())},
-                "max_staleness": max(self.staleness, default=0), "staleness_bound": bound,
+                "max_staleness": max(self.staleness, default=0), "staleness_bound": self.bound,
+                "drop_behind": self.drop_behind, "discarded_gradients": self.discarded,
+                # per worker: steps the clock counted but no push brought (dropped for it)
+                "dropped_steps": [c - n for c, n in zip(self.clock, self.pushes)],
                 "lost_workers": self.lost, "push_bytes": self.push_bytes, "pull_bytes": self.pull_bytes,
                 "checkpoint_bytes": self.checkpoint_bytes}
 
