@@ -13,7 +13,8 @@ its own Topology and Trainer on it), and prints three tables:
    interleaved 1F1B formula, and they fill part of the bubble with weight-gradient work. A replay
    of the recorded actions with free communication splits the excess into its causes.
    Each rank is pinned to its own core (as `taskset` would): unpinned, the scheduler moves
-   ranks between cores mid-action and action times jitter.
+   ranks between cores mid-action and action times jitter. Stages of 8 blocks each (4 with
+   v = 2), so that the embedding and the head weigh little beside a stage's blocks.
 2. Model states: per-rank bytes of parameters, gradients and AdamW state (`state_bytes()`) at
    the two points of a step where they peak: the end of forward (a forward hook on the whole
    model; FSDP2's all-gathered parameters counted beside the shards) and the optimizer step (a
@@ -40,11 +41,15 @@ import torch.distributed as dist
 
 P = 2  # pipeline ranks = processes
 SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("interleaved_zb", 2), ("zbv", 2)]
-BASE = ["model.name=gpt", "model.n_layer=8", "model.n_head=8", "model.d_model=512", "model.block_size=64",
+BASE = ["model.name=gpt", "model.n_layer=16", "model.n_head=8", "model.d_model=512", "model.block_size=64",
         "training.global_batch_size=32", "training.steps=1000000", "training.eval_every=0",
         "optimizer.name=adamw", "optimizer.lr=1e-3", "run.progress=off", "checkpoint.enabled=false",
         "strategy.pipeline.split=time"]
 QUICK = ["model.n_layer=4", "model.d_model=128", "model.n_head=4"]
+# glibc malloc: serve activations from the heap and keep freed memory (no mmap / munmap per tensor),
+# so that GPipe, which holds every micro-batch's activations, does not pay a page fault per fresh
+# page in its forwards (the effect tcmalloc or jemalloc have, as PyTorch's CPU tuning guide advises).
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2 ** 20), "MALLOC_TRIM_THRESHOLD_": str(16 * 2 ** 30)}
 
 
 # ---------------------------------------------------------------------------- on each rank
@@ -326,6 +331,7 @@ def main() -> None:
     from paratrain.testing import run_ranks
 
     cfg = paratrain.load_config(None, BASE + extra)  # bad --set values fail here, before any rank starts
+    os.environ.update(MALLOC)  # read by each spawned rank's C library at start-up
     t0 = time.perf_counter()
     per_rank = run_ranks(rank_main, P, jobs, extra, not args.no_pin, timeout_s=1800)
     m = cfg.model

@@ -28,21 +28,29 @@ def ring_reduce_scatter_bytes(nbytes: int, n: int) -> int:
 
 
 class CommMeter:
-    """Per-step totals; `take()` returns them and starts the next step from zero."""
+    """Per-step totals; `take()` returns them and starts the next step from zero.
+
+    A codec's call also says what the same exchange would have sent uncompressed, so that
+    `compression_ratio` (after `take()`) is uncompressed bytes / bytes sent over the step.
+    """
 
     def __init__(self):
         self.bytes_sent = 0
         self.comm_s = 0.0
+        self.uncompressed = 0
+        self.compression_ratio: float | None = None  # of the last step taken; None: nothing sent
         self._lock = threading.Lock()  # async collectives complete on the backend's threads
 
-    def add(self, nbytes: int, seconds: float) -> None:
+    def add(self, nbytes: int, seconds: float, uncompressed: int | None = None) -> None:
         with self._lock:
             self.bytes_sent += nbytes
             self.comm_s += seconds
+            self.uncompressed += nbytes if uncompressed is None else uncompressed
 
     def take(self) -> tuple[int, float]:
         out = (self.bytes_sent, self.comm_s)
-        self.bytes_sent, self.comm_s = 0, 0.0
+        self.compression_ratio = self.uncompressed / self.bytes_sent if self.bytes_sent else None
+        self.bytes_sent, self.comm_s, self.uncompressed = 0, 0.0, 0
         return out
 
     def all_reduce(self, tensor: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:

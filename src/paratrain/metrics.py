@@ -25,6 +25,7 @@ class MetricsLog:
         self.file = open(self.path, "a" if start_step else "w", buffering=1)  # a line per step survives a crash
         self.step_times: list[float] = []
         self.bytes_sent = 0
+        self.uncompressed = 0.0  # what the bytes sent would have been without a codec
         self.samples = self.tokens = 0
         self.last: dict = {}
         self.last_eval: float | None = None
@@ -45,6 +46,7 @@ class MetricsLog:
         self.file.write(json.dumps(rec) + "\n")
         self.step_times.append(step_s)
         self.bytes_sent += stats.bytes_sent
+        self.uncompressed += stats.bytes_sent * stats.extra.get("compression_ratio", 1.0)
         self.samples += global_samples
         self.tokens += global_samples * tokens_per_sample
         if not stats.skipped:
@@ -62,7 +64,8 @@ class MetricsLog:
         out = {"steps": len(self.step_times), "final_loss": self.last.get("loss"), "eval_loss": self.last_eval,
                "step_s_mean": statistics.fmean(t), "step_s_p90": t[int(0.9 * (len(t) - 1))],
                "samples_per_s": self.samples / total if total else 0.0,
-               "bytes_sent_per_step": self.bytes_sent / max(1, len(self.step_times))}
+               "bytes_sent_per_step": self.bytes_sent / max(1, len(self.step_times)),
+               "compression_ratio": self.uncompressed / self.bytes_sent if self.bytes_sent else None}
         if self.tokens:
             out["tokens_per_s"] = self.tokens / total
         return out
@@ -125,6 +128,8 @@ def print_summary(summary: dict, bytes_per_rank: list[float], run_dir: Path, tit
     rows.append(("throughput (all ranks)" if "tokens_per_s" not in summary else "",
                  f"{summary['samples_per_s']:,.1f} samples/s"))
     rows.append(("bytes sent / step, per rank", ", ".join(_human_bytes(b) for b in bytes_per_rank)))
+    if summary.get("compression_ratio") not in (None, 1.0):
+        rows.append(("compression (rank 0)", f"{summary['compression_ratio']:.1f}x fewer bytes than uncompressed"))
     rows.append(("run directory", str(run_dir)))
     for k, v in rows:
         table.add_row(k, v)

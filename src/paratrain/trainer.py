@@ -56,6 +56,8 @@ class Trainer:
         stats = self.strategy.train_step(batch)
         if not stats.skipped:  # a straggler computes slower; a step it dropped costs it nothing
             stats.compute_s += self.faults.after_step(stats.compute_s)
+        if self.strategy.meter.compression_ratio is not None:  # what a codec saved, counted at its calls
+            stats.extra.setdefault("compression_ratio", self.strategy.meter.compression_ratio)
         self.step_num += 1
         rec = self.metrics.log_step(step, stats, lr, data_s, time.perf_counter() - t0, t.global_batch_size,
                                    batch.tokens_per_sample)

@@ -97,3 +97,16 @@ def test_diloco_compressed_pseudo_gradient(two_ranks, name, base, codec):
     assert ranks[0][f"diloco-{name}"]["eval_loss"] <= ranks[0][f"diloco-{base}"]["eval_loss"] * (1 + LOSS_TOL)
     sync_bytes = [b - LOSS_BYTES for b in _step_bytes(tmp / f"diloco-{name}") if b > LOSS_BYTES]
     assert sync_bytes == [GRAD_BYTES[codec]] * (STEPS // 4)  # same payload as a ddp bucket of all P
+
+
+@pytest.mark.parametrize("codec", list(CODECS))
+def test_ddp_compression_ratio_is_reported_per_step(two_ranks, codec):
+    # Uncompressed bytes over bytes sent, counted at the codec's call: the logged loss's all-reduce
+    # goes uncompressed in both.
+    tmp, _ = two_ranks
+    lines = (tmp / codec / "metrics" / "rank0.jsonl").read_text().splitlines()
+    records = [r for r in map(json.loads, lines) if r["kind"] == "step"]
+    if codec == "powersgd":
+        records = records[2:]
+    expected = (GRAD_BYTES["none"] + LOSS_BYTES) / (GRAD_BYTES[codec] + LOSS_BYTES)
+    assert {round(r["compression_ratio"], 9) for r in records} == {round(expected, 9)}

@@ -91,6 +91,8 @@ def test_bytes_match_the_payload_formula(runs, job):
     for rank in range(workers):  # every step, exactly: a header and a payload each way per shard
         records = step_records(tmp / job, rank)
         assert {r["bytes_sent"] for r in records} == {push}
+        plain = sum(HEADER_BYTES + 4 * n for n in shards)  # the same push uncompressed
+        assert {round(r["compression_ratio"], 9) for r in records} == {round(plain / push, 9)}
         assert {r["bytes_received"] for r in records} == {pull}
     reports = [server_report(tmp / job, workers + s) for s in range(servers)]
     assert sum(r["push_bytes"] for r in reports) == steps * workers * push

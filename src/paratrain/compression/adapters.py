@@ -36,6 +36,7 @@ def exchange_mean(codec: Codec, state: CodecState, flat: torch.Tensor, group,
                   meter: CommMeter) -> torch.futures.Future:
     """Asynchronously average `flat` (1-D fp32) over `group` through `codec`; counts bytes and time."""
     n, t0 = dist.get_world_size(group), time.perf_counter()
+    plain = ring_allreduce_bytes(flat.numel() * 4, n)  # the fp32 all-reduce it replaces
     if codec.collective == "allreduce":
         payload = codec.compress(flat / n, state)
         nbytes = ring_allreduce_bytes(codec.payload_bytes(payload), n)
@@ -56,7 +57,7 @@ def exchange_mean(codec: Codec, state: CodecState, flat: torch.Tensor, group,
     def done(f):
         f.value()  # re-raises a failed collective
         mean = decode(f)
-        meter.add(nbytes, time.perf_counter() - t0)
+        meter.add(nbytes, time.perf_counter() - t0, uncompressed=plain)
         return mean
 
     return fut.then(done)
@@ -120,10 +121,12 @@ def powersgd_hook(state: PowerSGDHookState, bucket: dist.GradBucket) -> torch.fu
     """torch's powerSGD_hook, plus bytes and launch-to-completion time."""
     t0 = time.perf_counter()
     nbytes = powersgd_bytes(state.powersgd, bucket, state.world)
+    buf = bucket.buffer()
+    plain = ring_allreduce_bytes(buf.numel() * buf.element_size(), state.world)
     fut = torch_powersgd.powerSGD_hook(state.powersgd, bucket)
 
     def done(f):
-        state.meter.add(nbytes, time.perf_counter() - t0)
+        state.meter.add(nbytes, time.perf_counter() - t0, uncompressed=plain)
         return f.value()
 
     return fut.then(done)

@@ -155,5 +155,6 @@ class Gossip(Strategy):
         message = self.choco.message(flat)  # the same size on every rank: fixed k, bits or dtype
         t0 = time.perf_counter()
         received = exchange(message, self.topo.group("dp"), send_to, recv_from)
-        self.meter.add(len(send_to) * message.numel() * message.element_size(), time.perf_counter() - t0)
+        self.meter.add(len(send_to) * message.numel() * message.element_size(), time.perf_counter() - t0,
+                       uncompressed=len(send_to) * flat.numel() * flat.element_size())
         return self.choco.mix(flat, dict(zip(recv_from, received)))

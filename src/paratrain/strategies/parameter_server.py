@@ -212,7 +212,7 @@ class ParameterServer(Strategy):
                    for s in busy}
         pending = [dist.irecv(t, src=self.server_ranks[s], tag=tag) for s, (h, flat) in replies.items()
                    for t, tag in ((h, wire.REPLY), (flat, wire.PAYLOAD))]  # posted first: the reply never waits
-        sends, nbytes = [], 0
+        sends, nbytes, plain = [], 0, 0
         for s in busy:
             grad = self.links.encode_push(s, wire.flatten(p.grad if p.grad is not None else torch.zeros_like(p)
                                                          for p in self.shards[s]))
@@ -220,10 +220,11 @@ class ParameterServer(Strategy):
             sends += [dist.isend(head, dst=self.server_ranks[s], tag=wire.HEADER),
                       dist.isend(grad, dst=self.server_ranks[s], tag=wire.PAYLOAD)]
             nbytes += wire.HEADER_BYTES + grad.numel() * grad.element_size()
+            plain += wire.HEADER_BYTES + 4 * sum(p.numel() for p in self.shards[s])  # fp32, uncompressed
         for w in sends:
             w.wait()
         t2 = time.perf_counter()
-        self.meter.add(nbytes, t2 - t1)
+        self.meter.add(nbytes, t2 - t1, uncompressed=plain)
         for w in pending:
             w.wait()
         t3 = time.perf_counter()
