@@ -295,7 +295,7 @@ def activation_table(per_rank: list[dict], ms: list[int]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smaller model, fewer steps: about a minute")
+    p.add_argument("--quick", action="store_true", help="smaller model, fewer steps: half a minute; a smoke run, too little work per action for the bubble goal")
     p.add_argument("--warmup", type=int, default=None, help="steps before measuring (default 2, quick 1)")
     p.add_argument("--steps", type=int, default=None, help="measured steps per bubble row (default 5, quick 3)")
     p.add_argument("--microbatch-size", type=int, default=8, help="sequences per micro-batch in the bubble rows")
