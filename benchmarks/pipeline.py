@@ -269,8 +269,9 @@ def memory_table(per_rank: list[dict]) -> None:
         for rank, r in enumerate(per_rank):
             f, s = r[("memory", name)]["forward_end"], r[("memory", name)]["step"]
             peak, expect = max(total(f), total(s)), per_param * num_params
-            print(f"{name:<8} {rank:>4} {f['params'] / mib:>18.2f} {f['grads'] / mib:>6.2f} {f['optimizer'] / mib:>6.2f} "
-                  f"{s['params'] / mib:>17.2f} {s['grads'] / mib:>6.2f} {s['optimizer'] / mib:>6.2f} "
+            print(f"{name:<8} {rank:>4} {f['params'] / mib:>18.2f} {f['grads'] / mib:>6.2f} "
+                  f"{f['optimizer'] / mib:>6.2f} {s['params'] / mib:>17.2f} {s['grads'] / mib:>6.2f} "
+                  f"{s['optimizer'] / mib:>6.2f} "
                   f"{peak / mib:>10.2f} {expect / mib:>8.2f} {peak / expect:>6.3f}")
     print("formulas (ZeRO, fp32 Adam): ddp 16P, zero1 4P+4P+8P/N, zero2 4P+12P/N, zero3 16P/N. Transients of\n"
           "one block (zero3's gathered block, a block's unsharded gradients before reduce-scatter) are not counted.\n"
@@ -295,7 +296,9 @@ def activation_table(per_rank: list[dict], ms: list[int]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smaller model, fewer steps: half a minute; a smoke run, too little work per action for the bubble goal")
+    p.add_argument("--quick", action="store_true",
+                   help="smaller model, fewer steps: half a minute; a smoke run, too little work per action "
+                        "for the bubble goal")
     p.add_argument("--warmup", type=int, default=None, help="steps before measuring (default 2, quick 1)")
     p.add_argument("--steps", type=int, default=None, help="measured steps per bubble row (default 5, quick 3)")
     p.add_argument("--microbatch-size", type=int, default=8, help="sequences per micro-batch in the bubble rows")
