@@ -87,9 +87,6 @@ class Gossip(Strategy):
     @classmethod
     def parallel_dims(cls, cfg: Config, world_size: int) -> ParallelDims:
         g, codec = cfg.strategy.gossip, cfg.strategy.compression.codec
-        if codec == "powersgd":
-            raise ConfigError("strategy.compression.codec = 'powersgd': gossip takes fp16, bf16, int8, topk, randomk "
-                              "or sign (PowerSGD is a DDP gradient hook)")
         if codec != "none" and g.graph != "ring":
             raise ConfigError(f"strategy.gossip.graph = '{g.graph}': compressed gossip (CHOCO-SGD) needs the same "
                               "neighbours at every step; use 'ring' or strategy.compression.codec = 'none'")

@@ -84,9 +84,6 @@ class LocalSGD(Strategy):
     @classmethod
     def parallel_dims(cls, cfg: Config, world_size: int) -> ParallelDims:
         o = cfg.strategy.local_sgd
-        if cfg.strategy.compression.codec == "powersgd":
-            raise ConfigError(f"strategy.compression.codec = 'powersgd': {cls.name} takes fp16, bf16, int8, topk, "
-                              "randomk or sign (PowerSGD is a DDP gradient hook)")
         if o.deadline == "auto" and o.sync_every == 1:
             raise ConfigError("strategy.local_sgd.deadline = 'auto': needs strategy.local_sgd.sync_every >= 2 "
                               "(a round of one step has no inner step to drop)")

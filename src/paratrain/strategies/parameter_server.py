@@ -84,7 +84,6 @@ from paratrain.strategies.ps_codec import ServerLinks, WorkerLinks
 from paratrain.strategies.ps_server import Server, load_named_optimizer
 
 STATE_KEY = "parameter_server"  # a checkpoint's codec state (residuals, copies); other strategies ignore it
-PS_CODECS = ("fp16", "bf16", "int8", "topk", "randomk", "sign")
 from paratrain.topology import ParallelDims
 
 
@@ -130,13 +129,10 @@ class ParameterServer(Strategy):
         if f.rank == 0 and f.kill_at_step >= 0:
             raise ConfigError("faults.rank = 0: parameter_server's rank 0 is the chief worker (checkpoints, "
                               "summary) and cannot be lost; kill another worker")
-        ps, codec = cfg.strategy.ps, cfg.strategy.compression.codec
+        ps = cfg.strategy.ps
         if ps.drop_behind and ps.mode != "ssp":
             raise ConfigError(f"strategy.ps.drop_behind = true: needs strategy.ps.mode = 'ssp', not '{ps.mode}' "
                               "(BSP waits for every worker by definition, ASP never waits)")
-        if codec not in ("none", *PS_CODECS):
-            raise ConfigError(f"strategy.compression.codec = '{codec}': parameter_server takes "
-                              f"{', '.join(PS_CODECS)} or none (PowerSGD is a DDP comm hook)")
         return ServerDims(dp=workers, servers=servers)
 
     # -- roles and the shard layout, settled before the base class builds the optimizer
