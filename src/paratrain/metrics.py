@@ -7,6 +7,7 @@ evaluation. Rank 0 shows a rich progress bar at a terminal, plain periodic lines
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 from dataclasses import asdict
@@ -33,8 +34,9 @@ class MetricsLog:
     def log_step(self, step: int, stats: StepStats, lr: float, data_s: float, step_s: float,
                  global_samples: int, tokens_per_sample: int) -> dict:
         """`samples`/`tokens` in `stats` are this rank's; throughput is the whole job's, as this rank
-        sees it (a step a straggler dropped trained nothing here: it counts no samples, and its NaN
-        loss is not the run's final loss)."""
+        sees it (a step a straggler dropped trained nothing here: it counts no samples). A NaN loss
+        (a dropped step's own) is not the run's final loss; a dropped sync step's mean over the
+        ranks that computed it is."""
         if stats.skipped:
             global_samples = 0
         fields = asdict(stats)
@@ -49,7 +51,7 @@ class MetricsLog:
         self.uncompressed += stats.bytes_sent * stats.extra.get("compression_ratio", 1.0)
         self.samples += global_samples
         self.tokens += global_samples * tokens_per_sample
-        if not stats.skipped:
+        if not math.isnan(stats.loss):
             self.last = rec
         return rec
 

@@ -56,18 +56,21 @@ class Trainer:
         stats = self.strategy.train_step(batch)
         if not stats.skipped:  # a straggler computes slower; a step it dropped costs it nothing
             stats.compute_s += self.faults.after_step(stats.compute_s)
-        if self.strategy.meter.compression_ratio is not None:  # what a codec saved, counted at its calls
-            stats.extra.setdefault("compression_ratio", self.strategy.meter.compression_ratio)
+        # What a codec saved, counted at its calls; taken once, so a step that sent nothing reports none.
+        ratio, self.strategy.meter.compression_ratio = self.strategy.meter.compression_ratio, None
+        if ratio is not None:
+            stats.extra.setdefault("compression_ratio", ratio)
         self.step_num += 1
         rec = self.metrics.log_step(step, stats, lr, data_s, time.perf_counter() - t0, t.global_batch_size,
                                    batch.tokens_per_sample)
-        eval_loss = None
+        eval_loss, t1 = None, time.perf_counter()
         if self._due(t.eval_every):
             eval_loss = self.strategy.evaluate(self.eval_batches)
             self.strategy.meter.take()  # evaluation traffic is not a training step's
             self.metrics.log_eval(step, eval_loss)
         if self.cfg.checkpoint.enabled and self._due(self.cfg.checkpoint.every):
             self.checkpointer.save(self.step_num, self.strategy, self.batches.position(self.step_num))
+        self.strategy.outside_training(time.perf_counter() - t1)
         return rec, eval_loss
 
     def _due(self, every: int) -> bool:

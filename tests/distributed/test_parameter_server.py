@@ -175,6 +175,8 @@ def test_drop_behind_keeps_the_bound_and_the_fast_worker_does_not_wait(runs):
     # Every step computed was pushed, and applied or discarded as too stale: nothing else.
     assert report["gradients"] + report["discarded_gradients"] == 20 + (20 - len(skipped))
     assert sum(r.get("discarded", 0) for r in slow) == report["discarded_gradients"]
+    # ...and the straggler still contributes: some of its gradients were applied, not all discarded.
+    assert sum(r.get("discarded", 0) for r in slow) < 20 - len(skipped)
     # Plain SSP held the fast worker about one slow step (>= DELAY_S) at a time; drop_behind does not.
     assert statistics.median(r["wait_s"] for r in fast) < DELAY_S / 3
     assert statistics.median(r["wait_s"] for r in step_records(runs["tmp"] / "ssp-slow", 0)) > DELAY_S / 3

@@ -114,3 +114,8 @@ def test_dropped_steps_count_no_samples_and_keep_the_last_computed_loss(tmp_path
     assert rec["samples_per_s"] == 0 and rec["skipped"]
     assert summary["samples_per_s"] == 16 / 2.0  # the dropped step's time counts, its batch does not
     assert summary["final_loss"] == 2.5
+    log = MetricsLog(tmp_path, 0, 0)  # a dropped sync step carries the mean over the ranks that computed
+    log.log_step(0, StepStats(2.5, 8, 0), 0.1, 0.0, 1.0, 16, 0)
+    log.log_step(1, StepStats(2.0, 0, 0, skipped=True), 0.1, 0.0, 1.0, 16, 0)
+    assert log.summary()["final_loss"] == 2.0
+    log.close()

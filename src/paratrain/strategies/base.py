@@ -153,6 +153,10 @@ class Strategy:
         """On ranks that do not train: serve the others until they are done."""
         raise NotImplementedError(f"{type(self).__name__} has no serving ranks")
 
+    def outside_training(self, seconds: float) -> None:
+        """Time the trainer spent on evaluation and checkpoints after a step (strategies that
+        budget their steps by time leave it out of the budget)."""
+
     def live_group(self):
         """The ranks still in the job, for end-of-run gathers and checkpoints (None: all of them).
         Strategies that survive a lost rank return the survivors' group."""

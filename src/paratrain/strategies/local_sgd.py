@@ -116,12 +116,14 @@ class LocalSGD(Strategy):
 
     @torch.no_grad()
     def evaluate(self, batches: list[Batch]) -> float:
-        t0 = time.perf_counter()
         own = super().evaluate(batches)  # this replica's loss on this rank's held-out shard
-        loss = self.replicas.mean(torch.tensor([own], device=self.topo.device)).item()
-        if self.deadline is not None:  # a collective: fast ranks wait here for slow ones
-            self.deadline.pause(time.perf_counter() - t0)
-        return loss
+        return self.replicas.mean(torch.tensor([own], device=self.topo.device)).item()
+
+    def outside_training(self, seconds: float) -> None:
+        # Evaluation and checkpoints gather over the ranks (fast ones wait there for slow ones):
+        # not the round's own work.
+        if self.deadline is not None:
+            self.deadline.pause(seconds)
 
     def live_group(self):
         return self.replicas.group if self.replicas.generation else None  # None: the whole world
@@ -203,7 +205,6 @@ class LocalSGD(Strategy):
 
     # -- checkpoints
     def state_dict(self) -> dict:
-        t0 = time.perf_counter()
         state = super().state_dict()
         own = {"optimizer": state["optimizer"], "codec": self._codec_state()}
         parts = self.replicas.gather_to_first(own)  # collective: every rank's inner and codec state
@@ -213,8 +214,6 @@ class LocalSGD(Strategy):
                                 "inner_optimizers": [parts[r]["optimizer"] if r in parts else None for r in ranks]}
             if self.compressor is not None:
                 state[STATE_KEY]["codec_states"] = [parts[r]["codec"] if r in parts else None for r in ranks]
-        if self.deadline is not None:  # a gather: not the round's own work
-            self.deadline.pause(time.perf_counter() - t0)
         return state
 
     def _codec_state(self) -> dict | None:

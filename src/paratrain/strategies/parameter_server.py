@@ -83,8 +83,9 @@ from paratrain.strategies.base import StepStats, Strategy, to_cpu
 from paratrain.strategies.ps_codec import ServerLinks, WorkerLinks
 from paratrain.strategies.ps_server import Server, load_named_optimizer
 
-STATE_KEY = "parameter_server"  # a checkpoint's codec state (residuals, copies); other strategies ignore it
 from paratrain.topology import ParallelDims
+
+STATE_KEY = "parameter_server"  # a checkpoint's codec state (residuals, copies); other strategies ignore it
 
 
 def _needs_gloo(device: str) -> ConfigError:
@@ -216,7 +217,7 @@ class ParameterServer(Strategy):
             sends += [dist.isend(head, dst=self.server_ranks[s], tag=wire.HEADER),
                       dist.isend(grad, dst=self.server_ranks[s], tag=wire.PAYLOAD)]
             nbytes += wire.HEADER_BYTES + grad.numel() * grad.element_size()
-            plain += wire.HEADER_BYTES + 4 * sum(p.numel() for p in self.shards[s])  # fp32, uncompressed
+            plain += wire.HEADER_BYTES + sum(p.numel() * p.element_size() for p in self.shards[s])  # as is
         for w in sends:
             w.wait()
         t2 = time.perf_counter()
