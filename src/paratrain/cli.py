@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -26,6 +25,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="override one config value (repeatable)")
         sp.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                         help="continue from a checkpoint file or a run directory (default: run.dir)")
+        sp.add_argument("--discard-newer", action="store_true",
+                        help="resuming an older checkpoint of a run: delete its newer ones and continue in place "
+                             "(default: fork into a new run directory)")
 
     run = sub.add_parser("run", help="train on N local processes (torch's elastic launcher)")
     common(run)
@@ -70,27 +72,38 @@ def _testbed(args) -> int:
 def _testbed_run(args, cfg, resume) -> int:
     """`paratrain testbed run`: as `paratrain run`, everything is checked once, here, and one run
     directory is settled that every node writes to (the namespaces share this file system)."""
-    from paratrain.launch import next_run_dir, preflight, settle_run
+    from paratrain.launch import preflight
+    from paratrain.rundir import OWNED_ENV, claim, notes, record_config, settle
     from paratrain.testbed import DEFAULT_STATE, Testbed
 
     bed = Testbed.load(args.state or DEFAULT_STATE)
     if args.nproc_per_host < 1:
         raise ConfigError(f"--nproc-per-host {args.nproc_per_host}: must be an integer >= 1")
-    cfg, ckpt = settle_run(cfg, resume, lambda: next_run_dir(cfg.run.name))
-    preflight(cfg, bed.hosts * args.nproc_per_host, ckpt)
-    run_dir = Path(cfg.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_path = run_dir / "config.json"
-    config_path.write_text(json.dumps(cfg.to_dict(), indent=2))
-    worker = [str(config_path.resolve())] + (["--resume", str(ckpt)] if ckpt else [])
-    code = bed.run_job(worker, args.nproc_per_host, rdzv_id=run_dir.name)
+    cfg, plan = settle(cfg, resume, discard_newer=args.discard_newer)
+    preflight(cfg, bed.hosts * args.nproc_per_host, plan.ckpt_path)
+    cfg, lock = claim(cfg, plan)
+    code = 1
+    try:
+        run_dir = Path(cfg.run.dir)
+        config_path = record_config(run_dir, cfg)
+        for line in notes(plan):
+            print(f"paratrain: {line}", file=sys.stderr)
+        worker = [str(config_path.resolve())] + (["--resume", str(plan.ckpt_path.resolve())] if plan.ckpt_path else [])
+        os.environ[OWNED_ENV] = str(run_dir)  # the nodes' workers write into the directory this process owns
+        code = bed.run_job(worker, args.nproc_per_host, rdzv_id=run_dir.name)
+    finally:
+        os.environ.pop(OWNED_ENV, None)
+        lock.finish("finished" if code == 0 else "failed")
     print(f"testbed run: exit code {code}; run directory {run_dir}", file=sys.stderr if code else sys.stdout)
     return code
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from paratrain.checkpoint import CheckpointWriteError
     from paratrain.launch import launch, train
+    from paratrain.rundir import OWNED_ENV
+    from paratrain.signals import Stopped
     from paratrain.testbed import TestbedError
 
     is_rank0 = os.environ.get("RANK", "0") == "0"
@@ -106,17 +119,25 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             if args.nproc is not None and args.nproc < 1:
                 raise ConfigError(f"--nproc {args.nproc}: must be an integer >= 1")
-            return launch(cfg, args.nproc, resume)
+            return launch(cfg, args.nproc, resume, discard_newer=args.discard_newer)
         if args.command == "testbed":
             return _testbed_run(args, cfg, resume)
-        train(cfg, resume=resume)
+        train(cfg, resume=resume, discard_newer=args.discard_newer)
         return 0
     except (ConfigError, TestbedError) as e:
         if is_rank0:  # under torchrun every rank sees the same bad input; say it once
             print(f"paratrain: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("paratrain: interrupted", file=sys.stderr)
+    except Stopped as e:  # SIGTERM / Ctrl-C: stopped at a step boundary, checkpoint written (signals.py)
+        if is_rank0 and not os.environ.get(OWNED_ENV):  # under `paratrain run` the launcher says it
+            print(f"paratrain: {e}", file=sys.stderr)
+        return e.exit_code
+    except CheckpointWriteError as e:  # disk full: older checkpoints are intact
+        print(f"paratrain: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # a second Ctrl-C: at once
+        if not os.environ.get(OWNED_ENV):
+            print("paratrain: interrupted", file=sys.stderr)
         return 130
 
 

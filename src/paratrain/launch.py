@@ -8,7 +8,9 @@ behave alike. No cluster layer of our own: multi-node is torchrun's rendezvous.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,37 +19,20 @@ from typing import Callable
 import torch.distributed as dist
 import torch.nn as nn
 
-from paratrain.checkpoint import check_compatible, list_checkpoints, read_checkpoint, resolve_resume
+from paratrain.checkpoint import check_compatible, list_checkpoints, read_checkpoint
 from paratrain.config import Config, ConfigError, validate
 from paratrain.data import Datasets, ShardedBatches, build_datasets
 from paratrain.imports import import_callable
+from paratrain.rundir import OWNED_ENV, claim, notes, record_config, settle
+from paratrain.signals import HANDLED
 
+# On SIGTERM / Ctrl-C the workers finish their step and write a checkpoint (signals.py); torch's
+# agent waits this long for them before SIGKILL.
+SHUTDOWN_GRACE_S = 120
 # Measured: with the rendezvous store shared with the process group, 4 of 15 restarts hung.
 LAUNCH_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-
-
-def holds_run(run_dir: Path) -> bool:
-    return (run_dir / "metrics").exists() or bool(list_checkpoints(run_dir))
-
-
-def next_run_dir(name: str, root: Path = Path("runs")) -> Path:
-    i = 1
-    while (root / f"{name}-{i:03d}").exists():
-        i += 1
-    return root / f"{name}-{i:03d}"
-
-
-def settle_run(cfg: Config, resume: str | Path | None, default_dir: Callable[[], Path]) -> tuple[Config, Path | None]:
-    """Config with run.dir filled in, and the checkpoint to resume from (or None)."""
-    ckpt = resolve_resume(resume) if resume is not None else None
-    if ckpt is not None and ckpt.parent.name == "checkpoints":
-        run_dir = ckpt.parent.parent  # resume where the checkpoint lives
-    else:
-        run_dir = Path(cfg.run.dir) if cfg.run.dir else default_dir()
-    if ckpt is None and holds_run(run_dir):
-        raise ConfigError(f"run.dir = '{run_dir}': already holds a run; pass --resume {run_dir} to continue it "
-                          "or choose another run.dir")
-    return cfg.replace(f"run.dir={json.dumps(str(run_dir))}"), ckpt
+# A local run's workers: gloo's pair sockets on the loopback interface, unless the user named one.
+LOCAL_ENV = {"GLOO_SOCKET_IFNAME": "lo"}
 
 
 @dataclass
@@ -58,7 +43,8 @@ class TrainResult:
 
 
 def train(cfg: Config, *, resume: str | Path | None = None, model: nn.Module | None = None,
-          loss_fn: Callable | None = None, datasets: Datasets | None = None) -> TrainResult:
+          loss_fn: Callable | None = None, datasets: Datasets | None = None,
+          discard_newer: bool = False) -> TrainResult:
     """Train in this process: alone (`single`), or as one rank of a job that torchrun started.
 
     `model`, `loss_fn` and `datasets` override what the config names, for use from Python.
@@ -72,24 +58,44 @@ def train(cfg: Config, *, resume: str | Path | None = None, model: nn.Module | N
     if not distributed and cfg.strategy.name != "single":
         raise ConfigError(f"strategy.name = '{cfg.strategy.name}': needs worker processes; start it with "
                           "'paratrain run CONFIG --nproc N' or torchrun")
-    # Under torchrun every rank, on every node, derives the same directory from the job id.
-    job_dir = lambda: Path("runs") / f"{cfg.run.name}-{os.environ.get('TORCHELASTIC_RUN_ID', 'job')}"
-    cfg, ckpt = settle_run(cfg, resume, job_dir if distributed else lambda: next_run_dir(cfg.run.name))
+    owned = os.environ.get(OWNED_ENV)
+    plan = None
+    if owned and Path(owned) == Path(cfg.run.dir):  # a worker of `paratrain run`: the launcher settled it all
+        ckpt_path, ckpt = (Path(resume), None) if resume is not None else (None, None)
+    else:
+        if distributed and not cfg.run.dir:  # under torchrun every rank, on every node, derives this one
+            job = Path("runs") / f"{cfg.run.name}-{os.environ.get('TORCHELASTIC_RUN_ID', 'job')}"
+            cfg = cfg.replace(f"run.dir={json.dumps(str(job))}")
+        cfg, plan = settle(cfg, resume, discard_newer=discard_newer)
+        ckpt_path, ckpt = plan.ckpt_path, plan.ckpt
     if distributed and dist.is_initialized():  # a caller's group: no rank writes there before all have looked
         dist.barrier()
-    run_dir = Path(cfg.run.dir)
     if distributed:
         topo = Topology.from_env(cfg.run, lambda n: strategy.parallel_dims(cfg, n))
     else:
         topo = Topology.single(cfg.run)
+    lock, status = None, "failed"
     try:
         validate(cfg, topo.world_size)
-        trainer = Trainer(cfg, topo, run_dir, resume=ckpt, model=model, loss_fn=loss_fn, datasets=datasets)
-        if topo.is_main:
-            (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        if plan is not None and topo.is_main:  # the one owner of the run directory
+            cfg, lock = claim(cfg, plan)
+            record_config(cfg.run.dir, cfg)
+            for line in notes(plan):
+                print(f"paratrain: {line}", file=sys.stderr)
+        if topo.world_size > 1:
+            dist.barrier()  # the directory is settled before any rank writes to it
+        run_dir = Path(cfg.run.dir)
+        trainer = Trainer(cfg, topo, run_dir, resume=ckpt_path, checkpoint=ckpt, model=model, loss_fn=loss_fn,
+                          datasets=datasets)
         summary = trainer.fit()
+        status = "finished"
         return TrainResult(trainer.strategy.module, summary, run_dir)
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
     finally:
+        if lock is not None:
+            lock.finish(status)
         topo.destroy()
 
 
@@ -118,32 +124,99 @@ def preflight(cfg: Config, world_size: int, ckpt: Path | None) -> None:
         check_compatible(read_checkpoint(ckpt), cfg, ckpt, model)
 
 
-def launch(cfg: Config, nproc: int | None = None, resume: str | Path | None = None) -> int:
+def launch(cfg: Config, nproc: int | None = None, resume: str | Path | None = None,
+           discard_newer: bool = False) -> int:
     """Check everything, then train on `nproc` local processes (default: run.nproc). Exit code."""
     nproc = nproc or cfg.run.nproc
     if cfg.strategy.name == "single":
         validate(cfg, world_size=nproc)
-        train(cfg, resume=resume)
+        train(cfg, resume=resume, discard_newer=discard_newer)
         return 0
-    cfg, ckpt = settle_run(cfg, resume, lambda: next_run_dir(cfg.run.name))
-    preflight(cfg, nproc, ckpt)
-    run_dir = Path(cfg.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_path = run_dir / "config.json"
-    config_path.write_text(json.dumps(cfg.to_dict(), indent=2))
-
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
-
-    os.environ.update(LAUNCH_ENV)
-    os.environ.setdefault("OMP_NUM_THREADS", str(cfg.run.threads_per_rank))
-    worker = ["-m", "paratrain", "worker", str(config_path)] + (["--resume", str(ckpt)] if ckpt else [])
-    args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0", *worker])
+    cfg, plan = settle(cfg, resume, discard_newer=discard_newer)
+    preflight(cfg, nproc, plan.ckpt_path)
+    cfg, lock = claim(cfg, plan)  # from here on this process owns the run directory
+    status = "failed"
     try:
-        run(args)
-    except ChildFailedError as e:
-        codes = sorted({f.exitcode for f in e.failures.values()})
-        print(f"paratrain: {len(e.failures)} of {nproc} workers failed (exit codes {codes}); "
-              f"see their messages above; run directory {run_dir}", file=sys.stderr)
-        return 2 if 2 in codes else 1
-    return 0
+        run_dir = Path(cfg.run.dir)
+        config_path = record_config(run_dir, cfg)
+        for line in notes(plan):
+            print(f"paratrain: {line}", file=sys.stderr)
+
+        import uuid
+
+        from torch.distributed.elastic.multiprocessing.api import SignalException
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+        from torch.distributed.run import get_args_parser, run
+
+        from paratrain.topology import loopback_store
+
+        os.environ.update(LAUNCH_ENV)
+        local_env = {k: v for k, v in LOCAL_ENV.items() if k not in os.environ}
+        os.environ.update(local_env)
+        # torch's agent logs each signal it forwards and each worker it stops; paratrain says it in one line.
+        for name in list(logging.root.manager.loggerDict):  # torch sets a level on each of its loggers
+            if name.startswith("torch.distributed"):
+                logging.getLogger(name).setLevel(logging.CRITICAL)
+        os.environ[OWNED_ENV] = str(run_dir)
+        os.environ.setdefault("OMP_NUM_THREADS", str(cfg.run.threads_per_rank))
+        ckpt = plan.ckpt_path
+        worker = ["-m", "paratrain", "worker", str(config_path)] + (["--resume", str(ckpt)] if ckpt else [])
+        # Not --standalone, whose stores listen on every interface: the rendezvous store is hosted
+        # here on 127.0.0.1 (loopback_store), torch's agent joins it as a client (is_host=false), and
+        # --local-addr makes the workers' MASTER_ADDR 127.0.0.1, where rank 0's process-group store
+        # then listens (Topology.from_env).
+        rdzv_store = loopback_store()
+        local = ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{rdzv_store.port}", f"--rdzv-id={uuid.uuid4()}",
+                 "--rdzv-conf=is_host=false", "--nnodes=1", "--local-addr=127.0.0.1"]
+        args = get_args_parser().parse_args([*local, f"--nproc-per-node={nproc}", "--max-restarts=0",
+                                             f"--shutdown-timeout={SHUTDOWN_GRACE_S}", *worker])
+        try:
+            run(args)
+        except SignalException as e:  # torch's agent forwarded it to every worker and waited for them
+            status = "interrupted"
+            return _stopped(e.sigval, run_dir, killed=_kill_children())
+        except ChildFailedError as e:
+            codes = sorted({f.exitcode for f in e.failures.values()})
+            # A signal sent to the workers themselves: they stopped at a step (128 + N), or the agent
+            # ended the last ones with the same signal once the first had exited.
+            stopped = [c - 128 if c > 0 else -c for c in codes if (c - 128 if c > 0 else -c) in HANDLED]
+            if stopped and len(stopped) == len(codes) and any(c > 128 for c in codes):
+                status = "interrupted"
+                return _stopped(signal.Signals(stopped[0]), run_dir, killed=False)
+            print(f"paratrain: {len(e.failures)} of {nproc} workers failed (exit codes {codes}); "
+                  f"see their messages above; run directory {run_dir}", file=sys.stderr)
+            return 2 if 2 in codes else 1
+        finally:
+            for key in local_env:
+                os.environ.pop(key, None)
+        status = "finished"
+        return 0
+    finally:
+        os.environ.pop(OWNED_ENV, None)
+        lock.finish(status)
+
+
+def _kill_children() -> bool:
+    """SIGKILL this process's children still alive (workers after a second Ctrl-C); any killed?"""
+    killed = False
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid():  # the parent pid
+            try:
+                os.kill(int(stat.parent.name), signal.SIGKILL)
+                killed = True
+            except ProcessLookupError:
+                pass
+    return killed
+
+
+def _stopped(sig: signal.Signals, run_dir: Path, killed: bool) -> int:
+    """One line for a run stopped by a signal; the exit code 128 + its number."""
+    found = list_checkpoints(run_dir)
+    newest = f"newest checkpoint {found[-1]}" if found else "no checkpoint"
+    how = " (workers killed at a second signal)" if killed else ""
+    print(f"paratrain: stopped by {sig.name}{how}; {newest}; continue with --resume {run_dir}", file=sys.stderr)
+    return 128 + int(sig)

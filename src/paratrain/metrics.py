@@ -20,16 +20,18 @@ class MetricsLog:
     def __init__(self, run_dir: Path, rank: int, start_step: int = 0):
         self.path = Path(run_dir) / "metrics" / f"rank{rank}.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if start_step and self.path.exists():  # resume: drop records past the checkpoint
-            kept = [l for l in self.path.read_text().splitlines() if _step_of(l) < start_step]
-            self.path.write_text("".join(l + "\n" for l in kept))
-        self.file = open(self.path, "a" if start_step else "w", buffering=1)  # a line per step survives a crash
         self.step_times: list[float] = []
         self.bytes_sent = 0
         self.uncompressed = 0.0  # what the bytes sent would have been without a codec
         self.samples = self.tokens = 0
         self.last: dict = {}
         self.last_eval: float | None = None
+        kept = records_before(self.path, start_step) if start_step and self.path.exists() else ""
+        if start_step:  # resume: the records before the checkpoint stay, and count in the summary
+            self.path.write_text(kept)
+            for rec in map(json.loads, kept.splitlines()):
+                self._count(rec)
+        self.file = open(self.path, "a" if start_step else "w", buffering=1)  # a line per step survives a crash
 
     def log_step(self, step: int, stats: StepStats, lr: float, data_s: float, step_s: float,
                  global_samples: int, tokens_per_sample: int) -> dict:
@@ -46,19 +48,28 @@ class MetricsLog:
         if tokens_per_sample:
             rec["tokens_per_s"] = global_samples * tokens_per_sample / step_s
         self.file.write(json.dumps(rec) + "\n")
-        self.step_times.append(step_s)
-        self.bytes_sent += stats.bytes_sent
-        self.uncompressed += stats.bytes_sent * stats.extra.get("compression_ratio", 1.0)
-        self.samples += global_samples
-        self.tokens += global_samples * tokens_per_sample
-        if not math.isnan(stats.loss):
-            self.last = rec
+        self._count(rec)
         return rec
 
+    def _count(self, rec: dict) -> None:
+        """Add one record to the run's totals (records written before a resume included)."""
+        if rec["kind"] == "eval":
+            self.last_eval = rec["eval_loss"]
+            return
+        step_s, nbytes = rec.get("step_s", 0.0), rec.get("bytes_sent", 0)
+        self.step_times.append(step_s)
+        self.bytes_sent += nbytes
+        self.uncompressed += nbytes * rec.get("compression_ratio", 1.0)
+        self.samples += round(rec.get("samples_per_s", 0.0) * step_s)
+        self.tokens += round(rec.get("tokens_per_s", 0.0) * step_s)
+        if not math.isnan(rec.get("loss", math.nan)):
+            self.last = rec
+
     def log_eval(self, step: int, loss: float) -> None:
-        self.file.write(json.dumps({"kind": "eval", "step": step, "eval_loss": loss}) + "\n")
+        rec = {"kind": "eval", "step": step, "eval_loss": loss}
+        self.file.write(json.dumps(rec) + "\n")
         self.file.flush()
-        self.last_eval = loss
+        self._count(rec)
 
     def summary(self) -> dict:
         t = sorted(self.step_times) or [0.0]
@@ -74,6 +85,11 @@ class MetricsLog:
 
     def close(self) -> None:
         self.file.close()
+
+
+def records_before(path: Path, step: int) -> str:
+    """The whole lines of a metrics file with records of steps before `step` (a resume's history)."""
+    return "".join(l + "\n" for l in Path(path).read_text().splitlines() if _step_of(l) < step)
 
 
 def _step_of(line: str) -> float:

@@ -6,7 +6,9 @@ module-level globals. The backend is chosen once here: gloo on CPU, NCCL on CUDA
 """
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -105,11 +107,15 @@ class Topology:
             torch.cuda.set_device(device)
         owns_group = not dist.is_initialized()  # a caller's own group is reused, and left to the caller
         if owns_group:
+            # A job on one machine (MASTER_ADDR a loopback address, as `paratrain run` sets it): rank 0's
+            # process-group store listens there only; init_process_group's own store shares its server.
+            store = _loopback_pg_store() if rank == 0 else None
             dist.init_process_group(
                 backend=backend_for(device),
                 timeout=timedelta(seconds=run.timeout_s),  # finite: a lost peer fails the job, not hangs it
                 device_id=device if device.type == "cuda" else None,
             )
+            del store  # the group's own store holds the server from here on
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh(device.type, (dims.dp, 1, dims.pp, dims.tp), mesh_dim_names=MESH_AXES)
@@ -127,6 +133,42 @@ class Topology:
         with "Could not resolve the process group"), at the cost of a few groups per call."""
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def loopback_store(port: int = 0, host: str = "127.0.0.1") -> dist.TCPStore | None:
+    """A TCPStore server that listens on `host` (a loopback address) only; None if `port` is taken.
+
+    torch's TCPStore listens on every interface whatever host it is given (measured, torch 2.13,
+    libuv and classic servers alike: [::]:port), and the one option that says where is
+    `master_listen_fd`, a socket already listening, which the store then owns. The server is
+    multi-tenant: a later `TCPStore(..., port, is_master=True, multi_tenant=True)` in this process,
+    as torch's env:// rendezvous and its c10d rendezvous backend make theirs, shares this server
+    instead of opening its own. A taken port (another job's, or this process's server still alive)
+    is left to torch, which reuses its own server or fails as it would have anyway."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen()
+    except OSError:
+        sock.close()
+        return None
+    port = sock.getsockname()[1]
+    return dist.TCPStore(host, port, is_master=True, multi_tenant=True, wait_for_workers=False,
+                         master_listen_fd=sock.detach())
+
+
+def _loopback_pg_store() -> dist.TCPStore | None:
+    """Rank 0's process-group store on MASTER_ADDR, when that is an IPv4 loopback address."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True):
+        return None  # torchrun's agent hosts the store; the ranks are its clients
+    try:
+        addr = ipaddress.ip_address(os.environ.get("MASTER_ADDR", ""))
+    except ValueError:  # a host name: peers may be on other machines, torch binds as it does
+        return None
+    if addr.version != 4 or not addr.is_loopback or "MASTER_PORT" not in os.environ:
+        return None
+    return loopback_store(int(os.environ["MASTER_PORT"]), str(addr))
 
 
 def _set_threads(run: RunConfig) -> None:

@@ -16,19 +16,21 @@ from paratrain.faults import FaultInjector
 from paratrain.metrics import MetricsLog, Progress, print_summary
 from paratrain.models import build_loss, build_model
 from paratrain.optim import lr_at
+from paratrain.signals import Stopped, StopRequest
 from paratrain.strategies import get_strategy
 from paratrain.topology import Topology
 
 
 class Trainer:
     def __init__(self, cfg: Config, topo: Topology, run_dir: Path, *, resume: Path | None = None,
-                 model: nn.Module | None = None, loss_fn: Callable | None = None, datasets: Datasets | None = None):
+                 checkpoint: dict | None = None, model: nn.Module | None = None, loss_fn: Callable | None = None,
+                 datasets: Datasets | None = None):
         self.cfg, self.topo, self.run_dir = cfg, topo, Path(run_dir)
         t = cfg.training
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         datasets = datasets or build_datasets(cfg)
         model = model if model is not None else build_model(cfg, datasets.vocab_size)
-        ckpt = read_checkpoint(resume) if resume is not None else None
+        ckpt = checkpoint if checkpoint is not None or resume is None else read_checkpoint(resume)
         if ckpt is not None:
             check_compatible(ckpt, cfg, resume, model)
         self.strategy = get_strategy(cfg.strategy.name)(cfg, topo, model, loss_fn or build_loss(cfg))
@@ -73,6 +75,14 @@ class Trainer:
         self.strategy.outside_training(time.perf_counter() - t1)
         return rec, eval_loss
 
+    def _checkpoint_now(self) -> Path | None:
+        """The checkpoint of the step just done, written now unless the step wrote it."""
+        if not (self.cfg.checkpoint.enabled and self.strategy.checkpoints_on_stop):
+            return None
+        if self._due(self.cfg.checkpoint.every):
+            return self.checkpointer.path(self.step_num)
+        return self.checkpointer.save(self.step_num, self.strategy, self.batches.position(self.step_num))
+
     def _due(self, every: int) -> bool:
         return self.step_num == self.cfg.training.steps or (every > 0 and self.step_num % every == 0)
 
@@ -80,14 +90,19 @@ class Trainer:
         """Run the remaining steps; returns rank 0's summary (every rank returns its own)."""
         cfg, total = self.cfg, self.cfg.training.steps
         progress = Progress(cfg.run.progress, total, self.step_num, cfg.training.log_every, self.topo.is_main)
+        stop = StopRequest().install() if self.strategy.trains else None  # SIGTERM / Ctrl-C: see signals.py
         try:
             if not self.strategy.trains:  # a serving rank: no steps of its own
                 self.strategy.serve()
             while self.strategy.trains and self.step_num < total:
                 progress.update(*self.step())
+                if signum := self.strategy.agree_to_stop(stop.signum):
+                    raise Stopped(signum, self.step_num, self._checkpoint_now())
         finally:
             progress.close()
             self.metrics.close()
+            if stop is not None:
+                stop.restore()
         self.strategy.close(self.run_dir)
         summary = self.metrics.summary()
         bytes_per_rank = [summary["bytes_sent_per_step"]]

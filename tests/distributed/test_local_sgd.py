@@ -26,9 +26,9 @@ RESUME = ["strategy.name=diloco", "strategy.local_sgd.sync_every=4", "training.s
 # int8 draws random numbers and keeps an error-feedback residual: both must come back on resume.
 INT8 = "strategy.compression.codec=int8"
 P = 10 * 20 + 20 + 20 * 1 + 1  # the MLP's parameters
-# Bytes per rank of a sync on 2 ranks: the all-gather of every rank's 4-byte loss, then the ring
-# all-reduce of the fp32 parameters.
-LOSS_GATHER = ring_allgather_bytes(2 * 4, 2)
+# Bytes per rank of a sync on 2 ranks: the all-gather of every rank's 4-byte loss and 4-byte
+# pending signal (signals.py), then the ring all-reduce of the fp32 parameters.
+LOSS_GATHER = ring_allgather_bytes(2 * 8, 2)
 SYNC_BYTES = ring_allreduce_bytes(4 * P, 2)
 SYNCS = {3, 7, 9}  # step indices of a 10-step run with H = 4: after steps 4, 8 and the last
 

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 
+from paratrain.checkpoint import read_checkpoint
 from paratrain.testing import free_port
 from tests.helpers import TINY_GPT
 
@@ -49,7 +50,7 @@ def test_run_two_processes_writes_metrics_checkpoints_and_summary(tmp_path):
     assert "step-00000025.pt" in {p.name for p in (run_dir / "checkpoints").iterdir()}
 
 
-def test_bad_checkpoint_fails_before_workers_and_keeps_the_previous(tmp_path):
+def test_a_bad_newest_checkpoint_falls_back_and_a_bad_file_fails_before_workers(tmp_path):
     ok = _run([*PARATRAIN, "run", "--nproc", "1", *SETS, "--set", "strategy.name=single", "--set", "run.dir=r",
                "--set", "checkpoint.every=10"], cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
@@ -58,15 +59,22 @@ def test_bad_checkpoint_fails_before_workers_and_keeps_the_previous(tmp_path):
     latest = ckpts / "step-00000020.pt"
     latest.write_bytes(latest.read_bytes()[:1000])  # truncated by a disk failure
     before = good.read_bytes()
-    out = _run([*PARATRAIN, "run", "--nproc", "2", *SETS, "--set", "training.steps=30", "--resume", "r"], cwd=tmp_path)
+    # Naming the bad file itself: one line, before any worker, nothing touched.
+    out = _run([*PARATRAIN, "run", "--nproc", "2", *SETS, "--set", "training.steps=30", "--resume", str(latest)],
+               cwd=tmp_path)
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "step-00000020.pt' cannot be read (truncated or not a checkpoint)" in lines[0]
-    assert good.read_bytes() == before
-    # Pointing --resume at the intact one works.
-    out = _run([*PARATRAIN, "run", "--nproc", "2", *SETS, "--set", "training.steps=12", "--resume", str(good)],
-               cwd=tmp_path)
+    assert good.read_bytes() == before and not (tmp_path / "runs").exists()
+    # The run directory: its newest checkpoint that verifies, said so, continued in place.
+    out = _run([*PARATRAIN, "run", "--nproc", "2", *SETS, "--set", "training.steps=30", "--resume", "r"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr
+    assert "step-00000020.pt' cannot be read" in out.stderr and "trying the one before" in out.stderr
+    assert "resumed from step 10 of r" in out.stderr
+    assert [r["step"] for r in _records(tmp_path / "r" / "metrics" / "rank0.jsonl")] == list(range(30))
+    # The bad file is set aside, out of the rotation, so that the good one is kept.
+    assert {p.name for p in ckpts.iterdir()} == {"step-00000010.pt", "step-00000020.pt.corrupt", "step-00000030.pt"}
+    assert good.read_bytes() == before and read_checkpoint(ckpts / "step-00000030.pt")["step"] == 30
 
 
 def test_existing_run_dir_is_not_overwritten(tmp_path):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
@@ -161,6 +162,17 @@ class Strategy:
         """The ranks still in the job, for end-of-run gathers and checkpoints (None: all of them).
         Strategies that survive a lost rank return the survivors' group."""
         return None
+
+    checkpoints_on_stop = True  # False where a stop cannot gather a checkpoint (parameter servers)
+
+    def agree_to_stop(self, signum: int) -> int:
+        """After each step: this rank's pending signal (0: none) -> the one every rank stops on now
+        (0: go on). Here one all-reduce over the world, since every rank takes every step together."""
+        if self.topo.world_size == 1:
+            return signum
+        flag = torch.tensor([float(signum)], device=self.topo.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # not metered: no training traffic
+        return int(flag.item())
 
     def close(self, run_dir) -> None:
         """After the last step: write what this strategy alone records (collective on all ranks)."""

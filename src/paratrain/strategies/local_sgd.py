@@ -94,6 +94,7 @@ class LocalSGD(Strategy):
         o, c = cfg.strategy.local_sgd, cfg.strategy.compression
         self.sync_every, self.total_steps = o.sync_every, cfg.training.steps
         self.steps_done = 0
+        self.stop_request = self.stop_agreed = 0  # a signal: agreed on at the next synchronisation
         self.replicas = Replicas(topo.group("dp"), self.meter, cfg.run.timeout_s)
         self.compressor = None
         if c.codec != "none":
@@ -124,6 +125,12 @@ class LocalSGD(Strategy):
         # not the round's own work.
         if self.deadline is not None:
             self.deadline.pause(seconds)
+
+    def agree_to_stop(self, signum: int) -> int:
+        """Replicas meet only at synchronisations: a signal is shared at the next one (in its loss
+        gather, no extra collective), and every replica stops after that step."""
+        self.stop_request = signum
+        return self.stop_agreed
 
     def live_group(self):
         return self.replicas.group if self.replicas.generation else None  # None: the whole world
@@ -164,10 +171,12 @@ class LocalSGD(Strategy):
         stats.optim_s += time.perf_counter() - t0 - comm_s
 
     def _share_step_stats(self, stats: StepStats) -> float:
-        """All-gather every replica's loss (NaN: dropped the step) and, with a deadline, its median
-        step time; set `stats.loss` to the mean loss; return the fastest replica's step time."""
-        row = [stats.loss] + ([self.deadline.own_median_s()] if self.deadline is not None else [])
+        """All-gather every replica's loss (NaN: dropped the step), with a deadline its median step
+        time, and its pending signal; set `stats.loss` to the mean loss; return the fastest
+        replica's step time."""
+        row = [stats.loss] + ([self.deadline.own_median_s()] if self.deadline is not None else []) + [self.stop_request]
         rows = self.replicas.gather(torch.tensor(row, dtype=torch.float32, device=self.topo.device))
+        self.stop_agreed = int(rows[:, -1].max().item())
         losses = rows[:, 0][~rows[:, 0].isnan()]
         stats.loss = losses.mean().item() if losses.numel() else math.nan
         stats.extra["loss_ranks"] = losses.numel()

@@ -267,6 +267,13 @@ class ParameterServer(Strategy):
             self._groups[ranks] = dist.new_group(list(ranks), use_local_synchronization=True)
         return self._groups[ranks]
 
+    # A signal stops this worker at once: the servers cannot gather a checkpoint for one worker
+    # (the last periodic checkpoint stands; server ranks end on the signal itself).
+    checkpoints_on_stop = False
+
+    def agree_to_stop(self, signum: int) -> int:
+        return signum
+
     def live_group(self):
         """Workers: a barrier at server 0, then the group of the live workers. Servers: their own."""
         if self.is_server:
