@@ -26,6 +26,7 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,10 +92,10 @@ def _check_writable(run_dir: Path) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise ConfigError(f"run.dir = '{run_dir}': '{parent}' is a file, not a directory")
-    read_only = os.statvfs(parent).f_flag & os.ST_RDONLY
-    if read_only or not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"run.dir = '{run_dir}': cannot write in '{parent}'"
-                          + (" (a read-only file system)" if read_only else " (permission denied)"))
+    try:  # a probe, not os.access: root passes access() on read-only and virtual file systems
+        os.rmdir(tempfile.mkdtemp(prefix=".paratrain-probe-", dir=parent))
+    except OSError as e:
+        raise ConfigError(f"run.dir = '{run_dir}': cannot write in '{parent}' ({e.strerror})") from None
 
 
 def _in_use(run_dir: Path) -> ConfigError:

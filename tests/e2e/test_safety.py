@@ -269,3 +269,15 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path):
     assert len(lines) == 1 and "paratrain: stopped by SIGINT" in lines[0], err
     assert "Traceback" not in err
     _wait_for(lambda: not _workers(run), timeout=10)
+
+
+@pytest.mark.parametrize("run_dir,message", [
+    ("a_file", "run.dir = 'a_file': is a file, not a directory"),
+    ("a_file/sub", "run.dir = 'a_file/sub': 'a_file' is a file, not a directory"),
+    ("/proc/paratrain-run", "run.dir = '/proc/paratrain-run': cannot write in '/proc'"),
+])
+def test_a_run_dir_that_cannot_be_written_is_refused_before_anything(tmp_path, run_dir, message):
+    (tmp_path / "a_file").write_text("mine")
+    line = _one_line(_run(tmp_path, f"run.dir={run_dir}"))
+    assert message in line
+    assert (tmp_path / "a_file").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
