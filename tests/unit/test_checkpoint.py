@@ -119,3 +119,21 @@ def test_dropped_steps_count_no_samples_and_keep_the_last_computed_loss(tmp_path
     log.log_step(1, StepStats(2.0, 0, 0, skipped=True), 0.1, 0.0, 1.0, 16, 0)
     assert log.summary()["final_loss"] == 2.0
     log.close()
+
+
+def test_a_resumed_summary_counts_the_whole_run(tmp_path):
+    from paratrain.metrics import MetricsLog
+    from paratrain.strategies.base import StepStats
+
+    log = MetricsLog(tmp_path, 0, 0)
+    for step in range(3):
+        log.log_step(step, StepStats(3.0 - step, 8, 0, bytes_sent=100), 0.1, 0.0, 1.0, 16, 0)
+    log.log_eval(2, 1.5)
+    log.close()
+    log = MetricsLog(tmp_path, 0, start_step=2)  # resumed from the step-2 checkpoint: step 2 is redone
+    log.log_step(2, StepStats(0.5, 8, 0, bytes_sent=300), 0.1, 0.0, 2.0, 16, 0)
+    summary = log.summary()
+    log.close()
+    assert summary["steps"] == 3 and summary["final_loss"] == 0.5
+    assert summary["samples_per_s"] == 48 / 4.0 and summary["bytes_sent_per_step"] == 500 / 3
+    assert summary["eval_loss"] is None  # the eval after step 2 was dropped with that step
