@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from paratrain import messages
 from paratrain.config import Config, ConfigError
 
 FORMAT = "paratrain-checkpoint"
@@ -226,14 +227,12 @@ class Checkpointer:
         rng = [_rng_state()]
         rng_ranks = list(range(self.topo.world_size))  # whose streams: the live group's ranks
         if self.topo.world_size > 1:
-            rng = [None] * dist.get_world_size(group)
-            dist.all_gather_object(rng, _rng_state(), group=group)
+            rng = messages.all_gather(_rng_state(), group=group)
             if group is not None:  # a subset: survivors of a lost rank, a parameter server's workers
                 rng_ranks = dist.get_process_group_ranks(group)
         state = strategy.state_dict()  # sharded strategies gather here
         if self.topo.world_size > 1:  # pipeline stages hold different layers: merge them on rank 0
-            parts = [None] * dist.get_world_size(group) if self.topo.is_main else None
-            dist.gather_object(state if strategy.holds_unique_state else None, parts, dst=0, group=group)
+            parts = messages.gather(state if strategy.holds_unique_state else None, dst=0, group=group)
             state = merge_states([p for p in parts if p is not None]) if self.topo.is_main else None
         path = self.path(step)
         if self.topo.is_main:

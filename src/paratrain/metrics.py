@@ -26,6 +26,7 @@ class MetricsLog:
         self.samples = self.tokens = 0
         self.last: dict = {}
         self.last_eval: float | None = None
+        self.steps_this_start = 0  # the summary counts the whole run; this, the steps since the resume
         kept = records_before(self.path, start_step) if start_step and self.path.exists() else ""
         if start_step:  # resume: the records before the checkpoint stay, and count in the summary
             self.path.write_text(kept)
@@ -49,6 +50,7 @@ class MetricsLog:
             rec["tokens_per_s"] = global_samples * tokens_per_sample / step_s
         self.file.write(json.dumps(rec) + "\n")
         self._count(rec)
+        self.steps_this_start += 1
         return rec
 
     def _count(self, rec: dict) -> None:
@@ -74,7 +76,8 @@ class MetricsLog:
     def summary(self) -> dict:
         t = sorted(self.step_times) or [0.0]
         total = sum(t)
-        out = {"steps": len(self.step_times), "final_loss": self.last.get("loss"), "eval_loss": self.last_eval,
+        out = {"steps": len(self.step_times), "steps_this_start": self.steps_this_start,
+               "final_loss": self.last.get("loss"), "eval_loss": self.last_eval,
                "step_s_mean": statistics.fmean(t), "step_s_p90": t[int(0.9 * (len(t) - 1))],
                "samples_per_s": self.samples / total if total else 0.0,
                "bytes_sent_per_step": self.bytes_sent / max(1, len(self.step_times)),

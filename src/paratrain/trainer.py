@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
+from paratrain import messages
 from paratrain.checkpoint import Checkpointer, check_compatible, read_checkpoint
 from paratrain.config import Config
 from paratrain.data import Datasets, ShardedBatches, build_datasets
@@ -108,8 +108,7 @@ class Trainer:
         bytes_per_rank = [summary["bytes_sent_per_step"]]
         if self.topo.world_size > 1:
             group = self.strategy.live_group()
-            bytes_per_rank = [None] * dist.get_world_size(group)
-            dist.all_gather_object(bytes_per_rank, summary["bytes_sent_per_step"], group=group)
+            bytes_per_rank = messages.all_gather(summary["bytes_sent_per_step"], group=group)
         summary["bytes_sent_per_step_per_rank"] = bytes_per_rank
         if self.topo.is_main and cfg.run.progress != "off":
             title = f"paratrain: {cfg.model.name} with {cfg.strategy.name} on {self.topo.world_size} process(es)"

@@ -61,7 +61,7 @@ def test_meshes_equal_single_and_checkpoints_cross_layouts(tmp_path):
     # Saved with dp2 x pp2, resumed with dp4 (ddp) and with single: the same end point.
     for rank in per_rank:
         assert max_param_diff(rank[-1]["params"], oracle["params"]) <= TOL
-        assert rank[-1]["summary"]["steps"] == 10
+        assert rank[-1]["summary"]["steps_this_start"] == 10
     resumed_dir = tmp_path / "single-resumed" / "checkpoints"
     resumed_dir.mkdir(parents=True)
     (resumed_dir / ckpt.name).write_bytes(ckpt.read_bytes())

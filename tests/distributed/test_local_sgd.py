@@ -145,7 +145,7 @@ def test_resume_from_sync_checkpoint_equals_uninterrupted_diloco(two_ranks):
     for r in ranks:
         assert max_param_diff(r["full"]["params"], r["resumed"]["params"]) == 0.0
     assert max_param_diff(ranks[0]["full"]["params"], ranks[0]["full_int8"]["params"]) > 1e-4  # int8 matters
-    assert ranks[0]["resumed"]["summary"]["steps"] == 10  # it really ran only the second half
+    assert ranks[0]["resumed"]["summary"]["steps_this_start"] == 10  # it really ran only the second half
     saved = read_checkpoint(tmp / "full" / "checkpoints" / "step-00000008.pt")["strategy"]
     extra = saved["local_sgd"]
     assert extra["step"] == 8 and extra["outer_momentum"].keys() == saved["model"].keys()
@@ -154,7 +154,7 @@ def test_resume_from_sync_checkpoint_equals_uninterrupted_diloco(two_ranks):
     # Other strategies read the same checkpoint and ignore the extra key.
     single = fit(config(MLP, "strategy.name=single", "training.steps=18", run_dir=tmp / "single_from_diloco"),
                  resume=tmp / "resumed" / "checkpoints" / "step-00000008.pt")
-    assert single["summary"]["steps"] == 10
+    assert single["summary"]["steps_this_start"] == 10
 
 
 def test_resume_from_sync_checkpoint_equals_uninterrupted_compressed_diloco(two_ranks):
@@ -162,7 +162,7 @@ def test_resume_from_sync_checkpoint_equals_uninterrupted_compressed_diloco(two_
     tmp, ranks = two_ranks
     for r in ranks:
         assert max_param_diff(r["full_int8"]["params"], r["resumed_int8"]["params"]) == 0.0
-    assert ranks[0]["resumed_int8"]["summary"]["steps"] == 10
+    assert ranks[0]["resumed_int8"]["summary"]["steps_this_start"] == 10
     saved = read_checkpoint(tmp / "full_int8" / "checkpoints" / "step-00000008.pt")["strategy"]
     codec = saved["local_sgd"]["codec_states"]
     assert len(codec) == 2 and not torch.equal(codec[0]["generator"], codec[1]["generator"])

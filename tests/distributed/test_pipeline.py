@@ -77,7 +77,7 @@ def test_sequential_user_model_and_checkpoint_across_layouts(tmp_path):
     (resumed_dir / ckpt.name).write_bytes(ckpt.read_bytes())
     resumed = fit(config(sets, "strategy.name=single", run_dir=tmp_path / "resumed"), resumed_dir / ckpt.name)
     assert max_param_diff(resumed["params"], oracle["params"]) <= TOL
-    assert resumed["summary"]["steps"] == 5
+    assert resumed["summary"]["steps_this_start"] == 5
 
 
 def test_stage_split_logic():

@@ -105,7 +105,7 @@ def test_resume_with_a_codec_equals_uninterrupted(runs):
     _, ranks = runs
     for r in (ranks[0], ranks[1], ranks[2]):
         assert max_param_diff(r["full"]["params"], r["resumed"]["params"]) == 0.0
-    assert ranks[0]["resumed"]["summary"]["steps"] == 10  # it really ran only the second half
+    assert ranks[0]["resumed"]["summary"]["steps_this_start"] == 10  # it really ran only the second half
     assert ranks[0]["full"]["summary"]["eval_loss"] == ranks[0]["resumed"]["summary"]["eval_loss"]
 
 

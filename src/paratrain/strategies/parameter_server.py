@@ -74,6 +74,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from paratrain import messages
 from paratrain.checkpoint import merge_states
 from paratrain.config import Config, ConfigError
 from paratrain.data import Batch
@@ -331,8 +332,7 @@ class ParameterServer(Strategy):
         mine, group = to_cpu(self.links.state()), self._live if self._live is not None else self.live_group()
         if dist.get_world_size(group) == 1:
             return {self.topo.rank: mine}
-        parts = [None] * dist.get_world_size(group) if self.topo.rank == 0 else None
-        dist.gather_object((self.topo.rank, mine), parts, dst=0, group=group)
+        parts = messages.gather((self.topo.rank, mine), dst=0, group=group)
         return dict(parts) if parts is not None else None
 
     def load_state_dict(self, state: dict) -> None:

@@ -22,6 +22,7 @@ import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 from torch.distributed.pipelining import PipelineStage, schedules
 
+from paratrain import messages
 from paratrain.checkpoint import merge_states
 from paratrain.config import Config, ConfigError
 from paratrain.data import Batch
@@ -153,6 +154,9 @@ class Pipeline(Strategy):
         self.rank_of_stage = {s: r for r in range(pp) for s in stages_of_rank(r, pp, v, schedule)}
         self.parts = [split.build_stage(model, self.starts, s).to(self.topo.device) for s in self.stage_ids]
         self.parts = [self.parallelize_stage(part) for part in self.parts]
+        # Left to torch: without static input/output/grad shapes, PipelineStage infers them at the
+        # first step with send/recv_object_list (pickle) between neighbouring stages. Passing all four
+        # shape sets (static mode) would avoid it; not done yet (paratrain.messages).
         self.stages = [PipelineStage(part, s, num_stages, self.topo.device, group=self.topo.group("pp"))
                        for part, s in zip(self.parts, self.stage_ids)]
         self.events: list[tuple] = []
@@ -179,14 +183,14 @@ class Pipeline(Strategy):
         if p.split == "params":
             return split.balanced_split(split.param_costs(model), num_stages)
         # Measured on one rank and shared: every rank must cut the model at the same places.
-        costs = [None]
+        costs = None
         if self.topo.is_main:
             sample = torch.randint(0, 2, (self.cfg.training.global_batch_size // self._settings()[2],
                                           self.cfg.model.block_size), device=self.topo.device)
-            costs = [split.time_costs(model, sample)]
+            costs = split.time_costs(model, sample)
         if self.topo.world_size > 1:
-            dist.broadcast_object_list(costs, src=0)
-        return split.balanced_split(costs[0], num_stages)
+            costs = messages.broadcast(costs, src=0)
+        return split.balanced_split(costs, num_stages)
 
     def _instrument(self, stage: PipelineStage) -> None:
         """Time every micro-batch's F / B / W on this stage and count the bytes it sends."""
@@ -304,9 +308,9 @@ class Pipeline(Strategy):
     def close(self, run_dir) -> None:
         """The last step's timeline from every pipeline rank: timeline.json and timeline.png."""
         pp = self.topo.size("pp")
-        events = [None] * pp if pp > 1 else [list(self.events)]
+        events = [list(self.events)]
         if pp > 1:
-            dist.all_gather_object(events, list(self.events), group=self.topo.group("pp"))
+            events = messages.all_gather(list(self.events), group=self.topo.group("pp"))
         if self.topo.is_main:
             from paratrain.report.timeline import write_timeline
 

@@ -19,7 +19,7 @@ the shard fix (ps_codec.py):
                                                                + the shard's parameters (flat, or
                                                                  a packed difference: ps_codec.py)
                       BARRIER, DONE:   live mask, one entry per worker (server 0)
-                      STATE:           [nbytes]                + torch.save bytes of the shard's state
+                      STATE:           [nbytes] (int64)        + the shard's state (paratrain.messages)
 
 A worker has at most one request outstanding per server, so replies need no matching. In a
 push reply, `next clock` is the step the worker is to compute next (past the steps the server
@@ -28,7 +28,6 @@ server discarded the gradient as too stale (drop_behind only).
 """
 from __future__ import annotations
 
-import io
 import queue
 import threading
 from dataclasses import dataclass
@@ -37,6 +36,8 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+
+from paratrain import messages
 
 HEADER, REPLY, PAYLOAD = 1, 2, 3  # tags
 HEADER_NUMEL = 5
@@ -74,21 +75,13 @@ def header(kind: Kind, worker: int, clock: int = 0, version: int = 0, lr: float 
 
 
 def send_object(obj, dst: int) -> int:
-    """A variable-size object: its byte count first, then torch.save's bytes. Returns bytes sent."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
-    dist.send(torch.tensor([data.numel()], dtype=torch.float64), dst=dst, tag=REPLY)
-    dist.send(data, dst=dst, tag=PAYLOAD)
-    return 8 + data.numel()
+    """A variable-size tree of tensors and plain values: its byte count first, then its bytes
+    (paratrain.messages: no pickle). Returns the bytes sent, both messages."""
+    return messages.send(obj, dst, size_tag=REPLY, payload_tag=PAYLOAD)
 
 
 def recv_object(src: int):
-    size = torch.zeros(1, dtype=torch.float64)
-    dist.recv(size, src=src, tag=REPLY)
-    data = torch.empty(int(size.item()), dtype=torch.uint8)
-    dist.recv(data, src=src, tag=PAYLOAD)
-    return torch.load(io.BytesIO(data.numpy().tobytes()), weights_only=True)
+    return messages.recv(src, size_tag=REPLY, payload_tag=PAYLOAD)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from typing import Callable, TypeVar
 import torch
 import torch.distributed as dist
 
+from paratrain import messages
 from paratrain.comm import ring_allgather_bytes
 
 T = TypeVar("T")
@@ -41,9 +42,8 @@ class Replicas:
         self.ranks = dist.get_process_group_ranks(group) if group is not None else [0]
         self.generation, self.recovery_s = 0, 0.0
         if len(self.ranks) > 1:  # this training's own keys: trainings may share one store
-            run_id = [uuid.uuid4().hex]
-            dist.broadcast_object_list(run_id, src=self.ranks[0], group=group)
-            self.prefix = f"paratrain/local_sgd/{run_id[0]}"
+            run_id = messages.broadcast(uuid.uuid4().hex, src=self.ranks[0], group=group)
+            self.prefix = f"paratrain/local_sgd/{run_id}"
 
     def run(self, collective: Callable[[object], T], alone: Callable[[], T]) -> T:
         """`collective(group)` over the live replicas, retried over the survivors if one is lost;
@@ -109,6 +109,5 @@ class Replicas:
         """{rank: obj} of every live rank on the first live rank (rank 0), None elsewhere."""
         if len(self.ranks) == 1:
             return {self.ranks[0]: obj}
-        parts = [None] * len(self.ranks) if dist.get_rank() == self.ranks[0] else None
-        dist.gather_object(obj, parts, dst=self.ranks[0], group=self.group)
+        parts = messages.gather(obj, dst=self.ranks[0], group=self.group)
         return dict(zip(self.ranks, parts)) if parts is not None else None
