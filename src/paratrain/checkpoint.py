@@ -215,6 +215,15 @@ def merge_states(parts: list[dict]) -> dict:
     return merged
 
 
+def _refuse_nonfinite(model: dict, step: int) -> None:
+    """A checkpoint never holds NaN or Inf weights (they would push good ones out of the rotation)."""
+    from paratrain.nonfinite import NonFiniteError
+
+    for name, t in model.items():
+        if t.is_floating_point() and not bool(t.isfinite().all()):
+            raise NonFiniteError([0], step, where=f"value in {name}: checkpoint not written")
+
+
 class Checkpointer:
     def __init__(self, run_dir: Path, cfg: Config, topo):
         self.dir, self.cfg, self.topo = checkpoint_dir(run_dir), cfg, topo
@@ -236,6 +245,7 @@ class Checkpointer:
             state = merge_states([p for p in parts if p is not None]) if self.topo.is_main else None
         path = self.path(step)
         if self.topo.is_main:
+            _refuse_nonfinite(state["model"], step)
             save_atomic({"format": FORMAT, "version": VERSION, "step": step, "data": data_position,
                          "config": self.cfg.to_dict(), "world_size": self.topo.world_size,
                          "strategy": state, "rng": rng, "rng_ranks": rng_ranks}, path)

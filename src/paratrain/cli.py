@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from paratrain.checkpoint import CheckpointWriteError
     from paratrain.launch import launch, train
+    from paratrain.nonfinite import NonFiniteError
     from paratrain.rundir import OWNED_ENV
     from paratrain.signals import Stopped
     from paratrain.testbed import TestbedError
@@ -132,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         if is_rank0 and not os.environ.get(OWNED_ENV):  # under `paratrain run` the launcher says it
             print(f"paratrain: {e}", file=sys.stderr)
         return e.exit_code
+    except NonFiniteError as e:  # training.on_nonfinite = "stop"
+        if str(min(e.ranks, default=0)) == os.environ.get("RANK", "0"):  # said once, by the first bad rank
+            print(f"paratrain: error: {e}", file=sys.stderr)
+        return 3
     except CheckpointWriteError as e:  # disk full: older checkpoints are intact
         print(f"paratrain: error: {e}", file=sys.stderr)
         return 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -179,6 +180,9 @@ class TrainingConfig:
     eval_every: int = field(default=100, metadata=NON_NEGATIVE)  # 0 = only at the end
     eval_batches: int = field(default=4, metadata=AT_LEAST_1)
     log_every: int = field(default=10, metadata=AT_LEAST_1)
+    # A NaN or Inf loss or gradient on any rank: "stop" the job before the update (non-zero exit,
+    # naming the step and rank), or "skip" the update on every rank and count it (nonfinite.py).
+    on_nonfinite: Literal["stop", "skip"] = "stop"
 
 
 @dataclass(frozen=True)
@@ -206,6 +210,7 @@ class FaultsConfig:
     slowdown: float = field(default=1.0, metadata=_check(lambda v: v >= 1, "a number >= 1"))  # compute x this
     delay_s: float = field(default=0.0, metadata=NON_NEGATIVE)  # and this much more per step
     kill_at_step: int = -1  # the rank leaves abruptly before this step; -1: never
+    nan_at_step: int = -1  # the rank's loss is NaN at this step (0-based); -1: never
 
 
 @dataclass(frozen=True)
@@ -315,6 +320,8 @@ def _convert(tp, value: Any, key: str):
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} = {value!r}: must be a number")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} = {value!r}: must be a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -381,6 +388,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"training.grad_accum_steps = {t.grad_accum_steps}")
     if cfg.optimizer.warmup_steps >= t.steps and cfg.optimizer.warmup_steps:
         raise ConfigError(f"optimizer.warmup_steps = {cfg.optimizer.warmup_steps}: must be < training.steps = {t.steps}")
+    if t.on_nonfinite == "skip" and s.name == "parameter_server":
+        raise ConfigError("training.on_nonfinite = 'skip': parameter_server takes 'stop' (a worker's push is part "
+                          "of the servers' protocol)")
     if world_size is None:
         return
     if cfg.faults.rank >= world_size:

@@ -1,4 +1,5 @@
-"""Injected stragglers and failures: slow a rank by a factor, add a delay, or kill it at a step.
+"""Injected stragglers and failures: slow a rank by a factor, add a delay, make its loss NaN, or
+kill it at a step.
 
 Configured under `[faults]` and applied by the trainer around each step, whatever the strategy,
 so that tests and benchmarks can show what each strategy does with a slow or lost worker.
@@ -20,10 +21,23 @@ class FaultInjector:
         self.active = cfg.rank == rank
         self.cfg = cfg
 
+    step = -1  # the step being taken, set by before_step
+
     def before_step(self, step: int) -> None:
+        self.step = step
         if self.active and step == self.cfg.kill_at_step:
             print(f"paratrain: faults: rank {self.cfg.rank} killed before step {step}", file=sys.stderr, flush=True)
             os._exit(0)
+
+    def wrap_loss(self, loss_fn):
+        """The loss, NaN on the faulty rank at `nan_at_step`: a divergence at a chosen place."""
+        if not self.active or self.cfg.nan_at_step < 0:
+            return loss_fn
+
+        def loss(output, target):
+            value = loss_fn(output, target)
+            return value * float("nan") if self.step == self.cfg.nan_at_step else value
+        return loss
 
     def after_step(self, compute_s: float) -> float:
         """Sleep as a slower machine would have; returns the seconds added."""

@@ -26,6 +26,7 @@ class MetricsLog:
         self.samples = self.tokens = 0
         self.last: dict = {}
         self.last_eval: float | None = None
+        self.nonfinite_skipped = 0  # updates skipped under training.on_nonfinite = "skip"
         self.steps_this_start = 0  # the summary counts the whole run; this, the steps since the resume
         kept = records_before(self.path, start_step) if start_step and self.path.exists() else ""
         if start_step:  # resume: the records before the checkpoint stay, and count in the summary
@@ -58,6 +59,7 @@ class MetricsLog:
         if rec["kind"] == "eval":
             self.last_eval = rec["eval_loss"]
             return
+        self.nonfinite_skipped += bool(rec.get("nonfinite"))
         step_s, nbytes = rec.get("step_s", 0.0), rec.get("bytes_sent", 0)
         self.step_times.append(step_s)
         self.bytes_sent += nbytes
@@ -78,6 +80,7 @@ class MetricsLog:
         total = sum(t)
         out = {"steps": len(self.step_times), "steps_this_start": self.steps_this_start,
                "final_loss": self.last.get("loss"), "eval_loss": self.last_eval,
+               "nonfinite_skipped": self.nonfinite_skipped,
                "step_s_mean": statistics.fmean(t), "step_s_p90": t[int(0.9 * (len(t) - 1))],
                "samples_per_s": self.samples / total if total else 0.0,
                "bytes_sent_per_step": self.bytes_sent / max(1, len(self.step_times)),
@@ -151,6 +154,8 @@ def print_summary(summary: dict, bytes_per_rank: list[float], run_dir: Path, tit
     rows.append(("bytes sent / step, per rank", ", ".join(_human_bytes(b) for b in bytes_per_rank)))
     if summary.get("compression_ratio") not in (None, 1.0):
         rows.append(("compression (rank 0)", f"{summary['compression_ratio']:.1f}x fewer bytes than uncompressed"))
+    if summary.get("nonfinite_skipped"):
+        rows.append(("non-finite updates skipped", f"{summary['nonfinite_skipped']}"))
     rows.append(("run directory", str(run_dir)))
     for k, v in rows:
         table.add_row(k, v)

@@ -15,6 +15,7 @@ from paratrain.data import Datasets, ShardedBatches, build_datasets
 from paratrain.faults import FaultInjector
 from paratrain.metrics import MetricsLog, Progress, print_summary
 from paratrain.models import build_loss, build_model
+from paratrain.nonfinite import NonFiniteError
 from paratrain.optim import lr_at
 from paratrain.signals import Stopped, StopRequest
 from paratrain.strategies import get_strategy
@@ -33,13 +34,14 @@ class Trainer:
         ckpt = checkpoint if checkpoint is not None or resume is None else read_checkpoint(resume)
         if ckpt is not None:
             check_compatible(ckpt, cfg, resume, model)
-        self.strategy = get_strategy(cfg.strategy.name)(cfg, topo, model, loss_fn or build_loss(cfg))
+        self.faults = FaultInjector(cfg.faults, topo.rank)
+        loss_fn = self.faults.wrap_loss(loss_fn or build_loss(cfg))
+        self.strategy = get_strategy(cfg.strategy.name)(cfg, topo, model, loss_fn)
         dp_rank, dp_size = self.strategy.dp_rank, self.strategy.dp_size
         self.batches = ShardedBatches(datasets.train, t.global_batch_size, dp_rank, dp_size, t.seed)
         held_out = ShardedBatches(datasets.eval, t.global_batch_size, dp_rank, dp_size, t.seed, split="eval")
         self.eval_batches = [held_out.batch(i).to(topo.device) for i in range(t.eval_batches)]
         self.checkpointer = Checkpointer(self.run_dir, cfg, topo)
-        self.faults = FaultInjector(cfg.faults, topo.rank)
         torch.manual_seed(t.seed + 1 + topo.rank)  # dropout streams differ across ranks
         self.step_num = 0
         if ckpt is not None:
@@ -55,7 +57,10 @@ class Trainer:
         data_s = time.perf_counter() - t0
         lr = lr_at(self.cfg.optimizer, step, t.steps)
         self.strategy.set_lr(lr)
-        stats = self.strategy.train_step(batch)
+        try:
+            stats = self.strategy.train_step(batch)
+        except NonFiniteError as e:  # named by the step as the progress lines count it
+            raise NonFiniteError(e.ranks, step + 1, e.where) from None
         if not stats.skipped:  # a straggler computes slower; a step it dropped costs it nothing
             stats.compute_s += self.faults.after_step(stats.compute_s)
         # What a codec saved, counted at its calls; taken once, so a step that sent nothing reports none.

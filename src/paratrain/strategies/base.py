@@ -103,13 +103,29 @@ class Strategy:
         t1 = time.perf_counter()
         if self.cfg.optimizer.grad_clip:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optimizer.grad_clip)
-        self.optimizer.step()
+        finite = self.update_is_finite(loss_sum, self.model.parameters())
+        if finite:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         t2 = time.perf_counter()
         loss = self.mean_over_dp(loss_sum)
         nbytes, comm_s = self.meter.take()
         return StepStats(loss, batch.num_samples, batch.num_tokens, compute_s=t1 - t0, comm_s=comm_s,
-                         optim_s=t2 - t1, bytes_sent=nbytes)
+                         optim_s=t2 - t1, bytes_sent=nbytes, extra={} if finite else {"nonfinite": True})
+
+    # Ranks that take every step together (False: replicas that update alone: local SGD, DiLoCo,
+    # gossip, Hogwild, parameter-server workers); they agree on non-finite updates with one
+    # all-reduce a step.
+    lockstep = True
+
+    def update_is_finite(self, loss: torch.Tensor, params) -> bool:
+        """Before an update: False to skip it (training.on_nonfinite = 'skip'), NonFiniteError to stop."""
+        from paratrain.nonfinite import NonFiniteError, bad_ranks
+
+        bad, where = bad_ranks(loss, list(params), self.topo.rank, self.topo.world_size, self.lockstep)
+        if bad and self.cfg.training.on_nonfinite == "stop":
+            raise NonFiniteError(bad, where=where)
+        return not bad
 
     @torch.no_grad()
     def evaluate(self, batches: list[Batch]) -> float:

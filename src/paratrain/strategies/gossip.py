@@ -83,6 +83,7 @@ def exchange(flat: torch.Tensor, group, send_to: list[int], recv_from: list[int]
 
 class Gossip(Strategy):
     name = "gossip"
+    lockstep = False  # replicas update alone: each decides on its own non-finite updates
 
     @classmethod
     def parallel_dims(cls, cfg: Config, world_size: int) -> ParallelDims:

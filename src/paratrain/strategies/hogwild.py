@@ -64,6 +64,7 @@ def share_parameters(params: list[nn.Parameter], path: Path, is_writer: bool, ba
 
 class Hogwild(Strategy):
     name = "hogwild"
+    lockstep = False  # replicas update alone: each decides on its own non-finite updates
 
     @classmethod
     def parallel_dims(cls, cfg: Config, world_size: int) -> ParallelDims:

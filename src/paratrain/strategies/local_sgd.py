@@ -80,6 +80,7 @@ def _unflat(flat: torch.Tensor, like) -> list[torch.Tensor]:
 
 class LocalSGD(Strategy):
     name = "local_sgd"
+    lockstep = False  # replicas update alone: each decides on its own non-finite updates
 
     @classmethod
     def parallel_dims(cls, cfg: Config, world_size: int) -> ParallelDims:

@@ -205,6 +205,7 @@ class ParameterServer(Strategy):
             loss.backward()
             loss_sum += loss.detach()
         t1 = time.perf_counter()
+        self.update_is_finite(loss_sum, self.model.parameters())  # alone: only 'stop' is allowed here
         busy = self._busy_servers()
         replies = {s: (torch.zeros(wire.PUSH_REPLY_NUMEL, dtype=torch.float64), self.links.reply_buffer(s))
                    for s in busy}
@@ -271,6 +272,7 @@ class ParameterServer(Strategy):
     # A signal stops this worker at once: the servers cannot gather a checkpoint for one worker
     # (the last periodic checkpoint stands; server ranks end on the signal itself).
     checkpoints_on_stop = False
+    lockstep = False  # workers push alone (asynchronous modes); the servers are not in the step
 
     def agree_to_stop(self, signum: int) -> int:
         return signum

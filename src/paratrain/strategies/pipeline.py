@@ -234,7 +234,10 @@ class Pipeline(Strategy):
                                target=batch.targets if self.has_last else None, losses=losses if self.has_last else None)
         t1 = time.perf_counter()
         self.clip_gradients()
-        self.optimizer.step()
+        own_loss = torch.stack([l.detach().float() for l in losses]).sum() if losses else torch.zeros(())
+        finite = self.update_is_finite(own_loss, (p for part in self.parts for p in part.parameters()))
+        if finite:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         t2 = time.perf_counter()
         loss = self._pipeline_loss(losses)
@@ -242,7 +245,8 @@ class Pipeline(Strategy):
         nbytes, comm_s = self.meter.take()
         nbytes, self.p2p_bytes = nbytes + self.p2p_bytes, 0
         return StepStats(loss, batch.num_samples, batch.num_tokens, compute_s=busy, comm_s=comm_s,
-                         optim_s=t2 - t1, wait_s=max(0.0, t1 - t0 - busy), bytes_sent=nbytes)
+                         optim_s=t2 - t1, wait_s=max(0.0, t1 - t0 - busy), bytes_sent=nbytes,
+                         extra={} if finite else {"nonfinite": True})
 
     def _pipeline_loss(self, losses: list[torch.Tensor]) -> float:
         """The last stage's mean micro-batch loss, shared along the pipeline, then averaged over dp."""

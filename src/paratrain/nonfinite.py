@@ -1,0 +1,51 @@
+"""A NaN or Inf loss or gradient: stop before the update, or skip it on every rank.
+
+Checked before every optimizer update: this rank's loss (before any averaging) and its
+gradients' norms. Where ranks step together (`Strategy.lockstep`) they agree with one all-reduce
+of a world-size vector, slot r set when rank r is non-finite, so every rank takes the same
+decision and the message names the ranks; local SGD, DiLoCo, gossip and Hogwild replicas decide
+alone, as they update alone. Written here: torch has no update guard outside AMP's GradScaler,
+which is for fp16 loss scaling and skips silently.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient under training.on_nonfinite = 'stop' (step filled in by the trainer)."""
+
+    def __init__(self, ranks: list[int], step: int | None = None, where: str = "loss"):
+        self.ranks, self.step, self.where = ranks, step, where
+        super().__init__(self.message())
+
+    def message(self) -> str:
+        at = f"step {self.step}: " if self.step is not None else ""
+        who = ", ".join(map(str, self.ranks))
+        return (f"{at}non-finite {self.where} on rank{'s' if len(self.ranks) > 1 else ''} {who} "
+                "(training.on_nonfinite = 'stop'); stopped before the update, no checkpoint written with it")
+
+
+def bad_ranks(loss: torch.Tensor, params, rank: int, world_size: int, agree: bool) -> tuple[list[int], str]:
+    """The ranks whose loss is not finite, or else those whose gradients are not (an all-reduce
+    spreads one rank's NaN to every rank's gradients: the loss names where it came from), agreed
+    over the world where `agree`; and which of the two it is."""
+    grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params if p.grad is not None]
+    loss = loss.detach().float().reshape(1)
+    norms = torch.stack(torch._foreach_norm(grads)).float().to(loss.device) if grads else loss.new_zeros(1)
+    mine = torch.stack([~loss.isfinite().all(), ~norms.isfinite().all()]).float()
+    if agree and world_size > 1:
+        flags = torch.zeros(2, world_size, device=loss.device)
+        flags[:, rank] = mine
+        dist.all_reduce(flags)  # not metered: a guard, not training traffic
+    else:
+        flags = torch.zeros(2, 1)
+        flags[:, 0] = mine
+    ranks = list(range(world_size)) if agree and world_size > 1 else [rank]
+    for row, where in ((0, "loss"), (1, "gradient")):
+        bad = [ranks[i] for i in flags[row].nonzero().flatten().tolist()]
+        if bad:
+            return bad, where
+    return [], ""

@@ -1,0 +1,70 @@
+"""NaN and Inf policy: stop before the update naming step and rank, or skip it on every rank."""
+import pytest
+import torch
+
+from paratrain.checkpoint import list_checkpoints, read_checkpoint, step_of
+from paratrain.config import ConfigError, validate
+from paratrain.nonfinite import NonFiniteError
+from paratrain.testing import RankFailed, run_ranks
+from tests.helpers import MLP, TINY_GPT, config, fit
+
+NAN_AT_3 = ["faults.rank=1", "faults.nan_at_step=3", "training.steps=8", "checkpoint.every=2"]
+
+
+def _fit_or_error(cfg):
+    """Train; or the NonFiniteError this rank raised, as (step, ranks)."""
+    try:
+        return fit(cfg)
+    except NonFiniteError as e:
+        return ("stopped", e.step, e.ranks)
+
+
+def _all_finite(params: dict) -> bool:
+    return all(bool(v.isfinite().all()) for v in params.values() if v.is_floating_point())
+
+
+def test_stop_names_step_and_rank_on_every_rank_and_writes_no_bad_checkpoint(tmp_path):
+    out = run_ranks(_fit_or_error, 2, config(MLP, "strategy.name=ddp", *NAN_AT_3, run_dir=tmp_path / "r"))
+    assert out == [("stopped", 4, [1])] * 2  # the 4th step, as the progress lines count it
+    ckpts = list_checkpoints(tmp_path / "r")
+    assert [step_of(p) for p in ckpts] == [2]  # none at or after the bad step
+    assert _all_finite(read_checkpoint(ckpts[-1])["strategy"]["model"])
+    assert str(NonFiniteError([1], 4)).startswith("step 4: non-finite loss on rank 1 (training.on_nonfinite")
+
+
+@pytest.mark.parametrize("strategy,base", [("ddp", MLP), ("pipeline", TINY_GPT)])
+def test_skip_leaves_the_update_out_on_every_rank(tmp_path, strategy, base):
+    # pipeline: the NaN loss of the last stage (rank 1); the first stage holds other parameters
+    # and skips with it, by the agreement.
+    sets = [f"strategy.name={strategy}", "faults.rank=1", "faults.nan_at_step=3", "training.steps=6",
+            "training.on_nonfinite=skip"]
+    ranks = run_ranks(fit, 2, config(base, *sets, run_dir=tmp_path / "r"))
+    for r in ranks:
+        assert r["summary"]["nonfinite_skipped"] == 1 and _all_finite(r["params"])
+    if strategy == "ddp":  # the same update skipped on both: the replicas stay identical
+        assert all(torch.equal(ranks[0]["params"][k], ranks[1]["params"][k]) for k in ranks[0]["params"])
+
+
+def test_replicas_that_update_alone_decide_alone(tmp_path):
+    cfg = config(MLP, "strategy.name=local_sgd", *NAN_AT_3, run_dir=tmp_path / "r")
+    with pytest.raises(RankFailed, match=r"rank 1:[\s\S]*NonFiniteError: step 4: non-finite loss on rank 1"):
+        run_ranks(fit, 2, cfg)
+
+
+def test_a_real_divergence_stops_single(tmp_path):
+    with pytest.raises(NonFiniteError, match=r"step \d+: non-finite (loss|gradient) on rank 0"):
+        fit(config(MLP, "strategy.name=single", "optimizer.lr=1e6", "optimizer.momentum=0", run_dir=tmp_path / "r"))
+    assert not list_checkpoints(tmp_path / "r")
+
+
+def test_a_checkpoint_with_nan_weights_is_not_written(tmp_path):
+    from paratrain.checkpoint import _refuse_nonfinite
+
+    with pytest.raises(NonFiniteError, match="non-finite value in w: checkpoint not written"):
+        _refuse_nonfinite({"w": torch.tensor([1.0, float("nan")]), "i": torch.tensor([1])}, 5)
+    _refuse_nonfinite({"w": torch.ones(2)}, 5)
+
+
+def test_skip_is_refused_for_the_parameter_server():
+    with pytest.raises(ConfigError, match="training.on_nonfinite = 'skip': parameter_server takes 'stop'"):
+        validate(config(MLP, "strategy.name=parameter_server", "training.on_nonfinite=skip"), world_size=3)
