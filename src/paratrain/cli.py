@@ -80,7 +80,7 @@ def _testbed_run(args, cfg, resume) -> int:
     if args.nproc_per_host < 1:
         raise ConfigError(f"--nproc-per-host {args.nproc_per_host}: must be an integer >= 1")
     cfg, plan = settle(cfg, resume, discard_newer=args.discard_newer)
-    preflight(cfg, bed.hosts * args.nproc_per_host, plan.ckpt_path)
+    preflight(cfg, bed.hosts * args.nproc_per_host, plan.ckpt_path, plan.ckpt)
     cfg, lock = claim(cfg, plan)
     code = 1
     try:
@@ -101,6 +101,7 @@ def _testbed_run(args, cfg, resume) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from paratrain.checkpoint import CheckpointWriteError
+    from paratrain.imports import add_user_paths
     from paratrain.launch import launch, train
     from paratrain.nonfinite import NonFiniteError
     from paratrain.rundir import OWNED_ENV
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     from paratrain.testbed import TestbedError
 
     is_rank0 = os.environ.get("RANK", "0") == "0"
+    add_user_paths(getattr(args, "config", None))  # user code imports from here and beside the config
     try:
         if args.command == "testbed" and args.testbed_command != "run":
             return _testbed(args)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -31,6 +32,9 @@ NON_NEGATIVE = _check(lambda v: v >= 0, "a number >= 0")
 FRACTION = _check(lambda v: 0 <= v < 1, "a number in [0, 1)")
 OPEN_FRACTION = _check(lambda v: 0 < v < 1, "a number in (0, 1)")
 IMPORT_PATH = _check(lambda v: v == "" or _is_import_path(v), "'package.module:function' or empty")
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
 
 def _is_import_path(value: str) -> bool:
@@ -199,7 +203,8 @@ class RunConfig:
     nproc: int = field(default=1, metadata=AT_LEAST_1)  # local worker processes
     device: Literal["auto", "cpu", "cuda"] = "cpu"
     threads_per_rank: int = field(default=1, metadata=AT_LEAST_1)
-    timeout_s: float = field(default=300.0, metadata=POSITIVE)  # process-group timeout
+    # Process-group timeout; below a second even a healthy step's collectives time out.
+    timeout_s: float = field(default=300.0, metadata=_check(lambda v: v >= 1, "a number of seconds >= 1"))
     progress: Literal["auto", "bar", "lines", "off"] = "auto"
 
 
@@ -349,6 +354,9 @@ def _convert(tp, value: Any, key: str):
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Checks that span several keys; `world_size` adds the ones that need the process count."""
     m, d, t = cfg.model, cfg.data, cfg.training
+    if not _PLAIN_NAME.fullmatch(cfg.run.name):  # it names a directory under runs/
+        raise ConfigError(f"run.name = {cfg.run.name!r}: must be a plain name (letters, digits, '-', '_', '.'; "
+                          "not starting with '.'); use run.dir for a path")
     if m.name == "gpt" and m.d_model % m.n_head:
         raise ConfigError(f"model.d_model = {m.d_model}: must be divisible by model.n_head = {m.n_head}")
     if m.name == "custom" and not m.factory:

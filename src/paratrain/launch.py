@@ -99,15 +99,17 @@ def train(cfg: Config, *, resume: str | Path | None = None, model: nn.Module | N
         topo.destroy()
 
 
-def preflight(cfg: Config, world_size: int, ckpt: Path | None) -> None:
+def preflight(cfg: Config, world_size: int, ckpt_path: Path | None, ckpt: dict | None = None) -> None:
     """Every check of the user's input that would otherwise fail in N workers at once."""
     import torch
 
-    from paratrain.models import build_model
+    from paratrain.models import build_loss, build_model
     from paratrain.strategies import get_strategy
     from paratrain.strategies.pipeline import check_model_split
 
     validate(cfg, world_size)
+    if cfg.run.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device = 'cuda': no CUDA device is visible; use 'cpu' or 'auto'")
     for key in ("model.factory", "model.loss", "data.factory"):  # user code must import
         section, name = key.split(".")
         if path := getattr(getattr(cfg, section), name):
@@ -120,8 +122,45 @@ def preflight(cfg: Config, world_size: int, ckpt: Path | None) -> None:
         model = build_model(cfg, datasets.vocab_size)
     if dims.pp > 1:
         check_model_split(cfg, model, dims.pp)
-    if ckpt is not None:
-        check_compatible(read_checkpoint(ckpt), cfg, ckpt, model)
+    _check_one_step(cfg, model, build_loss(cfg), datasets)
+    if ckpt_path is not None:
+        check_compatible(ckpt if ckpt is not None else read_checkpoint(ckpt_path), cfg, ckpt_path, model)
+
+
+def _check_one_step(cfg: Config, model: nn.Module, loss_fn: Callable, datasets: Datasets) -> None:
+    """Forward and loss of one held-out batch on the meta device (shapes only, no memory): a shape
+    or loss error is one line here instead of a traceback in every worker."""
+    import torch
+
+    from paratrain.imports import describe
+
+    what = f"model.factory = '{cfg.model.factory}'" if cfg.model.name == "custom" else f"model.name = '{cfg.model.name}'"
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"{what}: the model has no trainable parameters")
+    batch = datasets.eval.get(torch.arange(min(2, len(datasets.eval))))
+    try:
+        output = model(batch.inputs.to("meta"))
+    except Exception as e:  # noqa: BLE001 - user code
+        if _meta_cannot(e):
+            return
+        raise ConfigError(f"{what}: forward on one batch of the data fails: {describe(e)}") from None
+    loss_key = f"model.loss = '{cfg.model.loss}'" if cfg.model.loss else what
+    try:
+        loss = loss_fn(output, batch.targets.to("meta"))
+    except Exception as e:  # noqa: BLE001 - user code
+        if _meta_cannot(e):
+            return
+        raise ConfigError(f"{loss_key}: the loss of the model's output and the data's targets fails: "
+                          f"{describe(e)}") from None
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ConfigError(f"{loss_key}: must return a scalar tensor, returned {shape}")
+
+
+def _meta_cannot(e: Exception) -> bool:
+    """An op the meta device cannot run (data-dependent, .item()): the check says nothing then."""
+    text = str(e)
+    return isinstance(e, NotImplementedError) or "meta" in text or "data-dependent" in text
 
 
 def launch(cfg: Config, nproc: int | None = None, resume: str | Path | None = None,
@@ -133,7 +172,7 @@ def launch(cfg: Config, nproc: int | None = None, resume: str | Path | None = No
         train(cfg, resume=resume, discard_newer=discard_newer)
         return 0
     cfg, plan = settle(cfg, resume, discard_newer=discard_newer)
-    preflight(cfg, nproc, plan.ckpt_path)
+    preflight(cfg, nproc, plan.ckpt_path, plan.ckpt)
     cfg, lock = claim(cfg, plan)  # from here on this process owns the run directory
     status = "failed"
     try:

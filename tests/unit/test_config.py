@@ -78,7 +78,20 @@ INVALID = [
     (["optimizer.warmup_steps=500", "training.steps=100"], "optimizer.warmup_steps = 500: must be < training.steps = 100"),
     (["optimizer.nesterov=true"], "optimizer.nesterov = true: needs optimizer.name = 'sgd'"),
     (["run.device=tpu"], "run.device = 'tpu': must be one of auto, cpu, cuda"),
-    (["run.timeout_s=0"], "run.timeout_s = 0: must be a number > 0"),
+    (["run.timeout_s=0"], "run.timeout_s = 0: must be a number of seconds >= 1"),
+    (["run.timeout_s=1e-9"], "run.timeout_s = 1e-09: must be a number of seconds >= 1"),
+    (["optimizer.lr=inf"], "optimizer.lr = inf: must be a finite number"),
+    (["optimizer.lr=nan"], "optimizer.lr = nan: must be a finite number"),
+    (["optimizer.betas=[inf, 0.9]"], "optimizer.betas = inf: must be a finite number"),
+    (["faults.delay_s=-inf"], "faults.delay_s = -inf: must be a finite number"),
+    (["run.name=../../x"], "run.name = '../../x': must be a plain name"),
+    (["run.name=a/b"], "run.name = 'a/b': must be a plain name"),
+    (["run.name=.hidden"], "run.name = '.hidden': must be a plain name"),
+    (['run.name=""'], "run.name = '': must be a plain name"),
+    (["training.on_nonfinite=ignore"], "training.on_nonfinite = 'ignore': must be one of stop, skip"),
+    (["strategy.name=parameter_server", "training.on_nonfinite=skip"],
+     "training.on_nonfinite = 'skip': parameter_server takes 'stop'"),
+    (["faults.nan_at_step=x"], "faults.nan_at_step = 'x': must be an integer"),
     (["strategy.ddp.bucket_mb=0"], "strategy.ddp.bucket_mb = 0: must be a number > 0"),
     (["training.steps"], "--set 'training.steps': expected section.key=value"),
     (["optimizer.betas=[1.5, 0.9]"], "optimizer.betas = [1.5, 0.9]: must be two numbers in [0, 1)"),
@@ -148,6 +161,61 @@ def test_invalid_toml_file(tmp_path, capsys):
     path.write_text("[training\nsteps = 3\n")
     assert main(["run", str(path)]) == 2
     assert f"config file '{path}' is not valid TOML" in capsys.readouterr().err
+
+
+# Broken user code, written next to the run (the current directory): (module source, sets, message).
+USER_MODEL = "import torch.nn as nn\ndef build(width=1):\n    return nn.Linear(10, width)\n"
+BROKEN = [
+    ("def build(:\n", [], "model.factory = 'usr:build': importing 'usr' failed: SyntaxError"),
+    ("import numpy\nraise RuntimeError('no GPU here')\n", [],
+     "importing 'usr' failed: RuntimeError: no GPU here at"),
+    ("import no_such_dependency_xyz\n", [], "importing 'usr' failed: ModuleNotFoundError: No module named"),
+    ("def build(width=4):\n    raise ValueError('bad width')\n", [], "model.factory = 'usr:build' raised ValueError: bad width at"),
+    ("def build(width=4):\n    return 'a model'\n", [], "model.factory = 'usr:build': returned str, not a torch.nn.Module"),
+    (USER_MODEL, ["model.options={widht=8}"], "got an unexpected keyword argument 'widht' (model.options is passed as "
+                                              "keyword arguments; it takes: width)"),
+    (USER_MODEL + "import torch.nn.functional as F\ndef loss(o, t):\n    return F.mse_loss(o @ o, t)\n",
+     ["model.loss=usr:loss"], "model.loss = 'usr:loss': the loss of the model's output and the data's targets fails"),
+    (USER_MODEL + "def loss(o, t):\n    return o - t\n", ["model.loss=usr:loss"],
+     "model.loss = 'usr:loss': must return a scalar tensor, returned (2, 1)"),
+    ("import torch.nn as nn\ndef build(width=4):\n    return nn.Linear(10, 5)\n",
+     ["model.loss=torch.nn.functional:cross_entropy"],
+     "model.loss = 'torch.nn.functional:cross_entropy': the loss of the model's output and the data's targets fails"),
+    ("import torch.nn as nn\ndef build(width=4):\n    return nn.Linear(7, 1)\n", [],
+     "model.factory = 'usr:build': forward on one batch of the data fails: RuntimeError"),
+    ("import torch.nn as nn\ndef build(width=4):\n    return nn.ReLU()\n", [],
+     "model.factory = 'usr:build': the model has no trainable parameters"),
+    (USER_MODEL + "def data(split, cfg):\n    raise OSError('no such bucket')\n",
+     ["data.name=custom", "data.factory=usr:data"], "data.factory = 'usr:data' raised OSError: no such bucket at"),
+    (USER_MODEL + "def data(split, cfg):\n    return 42\n", ["data.name=custom", "data.factory=usr:data"],
+     "data.factory('train'): returned int; expected a map-style Dataset"),
+]
+
+
+@pytest.mark.parametrize("source,sets,message", BROKEN, ids=[m.split(":")[-1][:30] for _, _, m in BROKEN])
+def test_broken_user_code_is_one_line_naming_it(source, sets, message, tmp_path, capsys, monkeypatch):
+    """Imported from the current directory, as `python -m` would; the error names key, file and line."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "usr.py").write_text(source)
+    monkeypatch.setattr("sys.path", list(__import__("sys").path))
+    __import__("sys").modules.pop("usr", None)
+    sets = ["model.name=custom", "model.factory=usr:build", "model.loss=torch.nn.functional:mse_loss",
+            "data.name=synthetic", "data.num_samples=160", "training.global_batch_size=8", *sets]
+    _refused(["run", "--nproc", "2", *_sets(sets)], message, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("sets,message", [
+    (["run.device=cuda"], "run.device = 'cuda': no CUDA device is visible"),
+    (["model.name=gpt", "data.name=text", "data.path=latin1.txt"], "data.path = 'latin1.txt': not UTF-8 text (byte 3"),
+])
+def test_environment_and_data_errors_before_workers(sets, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 100)
+    if "run.device=cuda" in sets:
+        import torch
+        if torch.cuda.is_available():
+            pytest.skip("a CUDA device is visible here")
+    _refused(["run", "--nproc", "2", *_sets(sets)], message, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("sets,message", [

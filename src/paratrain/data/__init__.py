@@ -8,7 +8,7 @@ import torch
 from paratrain.config import Config, ConfigError
 from paratrain.data.batch import Batch
 from paratrain.data.sharding import ShardedBatches
-from paratrain.imports import import_callable
+from paratrain.imports import call_user, import_callable
 
 __all__ = ["Batch", "ShardedBatches", "Datasets", "build_datasets", "MapDataset"]
 
@@ -58,5 +58,5 @@ def build_datasets(cfg: Config) -> Datasets:
 
         return Datasets(*regression_splits(d.num_samples, d.eval_fraction, d.seed))
     factory = import_callable(d.factory, "data.factory")
-    return Datasets(_adapt(factory("train", cfg), "data.factory('train')"),
-                    _adapt(factory("eval", cfg), "data.factory('eval')"))
+    return Datasets(*(_adapt(call_user(factory, "data.factory", d.factory, split, cfg), f"data.factory('{split}')")
+                      for split in ("train", "eval")))

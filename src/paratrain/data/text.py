@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from paratrain.config import ConfigError
 from paratrain.data.batch import Batch
 
 
@@ -20,7 +21,11 @@ def pydoc_corpus() -> str:
 
 
 def read_corpus(path: str) -> str:
-    return Path(path).read_text(encoding="utf-8", errors="replace")
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:  # a binary or other-encoding file would train on noise
+        raise ConfigError(f"data.path = '{path}': not UTF-8 text (byte {e.start}: {e.reason}); "
+                          "give a UTF-8 text file") from None
 
 
 class CharVocab:

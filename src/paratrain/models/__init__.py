@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from paratrain.config import Config, ConfigError
-from paratrain.imports import import_callable
+from paratrain.imports import call_user, import_callable
 from paratrain.models.gpt import GPT, cross_entropy
 from paratrain.models.mlp import mlp
 
@@ -20,7 +20,7 @@ def build_model(cfg: Config, vocab_size: int = 0) -> nn.Module:
         return GPT(vocab_size, m.n_layer, m.n_head, m.d_model, m.block_size, m.dropout)
     if m.name == "mlp":
         return mlp(hidden=m.hidden)
-    model = import_callable(m.factory, "model.factory")(**m.options)
+    model = call_user(import_callable(m.factory, "model.factory"), "model.factory", m.factory, **m.options)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model.factory = '{m.factory}': returned {type(model).__name__}, not a torch.nn.Module")
     return model
