@@ -17,15 +17,16 @@ from torch.distributed.tensor import DTensor
 class NonFiniteError(RuntimeError):
     """A non-finite loss or gradient under training.on_nonfinite = 'stop' (step filled in by the trainer)."""
 
-    def __init__(self, ranks: list[int], step: int | None = None, where: str = "loss"):
-        self.ranks, self.step, self.where = ranks, step, where
+    STOPPED = " (training.on_nonfinite = 'stop'); stopped before the update, no checkpoint written with it"
+
+    def __init__(self, ranks: list[int], step: int | None = None, where: str = "loss", outcome: str = STOPPED):
+        self.ranks, self.step, self.where, self.outcome = ranks, step, where, outcome
         super().__init__(self.message())
 
     def message(self) -> str:
         at = f"step {self.step}: " if self.step is not None else ""
-        who = ", ".join(map(str, self.ranks))
-        return (f"{at}non-finite {self.where} on rank{'s' if len(self.ranks) > 1 else ''} {who} "
-                "(training.on_nonfinite = 'stop'); stopped before the update, no checkpoint written with it")
+        who = f" on rank{'s' if len(self.ranks) > 1 else ''} {', '.join(map(str, self.ranks))}" if self.ranks else ""
+        return f"{at}non-finite {self.where}{who}{self.outcome}"
 
 
 def bad_ranks(loss: torch.Tensor, params, rank: int, world_size: int, agree: bool) -> tuple[list[int], str]:
