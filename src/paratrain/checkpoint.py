@@ -221,7 +221,8 @@ def _refuse_nonfinite(model: dict, step: int) -> None:
 
     for name, t in model.items():
         if t.is_floating_point() and not bool(t.isfinite().all()):
-            raise NonFiniteError([0], step, where=f"value in {name}: checkpoint not written")
+            # No ranks named: the tensor is the merge of every rank's part.
+            raise NonFiniteError([], step, f"value in {name}", ": checkpoint not written, older ones kept")
 
 
 class Checkpointer:

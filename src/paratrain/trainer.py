@@ -60,7 +60,7 @@ class Trainer:
         try:
             stats = self.strategy.train_step(batch)
         except NonFiniteError as e:  # named by the step as the progress lines count it
-            raise NonFiniteError(e.ranks, step + 1, e.where) from None
+            raise NonFiniteError(e.ranks, step + 1, e.where, e.outcome) from None
         if not stats.skipped:  # a straggler computes slower; a step it dropped costs it nothing
             stats.compute_s += self.faults.after_step(stats.compute_s)
         # What a codec saved, counted at its calls; taken once, so a step that sent nothing reports none.

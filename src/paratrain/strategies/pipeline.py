@@ -234,7 +234,9 @@ class Pipeline(Strategy):
                                target=batch.targets if self.has_last else None, losses=losses if self.has_last else None)
         t1 = time.perf_counter()
         self.clip_gradients()
-        own_loss = torch.stack([l.detach().float() for l in losses]).sum() if losses else torch.zeros(())
+        # This stage's own loss (the last stage's; others have none), on the device: NCCL reduces no CPU tensor.
+        own_loss = (torch.stack([l.detach().float() for l in losses]).sum() if losses
+                    else torch.zeros((), device=self.topo.device))
         finite = self.update_is_finite(own_loss, (p for part in self.parts for p in part.parameters()))
         if finite:
             self.optimizer.step()
