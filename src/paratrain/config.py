@@ -215,7 +215,9 @@ class FaultsConfig:
     slowdown: float = field(default=1.0, metadata=_check(lambda v: v >= 1, "a number >= 1"))  # compute x this
     delay_s: float = field(default=0.0, metadata=NON_NEGATIVE)  # and this much more per step
     kill_at_step: int = -1  # the rank leaves abruptly before this step; -1: never
-    nan_at_step: int = -1  # the rank's loss is NaN at this step (0-based); -1: never
+    # The rank's training loss is NaN at this step (0-based; -1: never). Under a pipeline only the last
+    # stage computes a loss: a fault on an earlier stage injects nothing.
+    nan_at_step: int = -1
 
 
 @dataclass(frozen=True)

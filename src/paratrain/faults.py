@@ -13,6 +13,8 @@ import os
 import sys
 import time
 
+import torch
+
 from paratrain.config import FaultsConfig
 
 
@@ -30,13 +32,15 @@ class FaultInjector:
             os._exit(0)
 
     def wrap_loss(self, loss_fn):
-        """The loss, NaN on the faulty rank at `nan_at_step`: a divergence at a chosen place."""
+        """The loss, NaN on the faulty rank at `nan_at_step`: a divergence at a chosen place. The
+        training loss only (evaluation after that step runs without grad and stays finite)."""
         if not self.active or self.cfg.nan_at_step < 0:
             return loss_fn
 
         def loss(output, target):
             value = loss_fn(output, target)
-            return value * float("nan") if self.step == self.cfg.nan_at_step else value
+            nan = self.step == self.cfg.nan_at_step and torch.is_grad_enabled()
+            return value * float("nan") if nan else value
         return loss
 
     def after_step(self, compute_s: float) -> float:

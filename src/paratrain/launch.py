@@ -224,7 +224,7 @@ def launch(cfg: Config, nproc: int | None = None, resume: str | Path | None = No
                 return _stopped(signal.Signals(stopped[0]), run_dir, killed=False)
             print(f"paratrain: {len(e.failures)} of {nproc} workers failed (exit codes {codes}); "
                   f"see their messages above; run directory {run_dir}", file=sys.stderr)
-            return 2 if 2 in codes else 1
+            return next((c for c in (2, 3) if c in codes), 1)  # bad input; a non-finite step (cli.py)
         finally:
             for key in local_env:
                 os.environ.pop(key, None)

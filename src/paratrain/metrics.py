@@ -155,7 +155,7 @@ def print_summary(summary: dict, bytes_per_rank: list[float], run_dir: Path, tit
     if summary.get("compression_ratio") not in (None, 1.0):
         rows.append(("compression (rank 0)", f"{summary['compression_ratio']:.1f}x fewer bytes than uncompressed"))
     if summary.get("nonfinite_skipped"):
-        rows.append(("non-finite updates skipped", f"{summary['nonfinite_skipped']}"))
+        rows.append(("non-finite steps skipped", f"{summary['nonfinite_skipped']}"))
     rows.append(("run directory", str(run_dir)))
     for k, v in rows:
         table.add_row(k, v)

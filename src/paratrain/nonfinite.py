@@ -15,7 +15,8 @@ from torch.distributed.tensor import DTensor
 
 
 class NonFiniteError(RuntimeError):
-    """A non-finite loss or gradient under training.on_nonfinite = 'stop' (step filled in by the trainer)."""
+    """A non-finite loss or gradient under training.on_nonfinite = 'stop' (step filled in by the
+    trainer), or a non-finite weight a checkpoint would have held (checkpoint.py)."""
 
     STOPPED = " (training.on_nonfinite = 'stop'); stopped before the update, no checkpoint written with it"
 

@@ -1,11 +1,14 @@
 """NaN and Inf policy: stop before the update naming step and rank, or skip it on every rank."""
+import math
+
 import pytest
 import torch
 
-from paratrain.checkpoint import list_checkpoints, read_checkpoint, step_of
+from paratrain.checkpoint import Checkpointer, list_checkpoints, read_checkpoint, step_of
 from paratrain.config import ConfigError, validate
 from paratrain.nonfinite import NonFiniteError
 from paratrain.testing import RankFailed, run_ranks
+from paratrain.topology import Topology
 from tests.helpers import MLP, TINY_GPT, config, fit
 
 NAN_AT_3 = ["faults.rank=1", "faults.nan_at_step=3", "training.steps=8", "checkpoint.every=2"]
@@ -36,11 +39,12 @@ def test_stop_names_step_and_rank_on_every_rank_and_writes_no_bad_checkpoint(tmp
 def test_skip_leaves_the_update_out_on_every_rank(tmp_path, strategy, base):
     # pipeline: the NaN loss of the last stage (rank 1); the first stage holds other parameters
     # and skips with it, by the agreement.
-    sets = [f"strategy.name={strategy}", "faults.rank=1", "faults.nan_at_step=3", "training.steps=6",
+    sets = [f"strategy.name={strategy}", "faults.rank=1", "faults.nan_at_step=3", "training.steps=4",
             "training.on_nonfinite=skip"]
     ranks = run_ranks(fit, 2, config(base, *sets, run_dir=tmp_path / "r"))
     for r in ranks:
         assert r["summary"]["nonfinite_skipped"] == 1 and _all_finite(r["params"])
+        assert math.isfinite(r["summary"]["eval_loss"])  # evaluated right after the bad step: the fault is training's
     if strategy == "ddp":  # the same update skipped on both: the replicas stay identical
         assert all(torch.equal(ranks[0]["params"][k], ranks[1]["params"][k]) for k in ranks[0]["params"])
 
@@ -57,12 +61,28 @@ def test_a_real_divergence_stops_single(tmp_path):
     assert not list_checkpoints(tmp_path / "r")
 
 
-def test_a_checkpoint_with_nan_weights_is_not_written(tmp_path):
-    from paratrain.checkpoint import _refuse_nonfinite
+class _Weights:
+    """A strategy as Checkpointer.save sees it, on one process."""
+    holds_unique_state = True
 
-    with pytest.raises(NonFiniteError, match="non-finite value in w: checkpoint not written"):
-        _refuse_nonfinite({"w": torch.tensor([1.0, float("nan")]), "i": torch.tensor([1])}, 5)
-    _refuse_nonfinite({"w": torch.ones(2)}, 5)
+    def __init__(self, w: torch.Tensor):
+        self.w = w
+
+    def live_group(self):
+        return None
+
+    def state_dict(self) -> dict:
+        return {"model": {"w": self.w, "i": torch.tensor([1])}, "optimizer": {"state": {}, "param_groups": []}}
+
+
+def test_a_checkpoint_with_nan_weights_is_not_written_and_the_older_one_kept(tmp_path):
+    cfg = config(MLP, "checkpoint.keep=1", run_dir=tmp_path / "r")
+    saver = Checkpointer(tmp_path / "r", cfg, Topology.single(cfg.run))
+    saver.save(2, _Weights(torch.ones(2)), {})
+    with pytest.raises(NonFiniteError, match=r"^step 4: non-finite value in w: checkpoint not written, older ones kept$"):
+        saver.save(4, _Weights(torch.tensor([1.0, float("nan")])), {})
+    assert [step_of(p) for p in list_checkpoints(tmp_path / "r")] == [2]
+    assert [f.name for f in saver.dir.iterdir()] == ["step-00000002.pt"]  # no temporary file left either
 
 
 def test_skip_is_refused_for_the_parameter_server():

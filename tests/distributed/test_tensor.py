@@ -87,7 +87,10 @@ def _collectives_and_replicas(cfgs: list) -> list:
         strategy.train_step(batches.batch(2))
         replicas = {k: v.to_local().clone() for k, v in strategy.module.state_dict().items()
                     if v.placements == (torch.distributed.tensor.Replicate(),)}
-        out.append({"counted": {str(op).rsplit(".", 1)[-1]: n for op, n in comm.get_comm_counts().items()},
+        counted = {str(op).rsplit(".", 1)[-1]: n for op, n in comm.get_comm_counts().items()}
+        # One plain c10d all-reduce a step is the update guard's (nonfinite.py), not tensor parallel's.
+        assert counted.pop("allreduce_") == 1
+        out.append({"counted": counted,
                     "computed": dict(Counter(names[op] for op, _ in computed)),
                     "bytes_sent": stats.bytes_sent,
                     "computed_bytes": sum(ring_bytes(op, b, topo.world_size) for op, b in computed),

@@ -187,7 +187,7 @@ def test_a_flipped_weight_is_caught_and_resume_falls_back(tmp_path):
 
 
 def test_a_full_disk_is_one_line_and_loses_nothing(tmp_path):
-    sets = ["training.steps=60", "checkpoint.every=10", "checkpoint.keep=10", "model.hidden=2000"]
+    sets = ["training.steps=60", "checkpoint.every=10", "checkpoint.keep=10", "model.hidden=2000", "optimizer.lr=0.001"]
     assert _run(tmp_path, "run.dir=measure", *sets).returncode == 0
     files = [p for p in (tmp_path / "measure").rglob("*") if p.is_file()]
     one = list_checkpoints(tmp_path / "measure")[-1].stat().st_size
