@@ -3,8 +3,8 @@
 Both train the same GPT (same seed, same per-rank batch, same AdamW) on the same world size,
 in the same processes, in alternating rounds of K steps, so drift of the machine hits both
 alike. paratrain's step includes everything the trainer does per step: data slicing, the
-learning-rate schedule, the loss all-reduce for logging, timing, the bytes-counting comm hook
-and the JSON-lines record. Goal: ratio <= 1.03.
+learning-rate schedule, the loss all-reduce for logging, timing, the bytes-counting comm hook,
+the JSON-lines record, the non-finite guard's all-reduce and the per-step agreement on signals. Goal: ratio <= 1.03.
 
     python benchmarks/overhead.py [--nproc 2] [--rounds 8] [--steps 10]
 """
@@ -64,13 +64,18 @@ def bench_rank(sets: list[str], rounds: int, steps: int) -> dict:
     plain = plain_ddp_loop(cfg, topo, batches)
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(cfg, topo, run_dir, datasets=data)
+
+        def paratrain_step():  # as Trainer.fit: the step, then the agreement on signals (signals.py)
+            trainer.step()
+            trainer.strategy.agree_to_stop(0)
+
         for _ in range(3):  # warm up both
             plain()
-            trainer.step()
+            paratrain_step()
         times = {"plain": [], "paratrain": []}
         for r in range(rounds):
             # Alternate which goes first, so neither always follows the other's cache state.
-            order = [("plain", plain), ("paratrain", trainer.step)]
+            order = [("plain", plain), ("paratrain", paratrain_step)]
             for name, fn in order if r % 2 == 0 else order[::-1]:
                 t0 = time.perf_counter()
                 for _ in range(steps):
