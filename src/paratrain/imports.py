@@ -25,11 +25,14 @@ _OURS = str(Path(__file__).parent)
 def add_user_paths(config: str | None) -> None:
     """Put the current directory, the config file's and those the launcher passed on first on sys.path."""
     paths = [os.getcwd()] + ([str(Path(config).resolve().parent)] if config else [])
-    paths += [p for p in os.environ.get(USER_PATH_ENV, "").split(os.pathsep) if p]
+    worker = "RANK" in os.environ  # started by torchrun: its config may be the run directory's config.json
+    if worker:
+        paths += [p for p in os.environ.get(USER_PATH_ENV, "").split(os.pathsep) if p]
     for p in reversed(dict.fromkeys(paths)):
         if p not in sys.path:
             sys.path.insert(0, p)
-    os.environ[USER_PATH_ENV] = os.pathsep.join(dict.fromkeys(paths))  # inherited by the workers
+    if not worker:  # set afresh, not appended to: main() called again in one process must not pile up paths
+        os.environ[USER_PATH_ENV] = os.pathsep.join(dict.fromkeys(paths))  # inherited by the workers
 
 
 def where(e: BaseException) -> str:

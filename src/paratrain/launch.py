@@ -168,7 +168,9 @@ def launch(cfg: Config, nproc: int | None = None, resume: str | Path | None = No
     """Check everything, then train on `nproc` local processes (default: run.nproc). Exit code."""
     nproc = nproc or cfg.run.nproc
     if cfg.strategy.name == "single":
-        validate(cfg, world_size=nproc)
+        # In this process, but bad input is still refused before train() writes a run directory.
+        # The checkpoint is settled inside train() and checked by the Trainer, not here.
+        preflight(cfg, nproc, None)
         train(cfg, resume=resume, discard_newer=discard_newer)
         return 0
     cfg, plan = settle(cfg, resume, discard_newer=discard_newer)

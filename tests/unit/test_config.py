@@ -88,6 +88,9 @@ INVALID = [
     (["run.name=a/b"], "run.name = 'a/b': must be a plain name"),
     (["run.name=.hidden"], "run.name = '.hidden': must be a plain name"),
     (['run.name=""'], "run.name = '': must be a plain name"),
+    (["run.name=.."], "run.name = '..': must be a plain name"),
+    (["run.name=."], "run.name = '.': must be a plain name"),
+    (["run.name=a\\b"], "run.name = 'a\\\\b': must be a plain name"),
     (["training.on_nonfinite=ignore"], "training.on_nonfinite = 'ignore': must be one of stop, skip"),
     (["strategy.name=parameter_server", "training.on_nonfinite=skip"],
      "training.on_nonfinite = 'skip': parameter_server takes 'stop'"),
@@ -163,6 +166,18 @@ def test_invalid_toml_file(tmp_path, capsys):
     assert f"config file '{path}' is not valid TOML" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("toml,message", [
+    ("[optimizer]\nlr = inf\n", "optimizer.lr = inf: must be a finite number"),
+    ("[faults]\ndelay_s = nan\n", "faults.delay_s = nan: must be a finite number"),
+    ("[optimizer]\nbetas = [0.9, -inf]\n", "optimizer.betas = -inf: must be a finite number"),
+])
+def test_non_finite_numbers_in_a_toml_file(toml, message, tmp_path, capsys, monkeypatch):
+    """TOML has inf and nan literals; no float key takes them."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.toml").write_text(toml)
+    _refused(["run", "c.toml"], message, tmp_path, capsys)
+
+
 # Broken user code, written next to the run (the current directory): (module source, sets, message).
 USER_MODEL = "import torch.nn as nn\ndef build(width=1):\n    return nn.Linear(10, width)\n"
 BROKEN = [
@@ -228,3 +243,29 @@ def test_user_code_that_does_not_import_fails_before_workers(sets, message, tmp_
     sets = ["model.name=custom", "model.factory=torch.nn:Linear", "model.loss=torch.nn.functional:mse_loss",
             "data.name=synthetic", *sets]
     _refused(["run", "--nproc", "2", *_sets(sets)], message, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("source,sets,message", [
+    ("def build(width=4):\n    raise ValueError('bad width')\n", [], "model.factory = 'usr:build' raised ValueError: bad width at"),
+    ("import torch.nn as nn\ndef build(width=4):\n    return nn.ReLU()\n", [],
+     "model.factory = 'usr:build': the model has no trainable parameters"),
+    (USER_MODEL, ["run.device=cuda"], "run.device = 'cuda': no CUDA device is visible"),
+    (USER_MODEL, ["model.name=gpt", "data.name=text", "data.path=latin1.txt"],
+     "data.path = 'latin1.txt': not UTF-8 text (byte 3"),
+], ids=["raises", "no-parameters", "cuda", "not-utf8"])
+def test_single_process_run_refuses_before_writing(source, sets, message, tmp_path, capsys, monkeypatch):
+    """strategy.name = 'single' trains in the launcher's own process: the same checks, before a run directory."""
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "usr.py").write_text(source)
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 100)
+    if "run.device=cuda" in sets:
+        import torch
+        if torch.cuda.is_available():
+            pytest.skip("a CUDA device is visible here")
+    monkeypatch.setattr("sys.path", list(sys.path))
+    sys.modules.pop("usr", None)
+    sets = ["strategy.name=single", "model.name=custom", "model.factory=usr:build",
+            "model.loss=torch.nn.functional:mse_loss", "data.name=synthetic", "training.global_batch_size=8", *sets]
+    _refused(["run", "--nproc", "1", *_sets(sets)], message, tmp_path, capsys)
