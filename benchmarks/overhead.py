@@ -51,12 +51,12 @@ def plain_ddp_loop(cfg, topo, batches):
 def bench_rank(sets: list[str], rounds: int, steps: int) -> dict:
     import paratrain
     from paratrain.data import ShardedBatches, build_datasets
-    from paratrain.strategies import get_strategy
+    from paratrain.strategies import layout
     from paratrain.topology import Topology
     from paratrain.trainer import Trainer
 
     cfg = paratrain.load_config(None, sets)
-    topo = Topology.from_env(cfg.run, lambda n: get_strategy("ddp").parallel_dims(cfg, n))
+    topo = Topology.from_env(cfg.run, lambda n: layout(cfg, n))
     data = build_datasets(cfg)
     batches = ShardedBatches(data.train, cfg.training.global_batch_size, topo.axis_rank("dp"), topo.size("dp"),
                              cfg.training.seed)

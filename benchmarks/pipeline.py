@@ -58,12 +58,12 @@ MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2 ** 20), "MALLOC_TRIM_THRESHOLD_":
 def _trainer(sets: list[str], data, run_dir: str):
     """A Topology on the existing group and a Trainer; ConfigError if the layout is rejected."""
     import paratrain
-    from paratrain.strategies import get_strategy
+    from paratrain.strategies import layout
     from paratrain.topology import Topology
     from paratrain.trainer import Trainer
 
     cfg = paratrain.load_config(None, sets)
-    topo = Topology.from_env(cfg.run, lambda n: get_strategy(cfg.strategy.name).parallel_dims(cfg, n))
+    topo = Topology.from_env(cfg.run, lambda n: layout(cfg, n))
     return Trainer(cfg, topo, run_dir, datasets=data)
 
 
@@ -129,6 +129,8 @@ def model_state_bytes(sets, data, run_dir, steps: int = 3) -> dict:
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
+    from paratrain.strategies.base import state_bytes
+
     trainer = _trainer(sets, data, run_dir)
     strategy, seen = trainer.strategy, {}
     fsdp = isinstance(strategy.model, FSDPModule)
@@ -137,13 +139,13 @@ def model_state_bytes(sets, data, run_dir, steps: int = 3) -> dict:
         # Runs after FSDP2's own post-forward hook (registered earlier): zero3's blocks are
         # sharded again, zero2's stay all-gathered until their backward. The gathered copies are
         # plain tensors in the module, beside the shards the optimizer holds.
-        s = strategy.state_bytes()
+        s = state_bytes(strategy)
         gathered = sum(p.numel() * p.element_size() for p in strategy.model.parameters()
                        if not isinstance(p, DTensor)) if fsdp else 0
         seen["forward_end"] = {**s, "params": s["params"] + gathered}
 
     strategy.model.register_forward_hook(at_forward_end)
-    strategy.optimizer.register_step_pre_hook(lambda *_: seen.update(step=strategy.state_bytes()))
+    strategy.optimizer.register_step_pre_hook(lambda *_: seen.update(step=state_bytes(strategy)))
     for _ in range(steps):
         trainer.step()
     trainer.metrics.close()

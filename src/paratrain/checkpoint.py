@@ -233,14 +233,14 @@ class Checkpointer:
         return self.dir / f"step-{step:08d}.pt"
 
     def save(self, step: int, strategy, data_position: dict) -> Path | None:
-        group = strategy.live_group()  # every rank still in the job takes part
+        group = strategy.agree_on_members()  # every rank still in the job takes part
         rng = [_rng_state()]
         rng_ranks = list(range(self.topo.world_size))  # whose streams: the live group's ranks
         if self.topo.world_size > 1:
             rng = messages.all_gather(_rng_state(), group=group)
             if group is not None:  # a subset: survivors of a lost rank, a parameter server's workers
                 rng_ranks = dist.get_process_group_ranks(group)
-        state = strategy.state_dict()  # sharded strategies gather here
+        state = strategy.state_dict(group)  # sharded strategies gather here
         if self.topo.world_size > 1:  # pipeline stages hold different layers: merge them on rank 0
             parts = messages.gather(state if strategy.holds_unique_state else None, dst=0, group=group)
             state = merge_states([p for p in parts if p is not None]) if self.topo.is_main else None

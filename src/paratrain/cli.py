@@ -72,29 +72,18 @@ def _testbed(args) -> int:
 def _testbed_run(args, cfg, resume) -> int:
     """`paratrain testbed run`: as `paratrain run`, everything is checked once, here, and one run
     directory is settled that every node writes to (the namespaces share this file system)."""
-    from paratrain.launch import preflight
-    from paratrain.rundir import OWNED_ENV, claim, notes, record_config, settle
+    from paratrain.launch import owned_run
     from paratrain.testbed import DEFAULT_STATE, Testbed
 
     bed = Testbed.load(args.state or DEFAULT_STATE)
     if args.nproc_per_host < 1:
         raise ConfigError(f"--nproc-per-host {args.nproc_per_host}: must be an integer >= 1")
-    cfg, plan = settle(cfg, resume, discard_newer=args.discard_newer)
-    preflight(cfg, bed.hosts * args.nproc_per_host, plan.ckpt_path, plan.ckpt)
-    cfg, lock = claim(cfg, plan)
-    code = 1
-    try:
-        run_dir = Path(cfg.run.dir)
-        config_path = record_config(run_dir, cfg)
-        for line in notes(plan):
-            print(f"paratrain: {line}", file=sys.stderr)
-        worker = [str(config_path.resolve())] + (["--resume", str(plan.ckpt_path.resolve())] if plan.ckpt_path else [])
-        os.environ[OWNED_ENV] = str(run_dir)  # the nodes' workers write into the directory this process owns
-        code = bed.run_job(worker, args.nproc_per_host, rdzv_id=run_dir.name)
-    finally:
-        os.environ.pop(OWNED_ENV, None)
-        lock.finish("finished" if code == 0 else "failed")
-    print(f"testbed run: exit code {code}; run directory {run_dir}", file=sys.stderr if code else sys.stdout)
+    with owned_run(cfg, bed.hosts * args.nproc_per_host, resume, args.discard_newer) as run:
+        ckpt = run.plan.ckpt_path
+        worker = [str(run.config_path.resolve())] + (["--resume", str(ckpt.resolve())] if ckpt else [])
+        code = bed.run_job(worker, args.nproc_per_host, rdzv_id=run.run_dir.name)
+        run.status = "finished" if code == 0 else "failed"
+    print(f"testbed run: exit code {code}; run directory {run.run_dir}", file=sys.stderr if code else sys.stdout)
     return code
 
 

@@ -13,6 +13,29 @@ import torch
 import torch.distributed as dist
 
 
+def flatten(tensors) -> torch.Tensor:
+    """One flat vector of `tensors` (one message, however many tensors), detached."""
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def unflatten(flat: torch.Tensor, like) -> list[torch.Tensor]:
+    """Views of `flat` shaped as each of `like`, in order."""
+    return [c.view_as(t) for c, t in zip(torch.split(flat, [t.numel() for t in like]), like)]
+
+
+def timed(meter: "CommMeter", nbytes: int, launch):
+    """Launch a collective: bytes charged at once (so they land in this step whatever the timing),
+    launch-to-completion time when it finishes. `launch()` returns a Work, or None if it blocked."""
+    t0 = time.perf_counter()
+    meter.add(nbytes, 0.0)
+    work = launch()
+    if work is None:
+        meter.add(0, time.perf_counter() - t0)
+    else:
+        work.get_future().then(lambda _: meter.add(0, time.perf_counter() - t0))
+    return work
+
+
 def ring_allreduce_bytes(nbytes: int, n: int) -> int:
     return 0 if n <= 1 else round(2 * (n - 1) * nbytes / n)
 
@@ -60,3 +83,10 @@ class CommMeter:
         dist.all_reduce(tensor, op=op, group=group)
         self.add(ring_allreduce_bytes(tensor.numel() * tensor.element_size(), n), time.perf_counter() - t0)
         return tensor
+
+    def mean(self, value: torch.Tensor, group) -> float:
+        """The mean of a scalar over `group` (None: the world, or no group at all), counted."""
+        n = dist.get_world_size(group) if dist.is_initialized() else 1
+        if n > 1:
+            value = self.all_reduce(value.reshape(1).clone(), group) / n
+        return value.item()

@@ -353,8 +353,9 @@ def _convert(tp, value: Any, key: str):
 # ---------------------------------------------------------------------------- cross-field checks
 
 
-def validate(cfg: Config, world_size: int | None = None) -> None:
-    """Checks that span several keys; `world_size` adds the ones that need the process count."""
+def validate(cfg: Config) -> None:
+    """Checks that span several keys and know no strategy (strategies.layout has those, and the
+    ones that need the process count)."""
     m, d, t = cfg.model, cfg.data, cfg.training
     if not _PLAIN_NAME.fullmatch(cfg.run.name):  # it names a directory under runs/
         raise ConfigError(f"run.name = {cfg.run.name!r}: must be a plain name (letters, digits, '-', '_', '.'; "
@@ -378,39 +379,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError("data.factory: required when data.name = 'custom' (e.g. 'mypkg.data:build')")
     if cfg.optimizer.nesterov and not (cfg.optimizer.name == "sgd" and cfg.optimizer.momentum > 0):
         raise ConfigError("optimizer.nesterov = true: needs optimizer.name = 'sgd' and optimizer.momentum > 0")
-    s = cfg.strategy
-    if s.name != "hybrid":
-        for key, value, default in (("dp", s.dp, 0), ("pp", s.pp, 1), ("tp", s.tp, 1), ("dp_mode", s.dp_mode, "replicate")):
-            if value != default:
-                raise ConfigError(f"strategy.{key} = {value!r}: only strategy.name = 'hybrid' takes degrees; "
-                                  f"'{s.name}' uses every process on its own axis")
-    codec = s.compression.codec
-    compressing = ("ddp", "local_sgd", "diloco", "gossip", "parameter_server")
-    if codec != "none" and s.name not in compressing:
-        raise ConfigError(f"strategy.compression.codec = '{codec}': only strategy.name = "
-                          f"{', '.join(repr(n) for n in compressing)} compresses; '{s.name}' takes 'none'")
-    if codec == "powersgd" and s.name != "ddp":
-        raise ConfigError(f"strategy.compression.codec = 'powersgd': {s.name} takes fp16, bf16, topk, randomk, sign "
-                          "or int8 (PowerSGD is a DDP hook)")
     if t.global_batch_size % t.grad_accum_steps:
         raise ConfigError(
             f"training.global_batch_size = {t.global_batch_size}: must be divisible by "
             f"training.grad_accum_steps = {t.grad_accum_steps}")
     if cfg.optimizer.warmup_steps >= t.steps and cfg.optimizer.warmup_steps:
         raise ConfigError(f"optimizer.warmup_steps = {cfg.optimizer.warmup_steps}: must be < training.steps = {t.steps}")
-    if t.on_nonfinite == "skip" and s.name == "parameter_server":
-        raise ConfigError("training.on_nonfinite = 'skip': parameter_server takes 'stop' (a worker's push is part "
-                          "of the servers' protocol)")
-    if world_size is None:
-        return
-    if cfg.faults.rank >= world_size:
-        raise ConfigError(f"faults.rank = {cfg.faults.rank}: there are only ranks 0..{world_size - 1}")
-    # The strategy knows its own constraints on the world size (ranks per axis).
-    from paratrain.strategies import get_strategy
-
-    dims = get_strategy(cfg.strategy.name).parallel_dims(cfg, world_size)
-    per_rank = dims.dp * t.grad_accum_steps
-    if t.global_batch_size % per_rank:
-        raise ConfigError(
-            f"training.global_batch_size = {t.global_batch_size}: must be divisible by data-parallel ranks x "
-            f"grad_accum_steps = {dims.dp} x {t.grad_accum_steps}")

@@ -13,8 +13,8 @@ import inspect
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from paratrain.config import ConfigError
 

@@ -12,18 +12,19 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch.distributed as dist
 import torch.nn as nn
 
 from paratrain.checkpoint import check_compatible, list_checkpoints, read_checkpoint
-from paratrain.config import Config, ConfigError, validate
+from paratrain.config import Config, ConfigError
 from paratrain.data import Datasets, ShardedBatches, build_datasets
 from paratrain.imports import import_callable
-from paratrain.rundir import OWNED_ENV, claim, notes, record_config, settle
+from paratrain.rundir import OWNED_ENV, Plan, claim, notes, record_config, settle
 from paratrain.signals import HANDLED
 
 # On SIGTERM / Ctrl-C the workers finish their step and write a checkpoint (signals.py); torch's
@@ -49,11 +50,10 @@ def train(cfg: Config, *, resume: str | Path | None = None, model: nn.Module | N
 
     `model`, `loss_fn` and `datasets` override what the config names, for use from Python.
     """
-    from paratrain.strategies import get_strategy
+    from paratrain.strategies import get_server, layout
     from paratrain.topology import Topology
-    from paratrain.trainer import Trainer
+    from paratrain.trainer import Trainer, initial_model
 
-    strategy = get_strategy(cfg.strategy.name)
     distributed = "WORLD_SIZE" in os.environ  # a rank of a torchrun / `paratrain run` job
     if not distributed and cfg.strategy.name != "single":
         raise ConfigError(f"strategy.name = '{cfg.strategy.name}': needs worker processes; start it with "
@@ -71,12 +71,12 @@ def train(cfg: Config, *, resume: str | Path | None = None, model: nn.Module | N
     if distributed and dist.is_initialized():  # a caller's group: no rank writes there before all have looked
         dist.barrier()
     if distributed:
-        topo = Topology.from_env(cfg.run, lambda n: strategy.parallel_dims(cfg, n))
+        topo = Topology.from_env(cfg.run, lambda n: layout(cfg, n))
     else:
+        layout(cfg, 1)
         topo = Topology.single(cfg.run)
     lock, status = None, "failed"
     try:
-        validate(cfg, topo.world_size)
         if plan is not None and topo.is_main:  # the one owner of the run directory
             cfg, lock = claim(cfg, plan)
             record_config(cfg.run.dir, cfg)
@@ -85,6 +85,12 @@ def train(cfg: Config, *, resume: str | Path | None = None, model: nn.Module | N
         if topo.world_size > 1:
             dist.barrier()  # the directory is settled before any rank writes to it
         run_dir = Path(cfg.run.dir)
+        if not topo.dims.trains(topo.rank):  # a serving rank (parameter servers): no trainer here
+            model, _ = initial_model(cfg, model, datasets)
+            ckpt = ckpt if ckpt is not None or ckpt_path is None else read_checkpoint(ckpt_path)
+            report = get_server(cfg.strategy.name)(cfg, topo, run_dir, ckpt, model)
+            status = "finished"
+            return TrainResult(model, report, run_dir)
         trainer = Trainer(cfg, topo, run_dir, resume=ckpt_path, checkpoint=ckpt, model=model, loss_fn=loss_fn,
                           datasets=datasets)
         summary = trainer.fit()
@@ -104,17 +110,15 @@ def preflight(cfg: Config, world_size: int, ckpt_path: Path | None, ckpt: dict |
     import torch
 
     from paratrain.models import build_loss, build_model
-    from paratrain.strategies import get_strategy
-    from paratrain.strategies.pipeline import check_model_split
+    from paratrain.strategies.layout import check_model_split, layout
 
-    validate(cfg, world_size)
+    dims = layout(cfg, world_size)  # every rule that names a strategy or needs the process count
     if cfg.run.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("run.device = 'cuda': no CUDA device is visible; use 'cpu' or 'auto'")
     for key in ("model.factory", "model.loss", "data.factory"):  # user code must import
         section, name = key.split(".")
         if path := getattr(getattr(cfg, section), name):
             import_callable(path, key)
-    dims = get_strategy(cfg.strategy.name).parallel_dims(cfg, world_size)
     datasets = build_datasets(cfg)
     for split, data in (("train", datasets.train), ("eval", datasets.eval)):  # enough samples for a batch
         ShardedBatches(data, cfg.training.global_batch_size, 0, dims.dp, cfg.training.seed, split)
@@ -163,6 +167,36 @@ def _meta_cannot(e: Exception) -> bool:
     return isinstance(e, NotImplementedError) or "meta" in text or "data-dependent" in text
 
 
+@dataclass
+class OwnedRun:
+    """A run directory this process owns, settled and checked (`owned_run`)."""
+    cfg: Config
+    plan: Plan
+    run_dir: Path
+    config_path: Path
+    status: str = "failed"  # how it ended, for owner.json: set by the caller
+
+
+@contextmanager
+def owned_run(cfg: Config, world_size: int, resume, discard_newer: bool):
+    """Settle the run directory and the checkpoint to resume from, check everything against
+    `world_size` processes, then claim the directory and record the config; the workers started
+    inside find it settled (OWNED_ENV). `paratrain run` and `paratrain testbed run` start here."""
+    cfg, plan = settle(cfg, resume, discard_newer=discard_newer)
+    preflight(cfg, world_size, plan.ckpt_path, plan.ckpt)
+    cfg, lock = claim(cfg, plan)  # from here on this process owns the run directory
+    run = OwnedRun(cfg, plan, Path(cfg.run.dir), Path(cfg.run.dir))
+    try:
+        run.config_path = record_config(run.run_dir, cfg)
+        for line in notes(plan):
+            print(f"paratrain: {line}", file=sys.stderr)
+        os.environ[OWNED_ENV] = str(run.run_dir)
+        yield run
+    finally:
+        os.environ.pop(OWNED_ENV, None)
+        lock.finish(run.status)
+
+
 def launch(cfg: Config, nproc: int | None = None, resume: str | Path | None = None,
            discard_newer: bool = False) -> int:
     """Check everything, then train on `nproc` local processes (default: run.nproc). Exit code."""
@@ -173,21 +207,13 @@ def launch(cfg: Config, nproc: int | None = None, resume: str | Path | None = No
         preflight(cfg, nproc, None)
         train(cfg, resume=resume, discard_newer=discard_newer)
         return 0
-    cfg, plan = settle(cfg, resume, discard_newer=discard_newer)
-    preflight(cfg, nproc, plan.ckpt_path, plan.ckpt)
-    cfg, lock = claim(cfg, plan)  # from here on this process owns the run directory
-    status = "failed"
-    try:
-        run_dir = Path(cfg.run.dir)
-        config_path = record_config(run_dir, cfg)
-        for line in notes(plan):
-            print(f"paratrain: {line}", file=sys.stderr)
-
+    with owned_run(cfg, nproc, resume, discard_newer) as run:
         import uuid
 
         from torch.distributed.elastic.multiprocessing.api import SignalException
         from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-        from torch.distributed.run import get_args_parser, run
+        from torch.distributed.run import get_args_parser
+        from torch.distributed.run import run as torchrun
 
         from paratrain.topology import loopback_store
 
@@ -198,10 +224,9 @@ def launch(cfg: Config, nproc: int | None = None, resume: str | Path | None = No
         for name in list(logging.root.manager.loggerDict):  # torch sets a level on each of its loggers
             if name.startswith("torch.distributed"):
                 logging.getLogger(name).setLevel(logging.CRITICAL)
-        os.environ[OWNED_ENV] = str(run_dir)
-        os.environ.setdefault("OMP_NUM_THREADS", str(cfg.run.threads_per_rank))
-        ckpt = plan.ckpt_path
-        worker = ["-m", "paratrain", "worker", str(config_path)] + (["--resume", str(ckpt)] if ckpt else [])
+        os.environ.setdefault("OMP_NUM_THREADS", str(run.cfg.run.threads_per_rank))
+        ckpt = run.plan.ckpt_path
+        worker = ["-m", "paratrain", "worker", str(run.config_path)] + (["--resume", str(ckpt)] if ckpt else [])
         # Not --standalone, whose stores listen on every interface: the rendezvous store is hosted
         # here on 127.0.0.1 (loopback_store), torch's agent joins it as a client (is_host=false), and
         # --local-addr makes the workers' MASTER_ADDR 127.0.0.1, where rank 0's process-group store
@@ -212,29 +237,26 @@ def launch(cfg: Config, nproc: int | None = None, resume: str | Path | None = No
         args = get_args_parser().parse_args([*local, f"--nproc-per-node={nproc}", "--max-restarts=0",
                                              f"--shutdown-timeout={SHUTDOWN_GRACE_S}", *worker])
         try:
-            run(args)
+            torchrun(args)
         except SignalException as e:  # torch's agent forwarded it to every worker and waited for them
-            status = "interrupted"
-            return _stopped(e.sigval, run_dir, killed=_kill_children())
+            run.status = "interrupted"
+            return _stopped(e.sigval, run.run_dir, killed=_kill_children())
         except ChildFailedError as e:
             codes = sorted({f.exitcode for f in e.failures.values()})
             # A signal sent to the workers themselves: they stopped at a step (128 + N), or the agent
             # ended the last ones with the same signal once the first had exited.
             stopped = [c - 128 if c > 0 else -c for c in codes if (c - 128 if c > 0 else -c) in HANDLED]
             if stopped and len(stopped) == len(codes) and any(c > 128 for c in codes):
-                status = "interrupted"
-                return _stopped(signal.Signals(stopped[0]), run_dir, killed=False)
+                run.status = "interrupted"
+                return _stopped(signal.Signals(stopped[0]), run.run_dir, killed=False)
             print(f"paratrain: {len(e.failures)} of {nproc} workers failed (exit codes {codes}); "
-                  f"see their messages above; run directory {run_dir}", file=sys.stderr)
+                  f"see their messages above; run directory {run.run_dir}", file=sys.stderr)
             return next((c for c in (2, 3) if c in codes), 1)  # bad input; a non-finite step (cli.py)
         finally:
             for key in local_env:
                 os.environ.pop(key, None)
-        status = "finished"
+        run.status = "finished"
         return 0
-    finally:
-        os.environ.pop(OWNED_ENV, None)
-        lock.finish(status)
 
 
 def _kill_children() -> bool:

@@ -10,10 +10,23 @@ import json
 import math
 import statistics
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from paratrain.strategies.base import StepStats
+
+@dataclass
+class StepStats:
+    """What a strategy's `train_step` reports for one step on this rank; `MetricsLog` records it."""
+    loss: float  # mean over the global batch where the step communicates; else this rank's own (extra["loss_ranks"])
+    samples: int  # processed by this rank
+    tokens: int
+    compute_s: float = 0.0  # forward + backward (with whatever communication it could not hide)
+    comm_s: float = 0.0  # time inside collectives; for DDP it overlaps compute
+    optim_s: float = 0.0
+    wait_s: float = 0.0  # waiting for other ranks (asynchronous strategies)
+    bytes_sent: int = 0  # payload this rank put on the wire
+    extra: dict = field(default_factory=dict)  # strategy-specific numbers, merged into the step record
+    skipped: bool = False  # a straggler dropped this step's computation to keep pace (nothing computed)
 
 
 class MetricsLog:
@@ -114,7 +127,8 @@ class Progress:
         self.mode = mode if enabled else "off"
         self.total, self.every = total, every
         if self.mode == "bar":
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import Progress as Bar
 
             self.bar = Bar(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                            TextColumn("{task.fields[info]}"), TimeRemainingColumn())

@@ -1,7 +1,7 @@
 """A NaN or Inf loss or gradient: stop before the update, or skip it on every rank.
 
 Checked before every optimizer update: this rank's loss (before any averaging) and its
-gradients' norms. Where ranks step together (`Strategy.lockstep`) they agree with one all-reduce
+gradients' norms (`check_update`). Where ranks step together (`Strategy.lockstep`) they agree with one all-reduce
 of a world-size vector, slot r set when rank r is non-finite, so every rank takes the same
 decision and the message names the ranks; local SGD, DiLoCo, gossip and Hogwild replicas decide
 alone, as they update alone. Written here: torch has no update guard outside AMP's GradScaler,
@@ -51,3 +51,13 @@ def bad_ranks(loss: torch.Tensor, params, rank: int, world_size: int, agree: boo
         if bad:
             return bad, where
     return [], ""
+
+
+def check_update(strategy, loss: torch.Tensor, params) -> bool:
+    """Before `strategy`'s update: True to take it, False to skip it (training.on_nonfinite =
+    'skip'); NonFiniteError to stop. Agreed over the world where the strategy is `lockstep`."""
+    topo = strategy.topo
+    bad, where = bad_ranks(loss, list(params), topo.rank, topo.world_size, strategy.lockstep)
+    if bad and strategy.cfg.training.on_nonfinite == "stop":
+        raise NonFiniteError(bad, where=where)
+    return not bad

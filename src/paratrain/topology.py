@@ -34,6 +34,10 @@ class ParallelDims:
     def world_size(self) -> int:
         return self.dp * self.pp * self.tp
 
+    def trains(self, rank: int) -> bool:
+        """Whether `rank` runs the trainer (layout.ServerDims: not its serving ranks)."""
+        return True
+
     def check(self, world_size: int) -> None:
         if min(self.dp, self.pp, self.tp) < 1 or self.world_size != world_size:
             raise ConfigError(

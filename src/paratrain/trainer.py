@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -22,22 +22,28 @@ from paratrain.strategies import get_strategy
 from paratrain.topology import Topology
 
 
+def initial_model(cfg: Config, model: nn.Module | None = None,
+                  datasets: Datasets | None = None) -> tuple[nn.Module, Datasets]:
+    """The model every rank starts from, bit for bit (the same seed first), and the datasets."""
+    torch.manual_seed(cfg.training.seed)
+    datasets = datasets or build_datasets(cfg)
+    return (model if model is not None else build_model(cfg, datasets.vocab_size)), datasets
+
+
 class Trainer:
     def __init__(self, cfg: Config, topo: Topology, run_dir: Path, *, resume: Path | None = None,
                  checkpoint: dict | None = None, model: nn.Module | None = None, loss_fn: Callable | None = None,
                  datasets: Datasets | None = None):
         self.cfg, self.topo, self.run_dir = cfg, topo, Path(run_dir)
         t = cfg.training
-        torch.manual_seed(t.seed)  # identical initial weights on every rank
-        datasets = datasets or build_datasets(cfg)
-        model = model if model is not None else build_model(cfg, datasets.vocab_size)
+        model, datasets = initial_model(cfg, model, datasets)
         ckpt = checkpoint if checkpoint is not None or resume is None else read_checkpoint(resume)
         if ckpt is not None:
             check_compatible(ckpt, cfg, resume, model)
         self.faults = FaultInjector(cfg.faults, topo.rank)
         loss_fn = self.faults.wrap_loss(loss_fn or build_loss(cfg))
         self.strategy = get_strategy(cfg.strategy.name)(cfg, topo, model, loss_fn)
-        dp_rank, dp_size = self.strategy.dp_rank, self.strategy.dp_size
+        dp_rank, dp_size = topo.axis_rank("dp"), topo.size("dp")  # this rank's share of each batch
         self.batches = ShardedBatches(datasets.train, t.global_batch_size, dp_rank, dp_size, t.seed)
         held_out = ShardedBatches(datasets.eval, t.global_batch_size, dp_rank, dp_size, t.seed, split="eval")
         self.eval_batches = [held_out.batch(i).to(topo.device) for i in range(t.eval_batches)]
@@ -70,14 +76,14 @@ class Trainer:
         self.step_num += 1
         rec = self.metrics.log_step(step, stats, lr, data_s, time.perf_counter() - t0, t.global_batch_size,
                                    batch.tokens_per_sample)
-        eval_loss, t1 = None, time.perf_counter()
-        if self._due(t.eval_every):
-            eval_loss = self.strategy.evaluate(self.eval_batches)
-            self.strategy.meter.take()  # evaluation traffic is not a training step's
-            self.metrics.log_eval(step, eval_loss)
-        if self.cfg.checkpoint.enabled and self._due(self.cfg.checkpoint.every):
-            self.checkpointer.save(self.step_num, self.strategy, self.batches.position(self.step_num))
-        self.strategy.outside_training(time.perf_counter() - t1)
+        eval_loss = None
+        with self.strategy.paused():
+            if self._due(t.eval_every):
+                eval_loss = self.strategy.evaluate(self.eval_batches)
+                self.strategy.meter.take()  # evaluation traffic is not a training step's
+                self.metrics.log_eval(step, eval_loss)
+            if self.cfg.checkpoint.enabled and self._due(self.cfg.checkpoint.every):
+                self.checkpointer.save(self.step_num, self.strategy, self.batches.position(self.step_num))
         return rec, eval_loss
 
     def _checkpoint_now(self) -> Path | None:
@@ -95,25 +101,21 @@ class Trainer:
         """Run the remaining steps; returns rank 0's summary (every rank returns its own)."""
         cfg, total = self.cfg, self.cfg.training.steps
         progress = Progress(cfg.run.progress, total, self.step_num, cfg.training.log_every, self.topo.is_main)
-        stop = StopRequest().install() if self.strategy.trains else None  # SIGTERM / Ctrl-C: see signals.py
+        stop = StopRequest().install()  # SIGTERM / Ctrl-C: see signals.py
         try:
-            if not self.strategy.trains:  # a serving rank: no steps of its own
-                self.strategy.serve()
-            while self.strategy.trains and self.step_num < total:
+            while self.step_num < total:
                 progress.update(*self.step())
                 if signum := self.strategy.agree_to_stop(stop.signum):
                     raise Stopped(signum, self.step_num, self._checkpoint_now())
         finally:
             progress.close()
             self.metrics.close()
-            if stop is not None:
-                stop.restore()
-        self.strategy.close(self.run_dir)
+            stop.restore()
+        finished = self.strategy.close(self.run_dir)  # the group of the ranks that finished
         summary = self.metrics.summary()
         bytes_per_rank = [summary["bytes_sent_per_step"]]
         if self.topo.world_size > 1:
-            group = self.strategy.live_group()
-            bytes_per_rank = messages.all_gather(summary["bytes_sent_per_step"], group=group)
+            bytes_per_rank = messages.all_gather(summary["bytes_sent_per_step"], group=finished)
         summary["bytes_sent_per_step_per_rank"] = bytes_per_rank
         if self.topo.is_main and cfg.run.progress != "off":
             title = f"paratrain: {cfg.model.name} with {cfg.strategy.name} on {self.topo.world_size} process(es)"

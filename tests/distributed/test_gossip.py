@@ -14,7 +14,7 @@ import torch.nn as nn
 
 import paratrain
 from paratrain.data.synthetic import TensorDataset
-from paratrain.strategies.gossip import gossip_peers
+from paratrain.strategies.gossip.gossip import gossip_peers
 from paratrain.testing import run_ranks
 from tests.helpers import MLP, TINY_GPT, config, fit, max_param_diff
 

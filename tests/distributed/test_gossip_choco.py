@@ -7,7 +7,8 @@ import torch
 import torch.distributed as dist
 
 import paratrain
-from paratrain.config import ConfigError, validate
+from paratrain.config import ConfigError
+from paratrain.strategies.layout import layout
 from paratrain.testing import run_ranks
 from tests.distributed.test_gossip import DIM, QUADRATIC, WORLD, _records, optimum
 from tests.helpers import MLP, config
@@ -59,7 +60,7 @@ def test_bytes_are_the_compressed_messages(runs, codec):
 
 def test_compressed_gossip_config_errors():
     def check(*sets):
-        validate(config(MLP, "strategy.name=gossip", *sets), 4)
+        layout(config(MLP, "strategy.name=gossip", *sets), 4)
 
     check("strategy.compression.codec=topk", "strategy.gossip.consensus_step=0.1")
     with pytest.raises(ConfigError, match="strategy.gossip.graph = 'exponential': compressed gossip"):
@@ -72,4 +73,4 @@ def test_compressed_gossip_config_errors():
 
 def test_consensus_step_without_a_codec_is_an_error():
     with pytest.raises(ConfigError, match="consensus_step = 0.1: used only by compressed gossip"):
-        validate(config(MLP, "strategy.name=gossip", "strategy.gossip.consensus_step=0.1"), 4)
+        layout(config(MLP, "strategy.name=gossip", "strategy.gossip.consensus_step=0.1"), 4)

@@ -6,9 +6,10 @@ import torch.nn as nn
 
 import paratrain
 from paratrain.checkpoint import list_checkpoints, read_checkpoint
-from paratrain.config import ConfigError, validate
+from paratrain.config import ConfigError
 from paratrain.data.synthetic import TensorDataset
 from paratrain.strategies.hogwild import shared_path
+from paratrain.strategies.layout import layout
 from paratrain.testing import run_ranks
 from tests.helpers import MLP, config, fit, max_param_diff
 
@@ -108,11 +109,11 @@ def test_two_ranks_share_one_copy_and_both_update_it(oracle, tmp_path):
 ])
 def test_invalid_configs(sets, message):
     with pytest.raises(ConfigError, match=message):
-        validate(config(SGD, "strategy.name=hogwild", *sets), world_size=2)
+        layout(config(SGD, "strategy.name=hogwild", *sets), 2)
 
 
 def test_refuses_several_nodes(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="one node"):
-        validate(config(SGD, "strategy.name=hogwild"), world_size=4)
+        layout(config(SGD, "strategy.name=hogwild"), 4)

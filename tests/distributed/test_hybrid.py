@@ -2,8 +2,8 @@
 import pytest
 
 import paratrain
-
-from paratrain.config import ConfigError, validate
+from paratrain.config import ConfigError
+from paratrain.strategies.layout import layout
 from paratrain.testing import run_ranks
 from tests.helpers import TINY_GPT, config, fit, max_param_diff
 
@@ -84,5 +84,5 @@ def test_meshes_equal_single_and_checkpoints_cross_layouts(tmp_path):
 ])
 def test_invalid_meshes(sets, world, message):
     with pytest.raises(ConfigError) as err:
-        validate(config(BASE, *sets), world_size=world)
+        layout(config(BASE, *sets), world)
     assert message in str(err.value)

@@ -12,7 +12,8 @@ import torch.distributed as dist
 
 from paratrain.checkpoint import read_checkpoint
 from paratrain.comm import ring_allgather_bytes, ring_allreduce_bytes
-from paratrain.config import ConfigError, validate
+from paratrain.config import ConfigError
+from paratrain.strategies.layout import layout
 from paratrain.testing import run_ranks
 from tests.helpers import MLP, config, fit, max_param_diff
 
@@ -36,11 +37,12 @@ SYNCS = {3, 7, 9}  # step indices of a 10-step run with H = 4: after steps 4, 8 
 def stepwise(cfg) -> dict:
     """Train step by step: after each step this rank's record and its own replica (flat); then
     the trainer's end of run (closing gathers) and this rank's summary."""
-    from paratrain.strategies import get_strategy
-    from paratrain.topology import Topology
+    from paratrain.topology import ParallelDims, Topology
     from paratrain.trainer import Trainer
 
-    topo = Topology.from_env(cfg.run, lambda n: get_strategy(cfg.strategy.name).parallel_dims(cfg, n))
+    # Not layout(): the killed-worker test trains 3 ranks on a batch of 32 (ShardedBatches takes
+    # 10 each), which `paratrain run` would refuse.
+    topo = Topology.from_env(cfg.run, lambda n: ParallelDims(dp=n))
     trainer = Trainer(cfg, topo, cfg.run.dir)
     out = []
     while trainer.step_num < cfg.training.steps:
@@ -199,5 +201,5 @@ def test_diloco_survives_a_killed_worker(tmp_path, codec):
 def test_outer_nesterov_needs_outer_momentum():
     cfg = config(MLP, "strategy.name=diloco", "strategy.local_sgd.outer_momentum=0.0")  # nesterov on by default
     with pytest.raises(ConfigError, match="outer_nesterov"):
-        validate(cfg, 2)
-    validate(config(MLP, "strategy.name=diloco", *DDP_LIMIT), 2)
+        layout(cfg, 2)
+    layout(config(MLP, "strategy.name=diloco", *DDP_LIMIT), 2)

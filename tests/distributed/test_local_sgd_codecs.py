@@ -8,9 +8,10 @@ import pytest
 import torch.distributed as dist
 
 from paratrain.comm import ring_allgather_bytes
-from paratrain.config import ConfigError, validate
+from paratrain.config import ConfigError
+from paratrain.strategies.layout import layout
 from paratrain.testing import run_ranks
-from tests.distributed.test_local_sgd import INT8, LOSS_GATHER, P, PLAIN_SGD, SYNCS, stepwise
+from tests.distributed.test_local_sgd import INT8, LOSS_GATHER, PLAIN_SGD, SYNCS, P, stepwise
 from tests.helpers import MLP, config, fit, max_param_diff
 
 # 10 steps, H = 4: syncs after steps 4, 8 and 10 (SYNCS), as test_local_sgd.py's local_h4 without a codec.
@@ -71,6 +72,6 @@ def test_local_sgd_codec_trains_close_to_uncompressed(two_ranks, codec):
 @pytest.mark.parametrize("name", ["local_sgd", "diloco"])
 def test_codecs_each_variant_takes(name):
     for codec in ("fp16", "bf16", "int8", "topk", "randomk", "sign"):
-        validate(config(MLP, f"strategy.name={name}", f"strategy.compression.codec={codec}"), 2)
+        layout(config(MLP, f"strategy.name={name}", f"strategy.compression.codec={codec}"), 2)
     with pytest.raises(ConfigError, match="strategy.compression.codec = 'powersgd'"):
-        validate(config(MLP, f"strategy.name={name}", "strategy.compression.codec=powersgd"), 2)
+        layout(config(MLP, f"strategy.name={name}", "strategy.compression.codec=powersgd"), 2)

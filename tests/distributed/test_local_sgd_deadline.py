@@ -14,8 +14,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from paratrain.config import ConfigError, validate
+from paratrain.config import ConfigError
 from paratrain.models.mlp import mlp
+from paratrain.strategies.layout import layout
 from paratrain.testing import run_ranks
 from tests.distributed.test_local_sgd import stepwise
 from tests.helpers import MLP, config
@@ -97,14 +98,17 @@ def test_without_deadline_nothing_is_dropped(runs):
 
 
 def test_fast_ranks_keep_their_pace(runs):
-    # After the first round: without the deadline a round takes the slow rank's 4 x 220 ms; with it,
-    # about the fast ranks' own 4 x 21 ms, plus one 220 ms step every other round. Expected
-    # ratio ~0.15; asserted with a wide margin.
-    def rounds_s(name: str) -> float:
-        return sum(rec["step_s"] for rec in runs[0][name][H:])
+    # After the first round the slow rank no longer sets the round's length: it computes at most
+    # half of each round's steps (one slow step overruns the budget of H fast ones), while without
+    # the deadline it computes all H and every sync waits for them. The time this saves the fast
+    # ranks is measured in benchmarks/stragglers.py.
+    def computed_per_round(name: str) -> list[int]:
+        steps = runs[SLOW][name]
+        return [sum(not rec["skipped"] for rec in steps[s - H + 1:s + 1]) for s in SYNCS if s >= 2 * H - 1]
 
-    assert rounds_s("local_sgd-auto") < 0.5 * rounds_s("local_sgd-off")
-    assert rounds_s("diloco-auto") < 0.5 * rounds_s("local_sgd-off")
+    assert set(computed_per_round("local_sgd-off")) == {H}
+    for name in ("local_sgd-auto", "diloco-auto"):
+        assert computed_per_round(name) and max(computed_per_round(name)) <= H // 2, computed_per_round(name)
 
 
 def test_deadline_config_errors():
@@ -114,4 +118,4 @@ def test_deadline_config_errors():
         config(MLP, "strategy.name=diloco", "strategy.local_sgd.deadline_slack=-0.1")
     one = config(MLP, "strategy.name=local_sgd", "strategy.local_sgd.deadline=auto", "strategy.local_sgd.sync_every=1")
     with pytest.raises(ConfigError, match="needs strategy.local_sgd.sync_every >= 2"):
-        validate(one, 2)
+        layout(one, 2)

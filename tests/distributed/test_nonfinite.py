@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from paratrain.checkpoint import Checkpointer, list_checkpoints, read_checkpoint, step_of
-from paratrain.config import ConfigError, validate
+from paratrain.config import ConfigError
 from paratrain.nonfinite import NonFiniteError
+from paratrain.strategies.layout import layout
 from paratrain.testing import RankFailed, run_ranks
 from paratrain.topology import Topology
 from tests.helpers import MLP, TINY_GPT, config, fit
@@ -68,10 +69,10 @@ class _Weights:
     def __init__(self, w: torch.Tensor):
         self.w = w
 
-    def live_group(self):
+    def agree_on_members(self):
         return None
 
-    def state_dict(self) -> dict:
+    def state_dict(self, group=None) -> dict:
         return {"model": {"w": self.w, "i": torch.tensor([1])}, "optimizer": {"state": {}, "param_groups": []}}
 
 
@@ -87,4 +88,4 @@ def test_a_checkpoint_with_nan_weights_is_not_written_and_the_older_one_kept(tmp
 
 def test_skip_is_refused_for_the_parameter_server():
     with pytest.raises(ConfigError, match="training.on_nonfinite = 'skip': parameter_server takes 'stop'"):
-        validate(config(MLP, "strategy.name=parameter_server", "training.on_nonfinite=skip"), world_size=3)
+        layout(config(MLP, "strategy.name=parameter_server", "training.on_nonfinite=skip"), 3)

@@ -8,14 +8,14 @@ lost rank cannot take part in another training.
 """
 import json
 import shutil
-import statistics
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from paratrain.config import ConfigError, validate
-from paratrain.strategies.ps_protocol import HEADER_BYTES, PUSH_REPLY_NUMEL, partition
+from paratrain.config import ConfigError
+from paratrain.strategies.layout import layout
+from paratrain.strategies.parameter_server.protocol import HEADER_BYTES, PUSH_REPLY_NUMEL, partition
 from paratrain.testing import run_ranks
 from tests.helpers import MLP, TINY_GPT, config, fit, max_param_diff
 
@@ -177,10 +177,10 @@ def test_drop_behind_keeps_the_bound_and_the_fast_worker_does_not_wait(runs):
     assert sum(r.get("discarded", 0) for r in slow) == report["discarded_gradients"]
     # ...and the straggler still contributes: some of its gradients were applied, not all discarded.
     assert sum(r.get("discarded", 0) for r in slow) < 20 - len(skipped)
-    # Plain SSP held the fast worker about one slow step (>= DELAY_S) at a time; drop_behind does not.
-    assert statistics.median(r["wait_s"] for r in fast) < DELAY_S / 3
-    assert statistics.median(r["wait_s"] for r in step_records(runs["tmp"] / "ssp-slow", 0)) > DELAY_S / 3
+    # Plain SSP's gate held the fast worker's replies back, waiting for the slow one; drop_behind never
+    # does: every reply went out as its push was handled. (How long the waits were: benchmarks/stragglers.py.)
     plain = server_report(runs["tmp"] / "ssp-slow")
+    assert report["held_replies"] == 0 and plain["held_replies"] > 0
     assert plain["dropped_steps"] == [0, 0] and plain["discarded_gradients"] == 0  # off: nothing dropped
 
 
@@ -240,11 +240,11 @@ def test_partition_balances_whole_tensors():
 def test_invalid_layouts_are_one_line_errors(sets, world, key):
     cfg = config(MLP, *PS, *sets)
     with pytest.raises(ConfigError) as err:
-        validate(cfg, world)
+        layout(cfg, world)
     assert key in str(err.value) and "\n" not in str(err.value)
 
 
 def test_global_batch_is_split_over_the_workers_only():
-    validate(config(MLP, *PS, "training.global_batch_size=32"), 3)  # 2 workers: 16 each, though 32 % 3 != 0
+    layout(config(MLP, *PS, "training.global_batch_size=32"), 3)  # 2 workers: 16 each, though 32 % 3 != 0
     with pytest.raises(ConfigError, match="data-parallel ranks x grad_accum_steps = 3 x 1"):
-        validate(config(MLP, *PS, "training.global_batch_size=32"), 4)
+        layout(config(MLP, *PS, "training.global_batch_size=32"), 4)

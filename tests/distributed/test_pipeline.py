@@ -4,8 +4,9 @@ import json
 import pytest
 import torch.nn as nn
 
-from paratrain.config import ConfigError, validate
-from paratrain.strategies import pipeline_split as split
+from paratrain.config import ConfigError
+from paratrain.strategies.layout import layout
+from paratrain.strategies.pipeline import split
 from paratrain.testing import run_ranks
 from tests.distributed.test_user_code import USER
 from tests.helpers import TINY_GPT, config, fit, max_param_diff
@@ -110,5 +111,5 @@ def test_stage_split_logic():
 ])
 def test_invalid_pipeline_layouts(sets, world, message):
     with pytest.raises(ConfigError) as err:
-        validate(config(TINY_GPT, *sets), world_size=world)
+        layout(config(TINY_GPT, *sets), world)
     assert message in str(err.value)

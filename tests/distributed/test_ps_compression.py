@@ -9,9 +9,9 @@ import math
 import pytest
 import torch.distributed as dist
 
-from paratrain.config import CompressionConfig, ConfigError, validate
-from paratrain.strategies.parameter_server import ParameterServer
-from paratrain.strategies.ps_protocol import HEADER_BYTES, PUSH_REPLY_NUMEL, partition
+from paratrain.config import CompressionConfig, ConfigError
+from paratrain.strategies.layout import layout
+from paratrain.strategies.parameter_server.protocol import HEADER_BYTES, PUSH_REPLY_NUMEL, partition
 from paratrain.testing import run_ranks
 from tests.distributed.test_parameter_server import copy_checkpoint, server_report, step_records
 from tests.helpers import MLP, config, fit, max_param_diff
@@ -112,7 +112,7 @@ def test_resume_with_a_codec_equals_uninterrupted(runs):
 def test_codecs_parameter_server_cannot_take_are_one_line_errors():
     cfg = with_codec(config(MLP, *PS), "powersgd")
     with pytest.raises(ConfigError) as err:
-        validate(cfg, WORLD)  # what preflight calls, before any worker starts
+        layout(cfg, WORLD)  # what preflight calls, before any worker starts
     assert "strategy.compression.codec = 'powersgd'" in str(err.value) and "\n" not in str(err.value)
     for codec in ("fp16", "int8", "topk", "sign"):
-        ParameterServer.parallel_dims(with_codec(config(MLP, *PS), codec), WORLD)
+        layout(with_codec(config(MLP, *PS), codec), WORLD)

@@ -5,8 +5,9 @@ from collections import Counter
 import pytest
 import torch
 
-from paratrain.config import ConfigError, validate
-from paratrain.strategies.tensor import TensorParallel
+from paratrain.config import ConfigError
+from paratrain.strategies.layout import layout
+from paratrain.strategies.tensor.tensor import TensorParallel
 from paratrain.testing import run_ranks
 from tests.helpers import TINY_GPT, config, fit, max_param_diff
 
@@ -66,10 +67,10 @@ def _collectives_and_replicas(cfgs: list) -> list:
 
     from paratrain.data import ShardedBatches, build_datasets
     from paratrain.models import build_loss, build_model
-    from paratrain.strategies.tensor import ring_bytes, step_collectives
+    from paratrain.strategies.tensor.parallelize import ring_bytes, step_collectives
     from paratrain.topology import Topology
 
-    topo = Topology.from_env(cfgs[0].run, lambda n: TensorParallel.parallel_dims(cfgs[0], n))
+    topo = Topology.from_env(cfgs[0].run, lambda n: layout(cfgs[0], n))
     names = {"all_reduce": "all_reduce", "all_gather": "all_gather_into_tensor",
              "reduce_scatter": "reduce_scatter_tensor"}
     out = []
@@ -121,5 +122,5 @@ def test_computed_collectives_match_the_counted_ones_and_dropout_keeps_replicas_
 def test_layouts_tensor_parallelism_cannot_split_are_clear_errors(sets, message):
     cfg = config(TINY_GPT, "strategy.name=tensor", *sets)
     with pytest.raises(ConfigError, match=re.escape(message)):
-        validate(cfg, world_size=2)
-    assert TensorParallel.parallel_dims(config(TINY_GPT, "strategy.name=tensor"), 2).tp == 2
+        layout(cfg, 2)
+    assert layout(config(TINY_GPT, "strategy.name=tensor"), 2).tp == 2

@@ -41,6 +41,7 @@ def state_bytes_rank(cfg) -> dict:
     from paratrain.data import ShardedBatches, build_datasets
     from paratrain.models import build_loss, build_model
     from paratrain.strategies import get_strategy
+    from paratrain.strategies.base import state_bytes
     from paratrain.topology import ParallelDims, Topology
 
     topo = Topology.from_env(cfg.run, lambda n: ParallelDims(dp=n))
@@ -54,7 +55,7 @@ def state_bytes_rank(cfg) -> dict:
             strategy = get_strategy(name)(cfg, topo, build_model(cfg, data.vocab_size), build_loss(cfg))
             strategy.train_step(batch)  # creates the optimizer state
             strategy.loss_fn(strategy.model(batch.inputs), batch.targets).backward()
-            out[name] = strategy.state_bytes()
+            out[name] = state_bytes(strategy)
         return out
     finally:
         topo.destroy()

@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from paratrain.checkpoint import read_checkpoint
 from paratrain.testing import free_port
 from tests.helpers import TINY_GPT

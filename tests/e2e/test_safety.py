@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from paratrain.checkpoint import list_checkpoints, read_checkpoint, step_of
 
@@ -119,7 +118,7 @@ def test_resuming_an_older_checkpoint_forks_and_never_deletes_newer_work(tmp_pat
 
 
 def test_discard_newer_says_what_it_deletes_and_continues_in_place(tmp_path):
-    ckpts = _ten_step_checkpoints(tmp_path)
+    _ten_step_checkpoints(tmp_path)
     out = _run(tmp_path, "training.steps=40", "checkpoint.every=10", "checkpoint.keep=10",
                extra=("--resume", "r/checkpoints/step-00000020.pt", "--discard-newer"))
     assert out.returncode == 0, out.stderr

@@ -103,8 +103,7 @@ def test_resumed_metrics_drop_a_half_written_line(tmp_path):
 def test_dropped_steps_count_no_samples_and_keep_the_last_computed_loss(tmp_path):
     import math
 
-    from paratrain.metrics import MetricsLog
-    from paratrain.strategies.base import StepStats
+    from paratrain.metrics import MetricsLog, StepStats
 
     log = MetricsLog(tmp_path, 0, 0)
     log.log_step(0, StepStats(2.5, 8, 0), 0.1, 0.0, 1.0, 16, 0)
@@ -122,8 +121,7 @@ def test_dropped_steps_count_no_samples_and_keep_the_last_computed_loss(tmp_path
 
 
 def test_a_resumed_summary_counts_the_whole_run(tmp_path):
-    from paratrain.metrics import MetricsLog
-    from paratrain.strategies.base import StepStats
+    from paratrain.metrics import MetricsLog, StepStats
 
     log = MetricsLog(tmp_path, 0, 0)
     for step in range(3):

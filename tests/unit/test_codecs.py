@@ -6,6 +6,7 @@ import torch
 
 from paratrain.compression.codecs import CodecState, Int8, RandomK, Sign, TopK, make_codec, pack, unpack
 from paratrain.config import ConfigError
+from paratrain.strategies import layout
 from tests.helpers import MLP, config
 
 NUMEL = 1001  # not a multiple of 8: the sign codec pads its last byte
@@ -98,7 +99,7 @@ def test_pack_unpack_roundtrip():
 def test_config_rejects_compression_where_unsupported(sets):
     codec = [] if any("codec" in s for s in sets) else ["strategy.compression.codec=topk"]
     with pytest.raises(ConfigError, match="strategy.compression.codec"):
-        config(MLP, *sets, *codec)
+        layout(config(MLP, *sets, *codec), 2)
 
 
 def test_config_accepts_compression():

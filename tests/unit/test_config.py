@@ -3,8 +3,9 @@ import dataclasses
 
 import pytest
 
-from paratrain.config import Config, ConfigError, load_config, validate
 from paratrain.cli import main
+from paratrain.config import Config, ConfigError, load_config
+from paratrain.strategies.layout import layout
 
 
 def test_defaults_are_valid_and_frozen():
@@ -37,7 +38,7 @@ def test_shipped_configs_are_valid():
 
     for path in sorted(Path(__file__).parents[2].joinpath("configs").glob("*.toml")):
         cfg = load_config(path)
-        validate(cfg, world_size=cfg.run.nproc)
+        layout(cfg, cfg.run.nproc)
 
 
 def _refused(argv: list[str], message: str, tmp_path, capsys) -> None:
@@ -92,13 +93,10 @@ INVALID = [
     (["run.name=."], "run.name = '.': must be a plain name"),
     (["run.name=a\\b"], "run.name = 'a\\\\b': must be a plain name"),
     (["training.on_nonfinite=ignore"], "training.on_nonfinite = 'ignore': must be one of stop, skip"),
-    (["strategy.name=parameter_server", "training.on_nonfinite=skip"],
-     "training.on_nonfinite = 'skip': parameter_server takes 'stop'"),
     (["faults.nan_at_step=x"], "faults.nan_at_step = 'x': must be an integer"),
     (["strategy.ddp.bucket_mb=0"], "strategy.ddp.bucket_mb = 0: must be a number > 0"),
     (["training.steps"], "--set 'training.steps': expected section.key=value"),
     (["optimizer.betas=[1.5, 0.9]"], "optimizer.betas = [1.5, 0.9]: must be two numbers in [0, 1)"),
-    (["strategy.name=ddp", "strategy.pp=2"], "strategy.pp = 2: only strategy.name = 'hybrid' takes degrees"),
     (["strategy.zero.mixed_precision=fp16"], "strategy.zero.mixed_precision = 'fp16': must be one of off, bf16"),
 ]
 
@@ -113,6 +111,9 @@ def test_invalid_config_gives_one_clear_line(sets, message, tmp_path, capsys, mo
 
 
 WORLD_INVALID = [
+    (["strategy.name=parameter_server", "training.on_nonfinite=skip"], 3,
+     "training.on_nonfinite = 'skip': parameter_server takes 'stop'"),
+    (["strategy.name=ddp", "strategy.pp=2"], 2, "strategy.pp = 2: only strategy.name = 'hybrid' takes degrees"),
     (["strategy.name=single"], 2, "strategy.name = 'single': runs on 1 process, not 2"),
 
     (["strategy.name=ddp", "training.global_batch_size=9"], 2,
@@ -124,7 +125,7 @@ WORLD_INVALID = [
 def test_invalid_for_the_process_count(sets, nproc, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError) as err:
-        validate(load_config(None, sets), world_size=nproc)
+        layout(load_config(None, sets), nproc)
     assert message in str(err.value)
     _refused(["run", "--nproc", str(nproc), *_sets(sets)], message, tmp_path, capsys)
 
@@ -139,7 +140,7 @@ def test_invalid_for_the_process_count(sets, nproc, message, tmp_path, capsys, m
 def test_data_and_model_are_checked_before_workers(sets, nproc, message, tmp_path, capsys, monkeypatch):
     """Found by building the data and the model (on the meta device) in the launcher."""
     monkeypatch.chdir(tmp_path)
-    validate(load_config(None, sets), world_size=nproc)  # the config alone looks fine
+    layout(load_config(None, sets), nproc)  # the config alone looks fine
     _refused(["run", "--nproc", str(nproc), *_sets(sets)], message, tmp_path, capsys)
 
 

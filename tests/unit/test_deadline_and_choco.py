@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from paratrain.compression.codecs import CodecState, make_codec, pack
-from paratrain.strategies.choco import ChocoGossip
-from paratrain.strategies.deadline import RoundDeadline
+from paratrain.strategies.gossip.choco import ChocoGossip
+from paratrain.strategies.local_sgd.deadline import RoundDeadline
 
 
 def _round(deadline: RoundDeadline, step_s: float, steps: int, pause_after: dict | None = None) -> list[bool]:

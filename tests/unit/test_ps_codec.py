@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from paratrain.config import CompressionConfig
-from paratrain.strategies.ps_codec import Link, ServerLinks, WorkerLinks
+from paratrain.strategies.parameter_server.codec import Link, ServerLinks, WorkerLinks
 
 N = 241  # the MLP's parameters
 PAYLOAD = {"fp16": 2 * N, "bf16": 2 * N, "int8": N + 4, "sign": math.ceil(N / 8) + 4,
@@ -25,7 +25,9 @@ def test_message_sizes_are_the_codec_payloads(codec):
     assert server.push.empty().numel() == workers[0].reply_buffer(0).numel() == PAYLOAD[codec]
     grad = torch.randn(N)
     assert workers[0].encode_push(0, grad).numel() == PAYLOAD[codec]  # what is sent fits what is posted
-    assert Link(None, N, torch.float32).empty().numel() * 4 == 4 * N  # no codec: the flat tensor as it is
+    plain, flat = Link(None, N, torch.float32), torch.randn(N)
+    assert plain.empty().shape == (N,) and plain.empty().dtype == torch.float32  # no codec: the flat tensor as it is
+    assert plain.encode(flat, None) is flat and plain.decode(flat) is flat
 
 
 @pytest.mark.parametrize("codec", list(PAYLOAD))
@@ -35,7 +37,7 @@ def test_pull_copies_stay_equal_and_lose_nothing(codec):
     initial = [params[0].clone()]  # what the workers hold before their first pull
     server, workers = links(codec)
     server.start(params)
-    for step in range(30):
+    for _step in range(30):
         params[0] += 0.01 * torch.randn(N)  # the server's updates
         for w, worker in enumerate(workers):
             held = worker.apply_pull(0, server.encode_pull(w, params[0]), initial)

@@ -77,7 +77,7 @@ class CodecHookState:
 
     def state(self, index: int) -> CodecState:
         if index not in self.states:  # random-k / QSGD draws: independent per rank and bucket
-            self.states[index] = CodecState(generator=torch.Generator().manual_seed(1_000_003 * self.rank + index))
+            self.states[index] = CodecState.seeded(self.rank, index)
         return self.states[index]
 
 
@@ -138,7 +138,7 @@ class DeltaCompressor:
 
     def __init__(self, codec: Codec, rank: int):
         self.codec = codec
-        self.state = CodecState(generator=torch.Generator().manual_seed(1_000_003 * rank))
+        self.state = CodecState.seeded(rank)
 
     def mean(self, flat: torch.Tensor, group, meter: CommMeter) -> torch.Tensor:
         if group is None or dist.get_world_size(group) == 1:

@@ -29,11 +29,28 @@ import torch
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
 
+SEED_STRIDE = 1_000_003  # a prime: streams of different ranks never share a seed
+
+
 @dataclass
 class CodecState:
     """What one tensor's compression remembers between steps (owned by the caller)."""
     residual: torch.Tensor | None = None  # error feedback: what was not sent yet
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
+
+    @classmethod
+    def seeded(cls, stream: int, index: int = 0, stride: int = SEED_STRIDE) -> "CodecState":
+        """A state with random draws of its own (int8's rounding, random-k's picks), the same on
+        every run: seed stride x stream + index, for a stream (a rank) and a tensor or peer in it."""
+        return cls(generator=torch.Generator().manual_seed(stride * stream + index))
+
+    def to_dict(self) -> dict:
+        """What a checkpoint keeps: the residual and the generator's state."""
+        return {"residual": self.residual, "generator": self.generator.get_state()}
+
+    def load(self, saved: dict, device: torch.device | str = "cpu") -> None:
+        self.residual = None if saved["residual"] is None else saved["residual"].to(device)
+        self.generator.set_state(saved["generator"])
 
 
 class Codec:

@@ -1,7 +1,7 @@
 """Reference models (plain torch) and the loss that goes with each; user models by import path."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch.nn as nn
 import torch.nn.functional as F

@@ -39,7 +39,7 @@ def plot_gantt(events_by_rank: list[list[tuple]], path: Path, title: str) -> Non
     t0 = min(e[3] for events in events_by_rank for e in events)
     fig, ax = plt.subplots(figsize=(10, 0.6 * len(events_by_rank) + 1.8))
     for rank, events in enumerate(events_by_rank):
-        for kind, stage, mb, start, end in events:
+        for kind, _stage, mb, start, end in events:
             ax.barh(rank, 1000 * (end - start), left=1000 * (start - t0), color=COLOURS[kind], edgecolor="white")
             ax.text(1000 * ((start + end) / 2 - t0), rank, f"{mb}", ha="center", va="center", fontsize=7,
                     color="white")

@@ -1,27 +1,56 @@
-"""Strategies by config name. Adding one: a module with a `Strategy` subclass, listed here."""
+"""Strategies by config name, imported on demand: a run imports its own strategy's dependencies
+(FSDP, pipelining, DTensor, the parameter-server protocol) and no other's.
+
+Layout: one folder per family, its communication beside it; `base.py` is the interface, and
+`layout.py` the rules that place a strategy on N processes. Adding a strategy: a `Strategy`
+subclass in its family's folder, its entry here, and its layout rule in layout.py.
+"""
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING
+
 from paratrain.config import ConfigError
-from paratrain.strategies.base import StepStats, Strategy
-from paratrain.strategies.ddp import DDP
-from paratrain.strategies.gossip import Gossip
-from paratrain.strategies.hogwild import Hogwild
-from paratrain.strategies.hybrid import Hybrid
-from paratrain.strategies.local_sgd import DiLoCo, LocalSGD
-from paratrain.strategies.parameter_server import ParameterServer
-from paratrain.strategies.pipeline import ModelParallel, Pipeline
-from paratrain.strategies.single import Single
-from paratrain.strategies.tensor import TensorParallel
-from paratrain.strategies.zero import Zero1, Zero2, Zero3
+from paratrain.strategies.layout import layout
 
-STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (Single, DDP, Zero1, Zero2, Zero3, ModelParallel, Pipeline, TensorParallel, Hybrid,
-                              Gossip, Hogwild, LocalSGD, DiLoCo, ParameterServer)}
+if TYPE_CHECKING:
+    from paratrain.strategies.base import Strategy
 
-__all__ = ["STRATEGIES", "StepStats", "Strategy", "get_strategy"]
+# name -> "module:class"
+STRATEGIES: dict[str, str] = {
+    "single": "paratrain.strategies.single:Single",
+    "ddp": "paratrain.strategies.data_parallel.ddp:DDP",
+    "zero1": "paratrain.strategies.data_parallel.zero:Zero1",
+    "zero2": "paratrain.strategies.data_parallel.zero:Zero2",
+    "zero3": "paratrain.strategies.data_parallel.zero:Zero3",
+    "model_parallel": "paratrain.strategies.pipeline.pipeline:ModelParallel",
+    "pipeline": "paratrain.strategies.pipeline.pipeline:Pipeline",
+    "tensor": "paratrain.strategies.tensor.tensor:TensorParallel",
+    "hybrid": "paratrain.strategies.hybrid:Hybrid",
+    "gossip": "paratrain.strategies.gossip.gossip:Gossip",
+    "hogwild": "paratrain.strategies.hogwild:Hogwild",
+    "local_sgd": "paratrain.strategies.local_sgd.local_sgd:LocalSGD",
+    "diloco": "paratrain.strategies.local_sgd.local_sgd:DiLoCo",
+    "parameter_server": "paratrain.strategies.parameter_server.worker:ParameterServer",
+}
+
+# Strategies whose layout has ranks that serve instead of train (ServerDims): name -> "module:function",
+# the function run on such a rank in place of the trainer: serve(cfg, topo, run_dir, ckpt, model).
+SERVERS: dict[str, str] = {"parameter_server": "paratrain.strategies.parameter_server.server:serve"}
+
+__all__ = ["SERVERS", "STRATEGIES", "get_server", "get_strategy", "layout"]
+
+
+def _load(path: str):
+    module, attr = path.split(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def get_strategy(name: str) -> type[Strategy]:
     if name not in STRATEGIES:
         raise ConfigError(f"strategy.name = '{name}': not available; available: {', '.join(STRATEGIES)}")
-    return STRATEGIES[name]
+    return _load(STRATEGIES[name])
+
+
+def get_server(name: str):
+    return _load(SERVERS[name])

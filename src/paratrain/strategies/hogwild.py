@@ -29,10 +29,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from paratrain.config import Config, ConfigError
+from paratrain.config import ConfigError
 from paratrain.data import Batch
+from paratrain.optim import build_optimizer
 from paratrain.strategies.base import Strategy
-from paratrain.topology import ParallelDims
 
 
 def shared_path(run_dir: str) -> Path:
@@ -64,41 +64,24 @@ def share_parameters(params: list[nn.Parameter], path: Path, is_writer: bool, ba
 
 class Hogwild(Strategy):
     name = "hogwild"
-    lockstep = False  # replicas update alone: each decides on its own non-finite updates
+    lockstep = False  # replicas update alone: own loss, own decision on non-finite updates
 
-    @classmethod
-    def parallel_dims(cls, cfg: Config, world_size: int) -> ParallelDims:
-        if cfg.optimizer.name != "sgd":
-            raise ConfigError(f"optimizer.name = '{cfg.optimizer.name}': strategy 'hogwild' is lock-free SGD; "
-                              "use optimizer.name = 'sgd'")
-        if cfg.run.device == "cuda":
-            raise ConfigError("run.device = 'cuda': strategy 'hogwild' shares parameters in CPU memory; use 'cpu'")
-        local, world = os.environ.get("LOCAL_WORLD_SIZE"), os.environ.get("WORLD_SIZE")
-        if local is not None and world is not None and local != world:  # set in workers, not in the launcher
-            raise ConfigError(f"strategy.name = 'hogwild': shares memory on one machine; this job spans "
-                              f"{world} processes, {local} of them here: run it on one node")
-        return ParallelDims(dp=world_size)
-
-    def wrap(self, model: nn.Module) -> nn.Module:
-        params = list(model.parameters())  # tied parameters once
-        if self.topo.device.type != "cpu" or any(p.dtype != torch.float32 for p in params):
+    def __init__(self, cfg, topo, model, loss_fn):
+        super().__init__(cfg, topo, model, loss_fn)
+        params = list(self.model.parameters())  # tied parameters once
+        if topo.device.type != "cpu" or any(p.dtype != torch.float32 for p in params):
             raise ConfigError(f"strategy.name = 'hogwild': needs fp32 parameters on the CPU "
-                              f"(run.device resolved to '{self.topo.device.type}')")
-        self.shared = share_parameters(params, shared_path(self.cfg.run.dir), self.topo.is_main, self._barrier)
-        return model
+                              f"(run.device resolved to '{topo.device.type}')")
+        self.shared = share_parameters(params, shared_path(cfg.run.dir), topo.is_main, self._barrier)
+        self.optimizer = build_optimizer(cfg.optimizer, params)
 
     def _barrier(self) -> None:
         if self.topo.world_size > 1:
             dist.barrier(group=self.topo.group("dp"))
 
-    def mean_over_dp(self, value: torch.Tensor) -> float:
-        """Training sends nothing: the logged loss is this rank's own."""
-        return value.item()
-
     def evaluate(self, batches: list[Batch]) -> float:
         self._barrier()  # evaluate a still snapshot: every rank has finished its step
-        local = torch.tensor([super().evaluate(batches)], device=self.topo.device)
-        return Strategy.mean_over_dp(self, local.reshape(()))
+        return super().evaluate(batches)
 
     def load_state_dict(self, state: dict) -> None:
         # One writer, then wait: a rank that loaded late would erase another's first steps.

@@ -1,16 +1,13 @@
 """One process, no communication: the oracle every parallel strategy is tested against."""
 from __future__ import annotations
 
-from paratrain.config import Config, ConfigError
+from paratrain.optim import build_optimizer
 from paratrain.strategies.base import Strategy
-from paratrain.topology import ParallelDims
 
 
 class Single(Strategy):
     name = "single"
 
-    @classmethod
-    def parallel_dims(cls, cfg: Config, world_size: int) -> ParallelDims:
-        if world_size != 1:
-            raise ConfigError(f"strategy.name = 'single': runs on 1 process, not {world_size}; use --nproc 1")
-        return ParallelDims()
+    def __init__(self, cfg, topo, model, loss_fn):
+        super().__init__(cfg, topo, model, loss_fn)
+        self.optimizer = build_optimizer(cfg.optimizer, self.model.parameters())

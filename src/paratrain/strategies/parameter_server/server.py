@@ -1,28 +1,71 @@
-"""One parameter server's loop: BSP, ASP and SSP over ps_protocol's messages.
+"""One parameter server's rank: BSP, ASP and SSP over protocol.py's messages.
 
 The consistency models of Li et al. (OSDI 2014) and SSP of Ho et al. (NeurIPS 2013); the
-strategy around it, and what the numbers mean, are described in parameter_server.py, and SSP's
-drop_behind there too (DropCompute, Giladi et al. 2023). Messages are handled one at a time, in
+strategy around it, and what the numbers mean, are described in worker.py, and SSP's
+drop_behind there too (DropCompute, Giladi et al. 2023). A server rank never runs the trainer:
+the launcher calls `serve` there instead (its layout, `layout.ServerDims`, names it a server). Messages are handled one at a time, in
 arrival order, by this thread alone; after each, whatever it made ready (a full BSP round, an SSP
 reply whose gate opened, a barrier) is answered. Gradients come in and parameters go out through
-`ServerLinks` (ps_codec.py): as they are, or through a codec.
+`ServerLinks` (codec.py): as they are, or through a codec.
 """
 from __future__ import annotations
 
+import json
 from collections import Counter
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
+from paratrain.comm import flatten, unflatten
 from paratrain.config import Config
-from paratrain.strategies import ps_protocol as wire
-from paratrain.strategies.ps_codec import ServerLinks
-from paratrain.strategies.ps_protocol import Kind, Message
+from paratrain.optim import build_optimizer
+from paratrain.strategies.layout import needs_gloo
+from paratrain.strategies.parameter_server import protocol as wire
+from paratrain.strategies.parameter_server.codec import ServerLinks
+from paratrain.strategies.parameter_server.protocol import Kind, Message
+from paratrain.topology import Topology
+
+STATE_KEY = "parameter_server"  # a checkpoint's codec state (residuals, copies); other strategies ignore it
+
+
+def serve(cfg: Config, topo: Topology, run_dir: Path, ckpt: dict | None, model: nn.Module) -> dict:
+    """A server rank, start to end: its shard of `model` (the workers' initial weights), the
+    optimizer over it, its part of a checkpoint; serve until every worker is done or lost, then
+    write metrics/ps_server<rank>.json. Returns that report."""
+    if topo.device.type != "cpu":  # run.device = 'auto' found a GPU
+        raise needs_gloo(cfg.run.device)
+    num_workers = topo.size("dp")
+    index = topo.rank - num_workers
+    layout = wire.shard_layout(model, topo.world_size - num_workers)
+    names = layout[index]
+    params = dict(model.named_parameters())
+    shard = [params[n] for n in names]
+    optimizer = build_optimizer(cfg.optimizer, shard) if shard else None
+    links = ServerLinks(cfg.strategy.compression, index, sum(p.numel() for p in shard),
+                        next(iter(params.values())).dtype, num_workers)
+    if ckpt is not None:
+        state = ckpt["strategy"]
+        model.load_state_dict(state["model"])  # in place: `shard` holds the loaded values
+        if optimizer is not None:
+            load_named_optimizer(optimizer, names, state["optimizer"])
+        extra = state.get(STATE_KEY)
+        if links.compressed and extra is not None and extra["num_workers"] == num_workers \
+                and extra["layout"] == layout:  # else (no codec, another layout): copies start at the parameters
+            links.load(extra["pull"].get(index) or {})
+    server = Server(cfg, index, num_workers, names, shard, optimizer, links)
+    server.run()
+    report = server.report()
+    path = Path(run_dir) / "metrics" / f"ps_server{topo.rank}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    return report
 
 
 def staleness_bound(mode: str, num_workers: int, slack: int) -> int | None:
     """Largest staleness an applied gradient can have: 0 under BSP, (W-1)(2s+1) under SSP (see
-    parameter_server.py; drop_behind enforces it by discarding), none under ASP."""
+    worker.py; drop_behind enforces it by discarding), none under ASP."""
     return {"bsp": 0, "ssp": (num_workers - 1) * (2 * slack + 1), "asp": None}[mode]
 
 
@@ -42,6 +85,8 @@ class Server:
         self.version = 0  # updates applied to this shard
         self.round: dict[int, Message] = {}  # BSP: the open round's gradients, by worker
         self.held: dict[int, tuple[int, bool]] = {}  # SSP: worker -> (staleness, applied), reply held back
+        self.held_replies = 0  # SSP: replies not sent at once because the gate was closed (a worker waited)
+        self.waiting: set[int] = set()  # the workers whose reply is held now
         self.at_barrier: set[int] = set()
         self.final_sent = False
         self.staleness: Counter[int] = Counter()
@@ -85,7 +130,7 @@ class Server:
         else:  # too late to be of use within the bound: dropped, as DropCompute drops late work
             self.discarded += 1
         if self.mode == "asp":
-            self._reply(msg.worker, stale, applied, wire.flatten(self.params))
+            self._reply(msg.worker, stale, applied, flatten(self.params))
         else:
             self.held[msg.worker] = (stale, applied)
 
@@ -101,7 +146,7 @@ class Server:
             total += m.payload
         version = self.version
         self._apply(total / len(msgs), msgs[0].lr)
-        flat = wire.flatten(self.params)
+        flat = flatten(self.params)
         for m in msgs:
             self.staleness[version - m.version] += 1
             self._reply(m.worker, version - m.version, True, flat)
@@ -120,12 +165,14 @@ class Server:
         active = [self.clock[w] for w in self.live - self.done]
         slowest = min(active) if active else 0
         ready = [w for w in sorted(self.held) if self.clock[w] - slowest <= self.slack]
-        flat = wire.flatten(self.params) if ready else None
+        flat = flatten(self.params) if ready else None
         for w in ready:
             self._reply(w, *self.held.pop(w), flat)
+        self.held_replies += len(self.held.keys() - self.waiting)  # counted once, when first held back
+        self.waiting = set(self.held)
 
     def _apply(self, grad: torch.Tensor, lr: float) -> None:
-        for p, g in zip(self.params, wire.unflatten(grad, self.params)):
+        for p, g in zip(self.params, unflatten(grad, self.params)):
             p.grad = g
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -134,7 +181,7 @@ class Server:
         self.version += 1
 
     def _reply(self, worker: int, stale: int, applied: bool, flat: torch.Tensor) -> None:
-        head = torch.tensor([self.version, stale, self.clock[worker], applied], dtype=torch.float64)
+        head = wire.PushReply(self.version, stale, self.clock[worker], applied).to_tensor()
         payload = self.links.encode_pull(worker, flat)
         try:
             dist.send(head, dst=worker, tag=wire.REPLY)
@@ -189,6 +236,7 @@ class Server:
                 "staleness": {str(k): v for k, v in sorted(self.staleness.items())},
                 "max_staleness": max(self.staleness, default=0), "staleness_bound": self.bound,
                 "drop_behind": self.drop_behind, "discarded_gradients": self.discarded,
+                "held_replies": self.held_replies,
                 # per worker: steps the clock counted but no push brought (dropped for it)
                 "dropped_steps": [c - n for c, n in zip(self.clock, self.pushes)],
                 "lost_workers": self.lost, "push_bytes": self.push_bytes, "pull_bytes": self.pull_bytes,

@@ -109,3 +109,4 @@ def build_stage(model: nn.Module, starts: list[int], stage: int) -> nn.Module:
     if stage < len(starts) - 1:
         part.norm = part.head = None
     return part
+

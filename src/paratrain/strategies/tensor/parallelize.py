@@ -14,7 +14,8 @@ activations; each all-reduce becomes a reduce-scatter into the sequence shards p
 all-gather out of them: the same bytes on a ring, 1/tp of the activation memory there.
 
 `parallelize_gpt` follows torchtitan's `apply_tp` (models/llama3/parallelize.py) and leaves the
-model code plain; the hybrid strategy applies it to each pipeline stage.
+model code plain; the tensor strategy (tensor.py) applies it to the whole model, the hybrid
+strategy to each pipeline stage.
 """
 from __future__ import annotations
 
@@ -22,27 +23,16 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
-from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, PrepareModuleInput, RowwiseParallel,
-                                               SequenceParallel, loss_parallel, parallelize_module)
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
 
 from paratrain.comm import ring_allgather_bytes, ring_allreduce_bytes, ring_reduce_scatter_bytes
-from paratrain.config import Config, ConfigError
-from paratrain.data import Batch
-from paratrain.strategies.base import StepStats, Strategy
-from paratrain.topology import ParallelDims
-
-
-def check_tensor_parallel(cfg: Config, tp: int) -> None:
-    """ConfigError unless the model can be split `tp` ways (also used by the hybrid strategy)."""
-    m = cfg.model
-    if m.name != "gpt":  # the plan below names the GPT's layers; other models have no plan
-        raise ConfigError(f"model.name = '{m.name}': tensor parallelism splits the built-in GPT only; "
-                          "use model.name = 'gpt' or another strategy")
-    if m.n_head % tp:  # whole heads per rank (d_model % n_head == 0 then makes every width divisible)
-        raise ConfigError(f"model.n_head = {m.n_head}: must be divisible by the tensor-parallel degree {tp}")
-    if cfg.strategy.tensor.sequence_parallel and m.block_size % tp:  # equal sequence shards
-        raise ConfigError(f"model.block_size = {m.block_size}: must be divisible by the tensor-parallel "
-                          f"degree {tp} when strategy.tensor.sequence_parallel = true")
 
 
 class ReplicateParallel(ParallelStyle):
@@ -162,43 +152,6 @@ def ring_bytes(op: str, nbytes: int, n: int) -> int:
             "reduce_scatter": ring_reduce_scatter_bytes}[op](nbytes, n)
 
 
-class TensorParallel(Strategy):
-    """Every rank holds 1/tp of each layer and computes on the whole batch (dp = 1)."""
-
-    name = "tensor"
-
-    @classmethod
-    def parallel_dims(cls, cfg: Config, world_size: int) -> ParallelDims:
-        check_tensor_parallel(cfg, world_size)
-        return ParallelDims(tp=world_size)
-
-    def __init__(self, cfg: Config, topo, model: nn.Module, loss_fn):
-        self.sequence_parallel = cfg.strategy.tensor.sequence_parallel
-        # Plain TP keeps the activations between sub-layers replicated, so a dropout there must
-        # draw the same mask on every tp rank or the replicas drift apart. The trainer seeds each
-        # rank differently (right for sequence parallelism, whose dropouts all act on shards), so
-        # the first step hands tp rank 0's generator state to the others. Attention dropout on
-        # the local heads then repeats across head groups; Megatron forks a per-rank stream there.
-        self._share_rng = cfg.model.dropout > 0 and not self.sequence_parallel
-        super().__init__(cfg, topo, model, replicated_loss(loss_fn))
-
-    def wrap(self, model: nn.Module) -> nn.Module:
-        return parallelize_gpt(model, self.topo.mesh["tp"], self.sequence_parallel)
-
-    def loss_context(self):
-        return loss_parallel()  # cross-entropy on the vocabulary shards of the logits
-
-    def train_step(self, batch: Batch) -> StepStats:
-        if self._share_rng:
-            self._share_rng = False
-            share_rng_state(self.topo.group("tp"), self.topo.device)
-        ops = step_collectives(self.module, tuple(batch.inputs.shape), self.cfg.training.grad_accum_steps,
-                               self.sequence_parallel)
-        # Bytes only: the time of these collectives is inside forward and backward (compute_s).
-        self.meter.add(sum(ring_bytes(op, nbytes, self.topo.size("tp")) for op, nbytes in ops), 0.0)
-        return super().train_step(batch)
-
-
 def replicated_loss(loss_fn):
     """The loss as a plain tensor. Under loss_parallel it is a Replicate DTensor (the same value on
     every rank); the base step and `evaluate` add losses up in plain tensors and call .item()."""
@@ -217,3 +170,24 @@ def share_rng_state(group, device: torch.device) -> None:
         torch.cuda.set_rng_state(state.cpu(), device)
     else:
         torch.set_rng_state(state.cpu())
+
+
+class DropoutRng:
+    """The same dropout masks on every tp rank, where the activations they act on are replicated.
+
+    Plain TP keeps the activations between sub-layers replicated, so a dropout there must draw
+    the same mask on every tp rank or the replicas drift apart. The trainer seeds each rank
+    differently after the strategy is built (right for sequence parallelism, whose dropouts all
+    act on shards), so the first step hands tp rank 0's generator state to the others. Attention
+    dropout on the local heads then repeats across head groups; Megatron forks a per-rank stream there.
+    """
+
+    def __init__(self, cfg, topo):
+        self.group, self.device = topo.group("tp"), topo.device
+        self.pending = topo.size("tp") > 1 and cfg.model.dropout > 0 and not cfg.strategy.tensor.sequence_parallel
+
+    def share_once(self) -> None:
+        """At the first step (a broadcast, not counted: it is set-up), then never again."""
+        if self.pending:
+            self.pending = False
+            share_rng_state(self.group, self.device)

@@ -27,22 +27,23 @@ charged once per step, computed: an all-gather of the parameters, (N-1)/N of the
 """
 from __future__ import annotations
 
-import time
 from contextlib import contextmanager
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
 # The comm interfaces that FSDPModule.set_custom_all_gather / set_custom_reduce_scatter take;
 # torch 2.13 documents them there but exports them only from this private module.
 from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
 
-from paratrain.comm import CommMeter, ring_allgather_bytes, ring_allreduce_bytes, ring_reduce_scatter_bytes
+from paratrain.comm import CommMeter, ring_allgather_bytes, ring_allreduce_bytes, ring_reduce_scatter_bytes, timed
 from paratrain.data import Batch
-from paratrain.optim import optimizer_spec
-from paratrain.strategies.base import StepStats, Strategy, to_cpu
-from paratrain.strategies.ddp import DDP
+from paratrain.optim import build_optimizer, optimizer_spec
+from paratrain.strategies.base import StepStats, Strategy, local_step, to_cpu
+from paratrain.strategies.data_parallel.ddp import DDP
 
 _LOW_PRECISION = {"bf16": torch.bfloat16}
 
@@ -53,25 +54,29 @@ _LOW_PRECISION = {"bf16": torch.bfloat16}
 class Zero1(DDP):
     name = "zero1"
 
-    def make_optimizer(self, params) -> torch.optim.Optimizer:
-        from torch.distributed.optim import ZeroRedundancyOptimizer  # slow import (see Strategy.state_bytes)
+    def __init__(self, cfg, topo, model, loss_fn):
+        super().__init__(cfg, topo, model, loss_fn)  # DDP, and a plain optimizer (holds no state yet)
+        # Imported here: importing torch.distributed.optim scripts its functional optimizers, which
+        # costs start-up time and (torch 2.13) a deprecation warning for each, in every process.
+        from torch.distributed.optim import ZeroRedundancyOptimizer
 
-        cls, kwargs = optimizer_spec(self.cfg.optimizer)
-        return ZeroRedundancyOptimizer(params, optimizer_class=cls, process_group=self.topo.group("dp"), **kwargs)
+        cls, kwargs = optimizer_spec(cfg.optimizer)
+        self.optimizer = ZeroRedundancyOptimizer(self.model.parameters(), optimizer_class=cls,
+                                                 process_group=topo.group("dp"), **kwargs)
 
     def train_step(self, batch: Batch) -> StepStats:
         # The broadcast of updated shards happens inside ZeroRedundancyOptimizer.step, out of reach
         # of the meter: charge it here, as the all-gather of all parameters that it amounts to.
         param_bytes = sum(p.numel() * p.element_size() for p in self.module.parameters())
-        self.meter.add(ring_allgather_bytes(param_bytes, self.dp_size), 0.0)
+        self.meter.add(ring_allgather_bytes(param_bytes, self.topo.size("dp")), 0.0)
         return super().train_step(batch)
 
     # torch.distributed.checkpoint.state_dict does not know ZeroRedundancyOptimizer (its state is
     # split over ranks and keyed by index), so translate to the same name-keyed full format.
-    def state_dict(self) -> dict:
+    def state_dict(self, group=None) -> dict:
         self.optimizer.consolidate_state_dict(to=0)  # a collective: every rank sends its share
         model = to_cpu(self.module.state_dict())
-        if self.dp_rank != 0:  # only rank 0 holds the consolidated state (and only it is gathered)
+        if self.topo.axis_rank("dp") != 0:  # only rank 0 holds the consolidated state (and only it is gathered)
             return {"model": model, "optimizer": {"state": {}, "param_groups": []}}
         full, names = self.optimizer.state_dict(), self._param_names()
         groups = [{**local, "params": [names[i] for i in g["params"]]}
@@ -110,7 +115,7 @@ class _CountedAllGather(AllGather):
     def __call__(self, output_tensor, input_tensor, group, async_op=False):
         n = dist.get_world_size(group)
         nbytes = ring_allgather_bytes(output_tensor.numel() * output_tensor.element_size(), n)
-        return _timed(self.meter, nbytes, lambda: dist.all_gather_single(
+        return timed(self.meter, nbytes, lambda: dist.all_gather_single(
             output_tensor, input_tensor, group=group, async_op=async_op))
 
 
@@ -126,21 +131,8 @@ class _CountedReduceScatter(ReduceScatter):
     def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
         n = dist.get_world_size(group)
         nbytes = ring_reduce_scatter_bytes(input_tensor.numel() * input_tensor.element_size(), n)
-        return _timed(self.meter, nbytes, lambda: dist.reduce_scatter_single(
+        return timed(self.meter, nbytes, lambda: dist.reduce_scatter_single(
             output_tensor, input_tensor, op=op, group=group, async_op=async_op))
-
-
-def _timed(meter: CommMeter, nbytes: int, launch):
-    """Launch a collective: bytes charged at once (so they land in this step whatever the timing),
-    launch-to-completion time when it finishes."""
-    t0 = time.perf_counter()
-    meter.add(nbytes, 0.0)
-    work = launch()
-    if work is None:
-        meter.add(0, time.perf_counter() - t0)
-    else:
-        work.get_future().then(lambda _: meter.add(0, time.perf_counter() - t0))
-    return work
 
 
 def shard_blocks(model: nn.Module, mesh, reshard_after_forward: bool, policy=MixedPrecisionPolicy(),
@@ -168,10 +160,11 @@ def count_fsdp_traffic(model: nn.Module, meter: CommMeter, replicas: int = 1) ->
 
 
 class _FullyShard(Strategy):
-    reshard_after_forward: bool
+    reshard_after_forward: ClassVar[bool]
 
-    def wrap(self, model: nn.Module) -> nn.Module:
-        mp = self.cfg.strategy.zero.mixed_precision
+    def __init__(self, cfg, topo, model, loss_fn):
+        super().__init__(cfg, topo, model, loss_fn)
+        mp = cfg.strategy.zero.mixed_precision
         # Low-precision parameters for compute and communication; gradients reduced in fp32 so
         # that the sum over ranks does not lose what bf16 would round away.
         policy = root_policy = MixedPrecisionPolicy()
@@ -181,12 +174,15 @@ class _FullyShard(Strategy):
             # bf16 loses most precision. Blocks pass activations on in low precision.
             root_policy = MixedPrecisionPolicy(param_dtype=_LOW_PRECISION[mp], reduce_dtype=torch.float32,
                                                output_dtype=torch.float32)
-        shard_blocks(model, self.topo.mesh["dp"], self.reshard_after_forward, policy, root_policy)
-        count_fsdp_traffic(model, self.meter)
-        return model
+        shard_blocks(self.model, topo.mesh["dp"], self.reshard_after_forward, policy, root_policy)
+        count_fsdp_traffic(self.model, self.meter)
+        self.optimizer = build_optimizer(cfg.optimizer, self.model.parameters())  # over the shards (DTensors)
+
+    def train_step(self, batch: Batch) -> StepStats:
+        return local_step(self, batch, accumulate=self._no_sync)
 
     @contextmanager
-    def no_sync(self):
+    def _no_sync(self):
         # FSDP2's no_sync: accumulate unsharded gradients locally, reduce-scatter on the last micro-batch.
         self.model.set_requires_gradient_sync(False)
         try:

@@ -33,8 +33,8 @@ import torch
 from paratrain.compression.codecs import Codec, CodecState, make_codec, pack, unpack
 from paratrain.config import CompressionConfig
 
-# Generator seeds: distinct per (worker, server shard) on each link, the same on every run.
-_PUSH_SEED, _PULL_SEED = 1_000_003, 2_000_029
+# Generator seeds: distinct per (worker, server shard) on each link (push: CodecState's own stride).
+_PULL_STRIDE = 2_000_029
 
 
 def _codecs(cfg: CompressionConfig) -> tuple[Codec | None, Codec | None]:
@@ -66,15 +66,6 @@ class Link:
         return buf if self.codec is None else self.codec.decompress(unpack(buf, self.like), (self.numel,))
 
 
-def _codec_state(state: CodecState) -> dict:
-    return {"residual": state.residual, "generator": state.generator.get_state()}
-
-
-def _load_codec_state(state: CodecState, saved: dict) -> None:
-    state.residual = saved["residual"]
-    state.generator.set_state(saved["generator"])
-
-
 class WorkerLinks:
     """A worker's side: per server shard, the push residual and the replica the pulls rebuild."""
 
@@ -83,7 +74,7 @@ class WorkerLinks:
         self.compressed = push is not None
         self.push = [Link(push if n else None, n, dtype) for n in shard_numels]  # an idle server: nothing to code
         self.pull = [Link(pull if n else None, n, dtype) for n in shard_numels]
-        self.states = [CodecState(generator=torch.Generator().manual_seed(_PUSH_SEED * (rank + 1) + s))
+        self.states = [CodecState.seeded(rank + 1, s)
                        for s in range(len(shard_numels))]
         self.replicas: list[torch.Tensor | None] = [None] * len(shard_numels)  # fp32, made at the first pull
 
@@ -103,13 +94,13 @@ class WorkerLinks:
         return self.replicas[s]
 
     def state(self) -> list[dict]:
-        return [_codec_state(st) for st in self.states]
+        return [st.to_dict() for st in self.states]
 
     def load(self, push: list[dict] | None, replicas: list[torch.Tensor | None]) -> None:
         """A checkpoint's residuals (None: start from zero) and the copies the servers kept of ours."""
         for st, saved in zip(self.states, push or [None] * len(self.states)):
             if saved is not None:
-                _load_codec_state(st, saved)
+                st.load(saved)
         self.replicas = [None if r is None else r.clone().float() for r in replicas]
 
 
@@ -120,7 +111,7 @@ class ServerLinks:
         push, pull = _codecs(cfg)
         self.compressed = push is not None and numel > 0  # an idle server (more servers than tensors): nothing
         self.push, self.pull = (Link(c if self.compressed else None, numel, dtype) for c in (push, pull))
-        self.states = [CodecState(generator=torch.Generator().manual_seed(_PULL_SEED * (index + 1) + w))
+        self.states = [CodecState.seeded(index + 1, w, stride=_PULL_STRIDE)
                        for w in range(num_workers)]
         self.sent: list[torch.Tensor | None] = [None] * num_workers
 
@@ -143,10 +134,10 @@ class ServerLinks:
         return buf
 
     def state(self) -> dict:
-        return {w: {"sent": self.sent[w], **_codec_state(st)} for w, st in enumerate(self.states)}
+        return {w: {"sent": self.sent[w], **st.to_dict()} for w, st in enumerate(self.states)}
 
     def load(self, saved: dict) -> None:
         for w, st in enumerate(self.states):
             if w in saved:
-                _load_codec_state(st, saved[w])
+                st.load(saved[w])
                 self.sent[w] = saved[w]["sent"].clone().float()

@@ -10,9 +10,9 @@ applied on arrival, but a worker's pull is answered only while its clock is at m
 
 Ranks: W workers, then S = `strategy.ps.servers` servers (the last ranks, so that rank 0 is a
 worker: the chief, which shows progress, writes checkpoints and the summary). The data-parallel
-mesh axis spans the workers only (`ServerDims`), so the global batch is split W ways and the
+mesh axis spans the workers only (`layout.ServerDims`), so the global batch is split W ways and the
 topology's dp group is the workers' group. Servers hold whole tensors, balanced by size
-(ps_protocol.partition), and the configured optimizer over their shard; a server's learning
+(protocol.partition), and the configured optimizer over their shard; a server's learning
 rate for a gradient is the one the pushing worker's trainer computed for that worker's step
 (carried in the push): with W asynchronous workers the server makes W updates per step of
 data, so its own update count would run the schedule W times too fast. For the same reason ASP
@@ -27,7 +27,8 @@ over servers) and `bytes_received` (reply headers + parameters, or payloads). Th
 server's version (updates applied) at apply time minus the version it was computed on: 0 under
 BSP; under SSP with bound s and W workers at most (W-1)(2s+1), since between a worker's read at
 clock c (all others at >= c-s) and its push, another worker can push at most up to clock c+s+1;
-unbounded under ASP. Each server writes metrics/ps_server<rank>.json (histogram, bytes, lost
+unbounded under ASP. Each server (server.py: `serve`, run by the launcher on server ranks in
+place of the trainer) writes metrics/ps_server<rank>.json (histogram, bytes, lost
 workers, dropped steps) at the end.
 
 Stragglers under SSP: `strategy.ps.drop_behind` (DropCompute, Giladi et al., 2023, which drops
@@ -46,12 +47,12 @@ so every applied gradient is within it, as under plain SSP.
 Compression: with `strategy.compression.codec` (fp16, bf16, int8, topk, randomk, sign; PowerSGD,
 a DDP comm hook, is refused before any worker starts), a push carries each shard's gradient
 through the codec with error feedback, and a pull the difference between the server's parameters
-and the copy this worker holds (ps_codec.py). The worker trains and evaluates on that copy.
+and the copy this worker holds (codec.py). The worker trains and evaluates on that copy.
 
 Training steps have no collectives among workers: the logged loss is the worker's own batch's.
-Evaluation (mean over live workers), checkpoints and the end of the run go through `live_group`:
+Evaluation (mean over live workers), checkpoints and the end of the run go through `agree_on_members`:
 a membership barrier at server 0 (asynchronous workers meet there), whose reply lists the live
-workers, then a group of exactly those. A lost worker (its connection closes: see ps_protocol.Inbox) is dropped by every server;
+workers, then a group of exactly those. A lost worker (its connection closes: see protocol.Inbox) is dropped by every server;
 BSP rounds and SSP's slowest clock then count only the live ones and training goes on. Rank 0
 cannot be lost (the checkpoints' collectives gather on it), nor can a server (a worker's receive
 from it fails with gloo's error). Checkpoints hold the servers' state:
@@ -65,126 +66,54 @@ part of the gradient, and the global norm would need the servers to talk to each
 """
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
 from paratrain import messages
 from paratrain.checkpoint import merge_states
-from paratrain.config import Config, ConfigError
+from paratrain.comm import flatten, unflatten
 from paratrain.data import Batch
-from paratrain.optim import build_optimizer
-from paratrain.strategies import ps_protocol as wire
-from paratrain.strategies.base import StepStats, Strategy, to_cpu
-from paratrain.strategies.ps_codec import ServerLinks, WorkerLinks
-from paratrain.strategies.ps_server import Server, load_named_optimizer
-
-from paratrain.topology import ParallelDims
-
-STATE_KEY = "parameter_server"  # a checkpoint's codec state (residuals, copies); other strategies ignore it
-
-
-def _needs_gloo(device: str) -> ConfigError:
-    # A server blocks in one receive per worker at once (ps_protocol.Inbox); NCCL runs a
-    # communicator's operations in order, so the first pending receive would hold up the others.
-    return ConfigError(f"run.device = '{device}': parameter_server runs on gloo (CPU) only; use 'cpu'")
-
-
-@dataclass(frozen=True)
-class ServerDims(ParallelDims):
-    """dp = the workers; the servers are `servers` more ranks after them, on no mesh axis.
-
-    Neither ParallelDims(dp=world) (validate would ask the global batch to divide by W + S) nor
-    ParallelDims(dp=W) (check: dp x pp x tp must be the world) fits; this keeps validate's batch
-    check and the topology untouched, and the mesh (torch allows one smaller than the world)
-    makes the workers' dp group with every rank taking part, as new_group requires."""
-    servers: int = 0
-
-    @property
-    def world_size(self) -> int:
-        return self.dp * self.pp * self.tp + self.servers
+from paratrain.metrics import StepStats
+from paratrain.nonfinite import check_update
+from paratrain.strategies.base import Strategy, local_eval, to_cpu
+from paratrain.strategies.layout import needs_gloo
+from paratrain.strategies.parameter_server import protocol as wire
+from paratrain.strategies.parameter_server.codec import WorkerLinks
+from paratrain.strategies.parameter_server.protocol import Kind, Message, PushReply
+from paratrain.strategies.parameter_server.server import STATE_KEY
 
 
 class ParameterServer(Strategy):
+    """A worker: ranks 0..W-1. The servers (ranks W..W+S-1) run server.serve, never this class."""
+
     name = "parameter_server"
+    lockstep = False  # workers push alone (asynchronous modes); the servers are not in the step
+    # A signal stops this worker at once: the servers cannot gather a checkpoint for one worker
+    # (the last periodic checkpoint stands; server ranks end on the signal itself).
+    checkpoints_on_stop = False
 
-    @classmethod
-    def parallel_dims(cls, cfg: Config, world_size: int) -> ParallelDims:
-        servers, f = cfg.strategy.ps.servers, cfg.faults
-        if servers >= world_size:
-            raise ConfigError(f"strategy.ps.servers = {servers}: leaves no worker among {world_size} processes; "
-                              f"use at most {world_size - 1}")
-        workers = world_size - servers
-        if cfg.run.device == "cuda":
-            raise _needs_gloo(cfg.run.device)
-        if cfg.optimizer.grad_clip:
-            raise ConfigError(f"optimizer.grad_clip = {cfg.optimizer.grad_clip}: parameter_server does not clip "
-                              "(each server holds part of the gradient); set 0")
-        if f.rank >= workers:
-            raise ConfigError(f"faults.rank = {f.rank}: a server (ranks {workers}..{world_size - 1} serve); "
-                              f"faults act on training steps: pick a worker, 0..{workers - 1}")
-        if f.rank == 0 and f.kill_at_step >= 0:
-            raise ConfigError("faults.rank = 0: parameter_server's rank 0 is the chief worker (checkpoints, "
-                              "summary) and cannot be lost; kill another worker")
-        ps = cfg.strategy.ps
-        if ps.drop_behind and ps.mode != "ssp":
-            raise ConfigError(f"strategy.ps.drop_behind = true: needs strategy.ps.mode = 'ssp', not '{ps.mode}' "
-                              "(BSP waits for every worker by definition, ASP never waits)")
-        return ServerDims(dp=workers, servers=servers)
-
-    # -- roles and the shard layout, settled before the base class builds the optimizer
-    def wrap(self, model: nn.Module) -> nn.Module:
-        self.num_workers = self.topo.size("dp")
-        self.is_server = self.topo.rank >= self.num_workers
-        self.trains = not self.is_server
-        if self.topo.device.type != "cpu":  # run.device = 'auto' found a GPU
-            raise _needs_gloo(self.cfg.run.device)
-        params = dict(model.named_parameters())
-        if len({p.dtype for p in params.values()}) > 1:
-            raise ConfigError("strategy.name = 'parameter_server': the model's parameters must share one dtype")
-        layout = wire.partition({n: p.numel() for n, p in params.items()}, self.topo.world_size - self.num_workers)
-        self.shard_names = layout  # per server index
-        self.shards = [[params[n] for n in names] for names in layout]
-        self.server_ranks = [self.num_workers + s for s in range(len(layout))]
-        self.clock, self.lr = 0, self.cfg.optimizer.lr
-        self.versions = [0] * len(layout)  # worker: the version of each shard it holds
+    def __init__(self, cfg, topo, model, loss_fn):
+        super().__init__(cfg, topo, model, loss_fn)
+        if topo.device.type != "cpu":  # run.device = 'auto' found a GPU
+            raise needs_gloo(cfg.run.device)
+        self.num_workers = topo.size("dp")
+        self.shard_names = wire.shard_layout(self.model, topo.world_size - self.num_workers)  # per server
+        params = dict(self.model.named_parameters())
+        self.shards = [[params[n] for n in names] for names in self.shard_names]
+        self.server_ranks = [self.num_workers + s for s in range(len(self.shard_names))]
+        self.optimizer = None  # workers never step: the servers own the optimizer
+        self.clock, self.lr = 0, cfg.optimizer.lr
+        self.versions = [0] * len(self.shard_names)  # the version of each shard this worker holds
         # SSP's drop_behind: the step the servers expect next (steps before it are skipped)
         self.resume_at, self.skipped = 0, 0
-        dtype = next(iter(params.values())).dtype
-        compression = self.cfg.strategy.compression
-        if self.is_server:
-            index = self.topo.rank - self.num_workers
-            self.links = ServerLinks(compression, index, sum(p.numel() for p in self.shards[index]), dtype,
-                                     self.num_workers)
-        else:
-            self.links = WorkerLinks(compression, self.topo.rank, [sum(p.numel() for p in sh) for sh in self.shards],
-                                     dtype)
-        self._live = None  # the group of the last membership barrier (checkpoints gather residuals over it)
+        self.links = WorkerLinks(cfg.strategy.compression, topo.rank, [sum(p.numel() for p in sh) for sh in self.shards],
+                                 next(iter(params.values())).dtype)
         self._groups: dict[tuple, object] = {}
-        self._final_members = None
-        return model
-
-    def make_optimizer(self, params) -> torch.optim.Optimizer | None:
-        if not self.is_server:
-            return None  # workers never step: the servers own the optimizer
-        shard = self.shards[self.topo.rank - self.num_workers]
-        return build_optimizer(self.cfg.optimizer, shard) if shard else None
 
     def set_lr(self, lr: float) -> None:
         self.lr = lr  # sent with the next push; the server applies it
-
-    @property
-    def dp_rank(self) -> int:
-        return 0 if self.is_server else self.topo.rank  # servers read no data
-
-    @property
-    def dp_size(self) -> int:
-        return self.num_workers
 
     @property
     def holds_unique_state(self) -> bool:
@@ -205,17 +134,17 @@ class ParameterServer(Strategy):
             loss.backward()
             loss_sum += loss.detach()
         t1 = time.perf_counter()
-        self.update_is_finite(loss_sum, self.model.parameters())  # alone: only 'stop' is allowed here
+        check_update(self, loss_sum, self.model.parameters())  # alone: only 'stop' is allowed here
         busy = self._busy_servers()
-        replies = {s: (torch.zeros(wire.PUSH_REPLY_NUMEL, dtype=torch.float64), self.links.reply_buffer(s))
+        replies = {s: (torch.zeros(PushReply.NUMEL, dtype=torch.float64), self.links.reply_buffer(s))
                    for s in busy}
         pending = [dist.irecv(t, src=self.server_ranks[s], tag=tag) for s, (h, flat) in replies.items()
                    for t, tag in ((h, wire.REPLY), (flat, wire.PAYLOAD))]  # posted first: the reply never waits
         sends, nbytes, plain = [], 0, 0
         for s in busy:
-            grad = self.links.encode_push(s, wire.flatten(p.grad if p.grad is not None else torch.zeros_like(p)
-                                                         for p in self.shards[s]))
-            head = wire.header(wire.Kind.PUSH, self.topo.rank, self.clock, self.versions[s], self.lr)
+            grad = self.links.encode_push(s, flatten(p.grad if p.grad is not None else torch.zeros_like(p)
+                                                    for p in self.shards[s]))
+            head = Message(Kind.PUSH, self.topo.rank, self.clock, self.versions[s], self.lr).header()
             sends += [dist.isend(head, dst=self.server_ranks[s], tag=wire.HEADER),
                       dist.isend(grad, dst=self.server_ranks[s], tag=wire.PAYLOAD)]
             nbytes += wire.HEADER_BYTES + grad.numel() * grad.element_size()
@@ -230,14 +159,15 @@ class ParameterServer(Strategy):
         staleness, received, discarded, self.clock = 0, 0, 0, self.clock + 1
         with torch.no_grad():
             for s, (head, buf) in replies.items():
+                reply = PushReply.from_tensor(head)
                 flat = self.links.apply_pull(s, buf, self.shards[s])
-                for p, value in zip(self.shards[s], wire.unflatten(flat, self.shards[s])):
+                for p, value in zip(self.shards[s], unflatten(flat, self.shards[s])):
                     p.copy_(value)
-                self.versions[s] = int(head[0])
-                if head[3]:  # applied; else discarded as too stale (drop_behind): its staleness never counted
-                    staleness = max(staleness, int(head[1]))
-                discarded += not head[3]
-                self.resume_at = max(self.resume_at, int(head[2]))  # past the steps dropped for us
+                self.versions[s] = reply.version
+                if reply.applied:  # else discarded as too stale (drop_behind): its staleness never counted
+                    staleness = max(staleness, reply.staleness)
+                discarded += not reply.applied
+                self.resume_at = max(self.resume_at, reply.next_clock)  # past the steps dropped for us
                 received += head.numel() * 8 + buf.numel() * buf.element_size()
         self.model.zero_grad(set_to_none=True)
         sent, comm_s = self.meter.take()
@@ -255,9 +185,9 @@ class ParameterServer(Strategy):
         return StepStats(float("nan"), 0, 0, skipped=True, extra={"skipped_total": self.skipped})
 
     # -- membership: who is still in the job, agreed on at server 0
-    def _members(self, kind: wire.Kind) -> tuple[int, ...]:
+    def _members(self, kind: Kind) -> tuple[int, ...]:
         mask = torch.zeros(self.num_workers, dtype=torch.float64)
-        dist.send(wire.header(kind, self.topo.rank), dst=self.server_ranks[0], tag=wire.HEADER)
+        dist.send(Message(kind, self.topo.rank).header(), dst=self.server_ranks[0], tag=wire.HEADER)
         dist.recv(mask, src=self.server_ranks[0], tag=wire.REPLY)
         return tuple(w for w in range(self.num_workers) if mask[w] > 0)
 
@@ -269,52 +199,35 @@ class ParameterServer(Strategy):
             self._groups[ranks] = dist.new_group(list(ranks), use_local_synchronization=True)
         return self._groups[ranks]
 
-    # A signal stops this worker at once: the servers cannot gather a checkpoint for one worker
-    # (the last periodic checkpoint stands; server ranks end on the signal itself).
-    checkpoints_on_stop = False
-    lockstep = False  # workers push alone (asynchronous modes); the servers are not in the step
-
     def agree_to_stop(self, signum: int) -> int:
-        return signum
+        return signum  # alone: see checkpoints_on_stop
 
-    def live_group(self):
-        """Workers: a barrier at server 0, then the group of the live workers. Servers: their own."""
-        if self.is_server:
-            return self._group_of((self.topo.rank,))
-        if self._final_members is not None:  # after close(): the membership of the last barrier
-            return self._group_of(self._final_members)
-        self._live = self._group_of(self._members(wire.Kind.BARRIER))
-        return self._live
+    def agree_on_members(self):
+        """A barrier at server 0 (asynchronous workers meet there); its reply lists the live
+        workers, and this returns their group."""
+        return self._group_of(self._members(Kind.BARRIER))
 
-    def mean_over_dp(self, value: torch.Tensor) -> float:
-        group = self.live_group()
-        n = dist.get_world_size(group)
-        return (self.meter.all_reduce(value.reshape(1).clone(), group) / n if n > 1 else value).item()
+    @torch.no_grad()
+    def evaluate(self, batches: list[Batch]) -> float:
+        return self.meter.mean(local_eval(self, batches), self.agree_on_members())
 
-    def serve(self) -> None:
-        index = self.topo.rank - self.num_workers
-        self.server = Server(self.cfg, index, self.num_workers, self.shard_names[index], self.shards[index],
-                             self.optimizer, self.links)
-        self.server.run()
-
-    def close(self, run_dir) -> None:
-        if self.is_server:
-            path = Path(run_dir) / "metrics" / f"ps_server{self.topo.rank}.json"
-            path.write_text(json.dumps(self.server.report(), indent=2))
-            return
+    def close(self, run_dir):
+        """Tell every server this worker is done; server 0's reply is the final barrier, whose
+        members are the workers that finished."""
         for rank in self.server_ranks[1:]:
-            dist.send(wire.header(wire.Kind.DONE, self.topo.rank), dst=rank, tag=wire.HEADER)
-        self._final_members = self._members(wire.Kind.DONE)  # server 0's reply: the final barrier
+            dist.send(Message(Kind.DONE, self.topo.rank).header(), dst=rank, tag=wire.HEADER)
+        return self._group_of(self._members(Kind.DONE))
 
     # -- checkpoints: one ordinary name-keyed checkpoint, the servers' shards fetched by the chief
-    def state_dict(self) -> dict:
+    def state_dict(self, group=None) -> dict:
+        """`group`: the live workers, agreed on for this checkpoint (agree_on_members)."""
         model = to_cpu(self.module.state_dict())  # buffers, and this worker's replica of the parameters
-        pushes = self._gather_push_states()
+        pushes = self._gather_push_states(group)
         if self.topo.rank != 0:
             return {"model": model, "optimizer": {"state": {}, "param_groups": []}}
         parts, pulls = [{"model": model, "optimizer": {"state": {}, "param_groups": []}}], {}
         for s in self._busy_servers():
-            dist.send(wire.header(wire.Kind.STATE, self.topo.rank), dst=self.server_ranks[s], tag=wire.HEADER)
+            dist.send(Message(Kind.STATE, self.topo.rank).header(), dst=self.server_ranks[s], tag=wire.HEADER)
             parts.append(wire.recv_object(self.server_ranks[s]))
             pulls[s] = parts[-1].pop("pull", None)
         state = merge_states(parts)  # later parts win: the servers' parameters over the replica's
@@ -326,34 +239,27 @@ class ParameterServer(Strategy):
                                 "push": pushes, "pull": pulls}
         return state
 
-    def _gather_push_states(self) -> dict | None:
-        """With a codec: every live worker's push residuals and generators, on the chief (a collective
-        over the group of the checkpoint's membership barrier: Checkpointer.save has just made it)."""
+    def _gather_push_states(self, group) -> dict | None:
+        """With a codec: every live worker's push residuals and generators, on the chief."""
         if not self.links.compressed:
             return None
-        mine, group = to_cpu(self.links.state()), self._live if self._live is not None else self.live_group()
-        if dist.get_world_size(group) == 1:
+        mine = to_cpu(self.links.state())
+        if group is None or dist.get_world_size(group) == 1:
             return {self.topo.rank: mine}
         parts = messages.gather((self.topo.rank, mine), dst=0, group=group)
         return dict(parts) if parts is not None else None
 
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["model"])
-        if self.is_server and self.optimizer is not None:
-            load_named_optimizer(self.optimizer, self.shard_names[self.topo.rank - self.num_workers],
-                                 state["optimizer"])
         extra = state.get(STATE_KEY)
         if (not self.links.compressed or extra is None or extra["layout"] != self.shard_names
                 or extra["num_workers"] != self.num_workers):
             return  # written without a codec or for another layout: residuals start at zero, copies from here
-        if self.is_server:
-            self.links.load(extra["pull"].get(self.topo.rank - self.num_workers) or {})
-            return
         me = self.topo.rank
         replicas = [((extra["pull"].get(s) or {}).get(me) or {}).get("sent") for s in range(len(self.shards))]
         self.links.load(extra["push"].get(me), replicas)
         with torch.no_grad():  # this worker goes on from the copy it held, as the servers know it
             for shard, flat in zip(self.shards, replicas):
                 if flat is not None:
-                    for p, value in zip(shard, wire.unflatten(flat, shard)):
+                    for p, value in zip(shard, unflatten(flat, shard)):
                         p.copy_(value)

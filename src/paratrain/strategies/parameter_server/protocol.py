@@ -1,4 +1,4 @@
-"""The parameter server's wire format and shard layout (the algorithm is in parameter_server.py).
+"""The parameter server's wire format and shard layout (the algorithm is in worker.py and server.py).
 
 Shards: whole tensors, balanced by size with the greedy rule (largest tensor first, to the server
 holding the fewest elements so far), as in Li et al.'s key ranges but per tensor. Every rank
@@ -9,7 +9,7 @@ header (float64 so that it can carry the learning rate; the integers in it are e
 followed by a payload whose size the receiver knows already (gloo aborts the receiving process
 when a buffer is smaller than the message, so nothing is ever sized by guess): a shard's flat
 tensor in the parameters' dtype, or with a codec its packed payload, whose size the codec and
-the shard fix (ps_codec.py):
+the shard fix (codec.py):
 
     worker -> server  [PUSH,    worker, clock, version, lr]   + the shard's gradient (flat or packed)
                       [BARRIER, worker, 0,     0,       0]    server 0 only
@@ -17,12 +17,13 @@ the shard fix (ps_codec.py):
                       [DONE,    worker, 0,     0,       0]    every server, after the last step
     server -> worker  PUSH:  [version, staleness, next clock, applied]
                                                                + the shard's parameters (flat, or
-                                                                 a packed difference: ps_codec.py)
+                                                                 a packed difference: codec.py)
                       BARRIER, DONE:   live mask, one entry per worker (server 0)
                       STATE:           [nbytes] (int64)        + the shard's state (paratrain.messages)
 
-A worker has at most one request outstanding per server, so replies need no matching. In a
-push reply, `next clock` is the step the worker is to compute next (past the steps the server
+Headers are read and written through named records (`Message.header` / `Message.from_header`,
+`PushReply`), never by position. A worker has at most one request outstanding per server, so
+replies need no matching. In a push reply, `next clock` is the step the worker is to compute next (past the steps the server
 dropped for it under SSP's drop_behind; otherwise its clock + 1) and `applied` is 0 when the
 server discarded the gradient as too stale (drop_behind only).
 """
@@ -30,19 +31,19 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 from paratrain import messages
+from paratrain.config import ConfigError
 
 HEADER, REPLY, PAYLOAD = 1, 2, 3  # tags
 HEADER_NUMEL = 5
 HEADER_BYTES = 8 * HEADER_NUMEL
-PUSH_REPLY_NUMEL = 4
 
 
 class Kind(IntEnum):
@@ -62,16 +63,12 @@ def partition(sizes: dict[str, int], num_servers: int) -> list[list[str]]:
     return [[n for n in sizes if owner[n] == s] for s in range(num_servers)]
 
 
-def flatten(tensors) -> torch.Tensor:
-    return torch.cat([t.detach().reshape(-1) for t in tensors])
-
-
-def unflatten(flat: torch.Tensor, like) -> list[torch.Tensor]:
-    return [c.view_as(t) for c, t in zip(torch.split(flat, [t.numel() for t in like]), like)]
-
-
-def header(kind: Kind, worker: int, clock: int = 0, version: int = 0, lr: float = 0.0) -> torch.Tensor:
-    return torch.tensor([kind, worker, clock, version, lr], dtype=torch.float64)
+def shard_layout(model: torch.nn.Module, num_servers: int) -> list[list[str]]:
+    """Parameter names per server, the same on every rank (workers and servers alike)."""
+    params = dict(model.named_parameters())
+    if len({p.dtype for p in params.values()}) > 1:
+        raise ConfigError("strategy.name = 'parameter_server': the model's parameters must share one dtype")
+    return partition({n: p.numel() for n, p in params.items()}, num_servers)
 
 
 def send_object(obj, dst: int) -> int:
@@ -86,12 +83,38 @@ def recv_object(src: int):
 
 @dataclass
 class Message:
-    worker: int
+    """A request: header fields by name, and the payload that follows a push."""
     kind: Kind
+    worker: int
     clock: int = 0
     version: int = 0
     lr: float = 0.0
     payload: torch.Tensor | None = None
+
+    def header(self) -> torch.Tensor:
+        return torch.tensor([self.kind, self.worker, self.clock, self.version, self.lr], dtype=torch.float64)
+
+    @classmethod
+    def from_header(cls, h: torch.Tensor) -> "Message":
+        return cls(Kind(int(h[0])), int(h[1]), int(h[2]), int(h[3]), float(h[4]))
+
+
+@dataclass(frozen=True)
+class PushReply:
+    """A server's answer to a push, before the shard's parameters."""
+    version: int  # updates applied to the shard so far
+    staleness: int  # of the pushed gradient when applied
+    next_clock: int  # the step the worker computes next (past steps dropped for it: drop_behind)
+    applied: bool  # False: discarded as too stale (drop_behind only)
+
+    NUMEL = 4
+
+    def to_tensor(self) -> torch.Tensor:
+        return torch.tensor([self.version, self.staleness, self.next_clock, self.applied], dtype=torch.float64)
+
+    @classmethod
+    def from_tensor(cls, t: torch.Tensor) -> "PushReply":
+        return cls(int(t[0]), int(t[1]), int(t[2]), bool(t[3]))
 
 
 class Inbox:
@@ -120,7 +143,7 @@ class Inbox:
             while True:
                 h = torch.zeros(HEADER_NUMEL, dtype=torch.float64)
                 dist.recv(h, src=worker, tag=HEADER)
-                msg = Message(worker, Kind(int(h[0])), int(h[2]), int(h[3]), float(h[4]))
+                msg = Message.from_header(h)
                 if msg.kind == Kind.PUSH:
                     msg.payload = self.empty_payload()
                     dist.recv(msg.payload, src=worker, tag=PAYLOAD)
@@ -128,4 +151,7 @@ class Inbox:
                 if msg.kind == Kind.DONE:
                     return
         except RuntimeError:  # the connection closed: the worker is gone
-            self.queue.put(Message(worker, Kind.DEAD))
+            self.queue.put(Message(Kind.DEAD, worker))
+
+
+PUSH_REPLY_NUMEL = PushReply.NUMEL

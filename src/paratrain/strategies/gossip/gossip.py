@@ -41,11 +41,11 @@ import time
 import torch
 import torch.distributed as dist
 
-from paratrain.config import Config, ConfigError, GossipConfig
+from paratrain.comm import flatten, unflatten
 from paratrain.data import Batch
-from paratrain.strategies.base import StepStats, Strategy
-from paratrain.strategies.choco import ChocoGossip
-from paratrain.topology import ParallelDims
+from paratrain.optim import build_optimizer
+from paratrain.strategies.base import StepStats, Strategy, local_step
+from paratrain.strategies.gossip.choco import ChocoGossip
 
 
 def num_hops(n: int) -> int:
@@ -83,37 +83,18 @@ def exchange(flat: torch.Tensor, group, send_to: list[int], recv_from: list[int]
 
 class Gossip(Strategy):
     name = "gossip"
-    lockstep = False  # replicas update alone: each decides on its own non-finite updates
+    lockstep = False  # replicas update alone: own loss, own decision on non-finite updates
 
-    @classmethod
-    def parallel_dims(cls, cfg: Config, world_size: int) -> ParallelDims:
-        g, codec = cfg.strategy.gossip, cfg.strategy.compression.codec
-        if codec != "none" and g.graph != "ring":
-            raise ConfigError(f"strategy.gossip.graph = '{g.graph}': compressed gossip (CHOCO-SGD) needs the same "
-                              "neighbours at every step; use 'ring' or strategy.compression.codec = 'none'")
-        if codec == "none" and g.consensus_step != GossipConfig.consensus_step:
-            raise ConfigError(f"strategy.gossip.consensus_step = {g.consensus_step}: used only by compressed gossip; "
-                              "set strategy.compression.codec or leave it at its default "
-                              f"{GossipConfig.consensus_step}")
-        return super().parallel_dims(cfg, world_size)
-
-    def __init__(self, cfg: Config, topo, model, loss_fn):
+    def __init__(self, cfg, topo, model, loss_fn):
         super().__init__(cfg, topo, model, loss_fn)
+        self.optimizer = build_optimizer(cfg.optimizer, self.model.parameters())
         self.gossip_round = 0  # picks the exponential graph's peer; the same count on every rank
         c = cfg.strategy.compression
         self.choco = (ChocoGossip(c.codec, c.ratio, cfg.strategy.gossip.consensus_step, topo.rank)
                       if c.codec != "none" else None)
 
-    def mean_over_dp(self, value: torch.Tensor) -> float:
-        """Strategy.train_step logs its loss through here: this rank's own, no collective."""
-        return value.item()
-
-    def evaluate(self, batches: list[Batch]) -> float:
-        own = torch.tensor([super().evaluate(batches)], device=self.topo.device)  # this replica, this shard
-        return Strategy.mean_over_dp(self, own.reshape(()))
-
     def train_step(self, batch: Batch) -> StepStats:
-        stats = super().train_step(batch)  # the local step on this rank's shard (no gradient all-reduce)
+        stats = local_step(self, batch)  # the local step on this rank's shard (no gradient all-reduce)
         distance = self.mix()
         nbytes, comm_s = self.meter.take()
         stats.bytes_sent += nbytes
@@ -125,14 +106,14 @@ class Gossip(Strategy):
     def mix(self) -> float:
         """Average this replica with the neighbours' (uniform weights; compressed: CHOCO's consensus
         step); returns the distance to them."""
-        n, rank = self.dp_size, self.dp_rank
+        n, rank = self.topo.size("dp"), self.topo.axis_rank("dp")
         send_to, recv_from = gossip_peers(rank, n, self.cfg.strategy.gossip.graph, self.gossip_round)
         self.gossip_round += 1
         if not recv_from:
             return 0.0
         params = list(self.model.parameters())
         # One flat fp32 vector: one message per peer, whatever the number of tensors.
-        flat = torch.cat([p.detach().reshape(-1).float() for p in params])
+        flat = flatten(p.float() for p in params)
         if self.choco is not None:
             mixed, distance = self._choco_mix(flat, send_to, recv_from)
         else:
@@ -142,10 +123,8 @@ class Gossip(Strategy):
             neighbours = torch.stack(received).sum(0)
             distance = (flat - neighbours / len(received)).norm().item()
             mixed = (flat + neighbours) / (1 + len(received))
-        offset = 0
-        for p in params:  # in place: the optimizer's state stays attached to the same tensors
-            p.copy_(mixed[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
+        for p, value in zip(params, unflatten(mixed, params)):  # in place: the optimizer's state stays attached
+            p.copy_(value)
         return distance
 
     def _choco_mix(self, flat: torch.Tensor, send_to: list[int], recv_from: list[int]) -> tuple[torch.Tensor, float]:

@@ -39,7 +39,7 @@ A lost worker (`[faults] kill_at_step`) is survived, compressed or not: every co
 sync goes through `Replicas` (replicas.py), which catches the failure, lets the survivors agree
 on who is alive through the rendezvous store and retries on a new process group of their own;
 the lost rank's data shard is no longer trained on. Ranks notice the loss at the next sync (or
-evaluation). The trainer's checkpoints and closing summary use that group too (`live_group`).
+evaluation). The trainer's checkpoints and closing summary use that group too (`agree_on_members`).
 Agreeing takes up to `run.timeout_s`. Rank 0 cannot be lost: its process hosts the store.
 
 Checkpoints hold rank 0's replica (read by any strategy), plus under the key "local_sgd" the
@@ -57,41 +57,29 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
+from typing import ClassVar
 
 import torch
 
-from paratrain.config import Config, ConfigError
+from paratrain.comm import flatten, unflatten
 from paratrain.data import Batch
-from paratrain.strategies.base import StepStats, Strategy, load_full_state, to_cpu
-from paratrain.strategies.deadline import RoundDeadline
-from paratrain.strategies.replicas import Replicas
-from paratrain.topology import ParallelDims
+from paratrain.optim import build_optimizer
+from paratrain.strategies.base import StepStats, Strategy, load_full_state, local_eval, local_step, to_cpu
+from paratrain.strategies.local_sgd.deadline import RoundDeadline
+from paratrain.strategies.local_sgd.replicas import Replicas
 
 STATE_KEY = "local_sgd"  # extra top-level key of the strategy state; other strategies ignore it
 
 
-def _flat(tensors) -> torch.Tensor:
-    return torch.cat([t.detach().reshape(-1) for t in tensors])
-
-
-def _unflat(flat: torch.Tensor, like) -> list[torch.Tensor]:
-    return [c.view_as(t) for c, t in zip(torch.split(flat, [t.numel() for t in like]), like)]
-
-
 class LocalSGD(Strategy):
     name = "local_sgd"
-    lockstep = False  # replicas update alone: each decides on its own non-finite updates
+    lockstep = False  # replicas update alone: own loss between syncs, own decision on non-finite updates
+    anchored: ClassVar[bool] = False  # keeps the last sync's parameters without a codec too (DiLoCo)
 
-    @classmethod
-    def parallel_dims(cls, cfg: Config, world_size: int) -> ParallelDims:
-        o = cfg.strategy.local_sgd
-        if o.deadline == "auto" and o.sync_every == 1:
-            raise ConfigError("strategy.local_sgd.deadline = 'auto': needs strategy.local_sgd.sync_every >= 2 "
-                              "(a round of one step has no inner step to drop)")
-        return super().parallel_dims(cfg, world_size)
-
-    def __init__(self, cfg: Config, topo, model, loss_fn):
+    def __init__(self, cfg, topo, model, loss_fn):
         super().__init__(cfg, topo, model, loss_fn)
+        self.optimizer = build_optimizer(cfg.optimizer, self.model.parameters())  # the inner optimizer
         o, c = cfg.strategy.local_sgd, cfg.strategy.compression
         self.sync_every, self.total_steps = o.sync_every, cfg.training.steps
         self.steps_done = 0
@@ -105,27 +93,25 @@ class LocalSGD(Strategy):
             self.compressor = DeltaCompressor(make_codec(c.codec, c.ratio, c.error_feedback), topo.rank)
         self.names = [n for n, _ in self.module.named_parameters()]
         # The parameters of the last sync: compressed deltas are taken from them (DiLoCo: always).
-        self.anchor = [p.detach().clone() for p in self.module.parameters()] if self._has_anchor() else None
+        anchored = self.anchored or self.compressor is not None
+        self.anchor = [p.detach().clone() for p in self.module.parameters()] if anchored else None
         self.deadline = RoundDeadline(o.deadline_slack) if o.deadline == "auto" else None
-
-    def _has_anchor(self) -> bool:
-        return self.compressor is not None
-
-    def mean_over_dp(self, value: torch.Tensor) -> float:
-        """Strategy.train_step logs its loss through here: this rank's own, no collective (see
-        the module docstring); `_sync` and `evaluate` average where the ranks meet anyway."""
-        return value.item()
 
     @torch.no_grad()
     def evaluate(self, batches: list[Batch]) -> float:
-        own = super().evaluate(batches)  # this replica's loss on this rank's held-out shard
-        return self.replicas.mean(torch.tensor([own], device=self.topo.device)).item()
+        own = local_eval(self, batches)  # this replica's loss on this rank's held-out shard
+        return self.replicas.mean(own.reshape(1)).item()
 
-    def outside_training(self, seconds: float) -> None:
+    @contextmanager
+    def paused(self):
         # Evaluation and checkpoints gather over the ranks (fast ones wait there for slow ones):
         # not the round's own work.
-        if self.deadline is not None:
-            self.deadline.pause(seconds)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.deadline is not None:
+                self.deadline.pause(time.perf_counter() - t0)
 
     def agree_to_stop(self, signum: int) -> int:
         """Replicas meet only at synchronisations: a signal is shared at the next one (in its loss
@@ -133,7 +119,8 @@ class LocalSGD(Strategy):
         self.stop_request = signum
         return self.stop_agreed
 
-    def live_group(self):
+    def agree_on_members(self):
+        """The survivors found at the last collective (replicas.py); no collective of its own."""
         return self.replicas.group if self.replicas.generation else None  # None: the whole world
 
     def train_step(self, batch: Batch) -> StepStats:
@@ -142,7 +129,7 @@ class LocalSGD(Strategy):
             # Dropped to keep the round's pace: no forward, no backward, this batch unused.
             stats = StepStats(math.nan, 0, 0, skipped=True)
         else:
-            stats = super().train_step(batch)  # the local step: no communication
+            stats = local_step(self, batch)  # the local step: no communication
         stats.extra["loss_ranks"] = 0 if stats.skipped else 1
         if self.steps_done % self.sync_every == 0 or self.steps_done == self.total_steps:
             self._sync(stats)
@@ -186,8 +173,8 @@ class LocalSGD(Strategy):
     # -- the synchronisation: what is averaged and what is done with the average
     def _to_average(self, params) -> torch.Tensor:
         if self.anchor is None:
-            return _flat(params)
-        return _flat(params) - _flat(self.anchor)  # compressed: this replica's delta since the last sync
+            return flatten(params)
+        return flatten(params) - flatten(self.anchor)  # compressed: this replica's delta since the last sync
 
     def _mean(self, local: torch.Tensor) -> torch.Tensor:
         if self.compressor is None:
@@ -206,15 +193,15 @@ class LocalSGD(Strategy):
 
     def _apply(self, params, mean: torch.Tensor) -> None:
         if self.anchor is None:
-            for p, m in zip(params, _unflat(mean, params)):
+            for p, m in zip(params, unflatten(mean, params)):
                 p.copy_(m)
             return
-        for a, p, d in zip(self.anchor, params, _unflat(mean, self.anchor)):
+        for a, p, d in zip(self.anchor, params, unflatten(mean, self.anchor)):
             a.add_(d)  # the same anchor and mean delta on every rank: identical replicas
             p.copy_(a)
 
     # -- checkpoints
-    def state_dict(self) -> dict:
+    def state_dict(self, group=None) -> dict:
         state = super().state_dict()
         own = {"optimizer": state["optimizer"], "codec": self._codec_state()}
         parts = self.replicas.gather_to_first(own)  # collective: every rank's inner and codec state
@@ -227,10 +214,7 @@ class LocalSGD(Strategy):
         return state
 
     def _codec_state(self) -> dict | None:
-        if self.compressor is None:
-            return None
-        s = self.compressor.state
-        return to_cpu({"residual": s.residual, "generator": s.generator.get_state()})
+        return None if self.compressor is None else to_cpu(self.compressor.state.to_dict())
 
     def _extra_state(self) -> dict:
         return to_cpu({"anchor": dict(zip(self.names, self.anchor))}) if self.anchor is not None else {}
@@ -248,9 +232,7 @@ class LocalSGD(Strategy):
             load_full_state(self.module, self.optimizer, {"model": state["model"], "optimizer": inner[rank]})
         codec = extra.get("codec_states")
         if self.compressor is not None and same_world and codec is not None and codec[rank] is not None:
-            s = self.compressor.state
-            s.residual = None if codec[rank]["residual"] is None else codec[rank]["residual"].to(self.topo.device)
-            s.generator.set_state(codec[rank]["generator"])
+            self.compressor.state.load(codec[rank], self.topo.device)
         self._load_extra(extra)
 
     def _load_extra(self, extra: dict) -> None:
@@ -265,27 +247,18 @@ class LocalSGD(Strategy):
 
 class DiLoCo(LocalSGD):
     name = "diloco"
+    anchored = True  # theta, the outer optimizer's parameters
 
-    @classmethod
-    def parallel_dims(cls, cfg: Config, world_size: int) -> ParallelDims:
-        o = cfg.strategy.local_sgd
-        if o.outer_nesterov and o.outer_momentum == 0:
-            raise ConfigError("strategy.local_sgd.outer_nesterov = true: needs strategy.local_sgd.outer_momentum > 0")
-        return super().parallel_dims(cfg, world_size)
-
-    def __init__(self, cfg: Config, topo, model, loss_fn):
+    def __init__(self, cfg, topo, model, loss_fn):
         super().__init__(cfg, topo, model, loss_fn)
         o = cfg.strategy.local_sgd
         self.outer = torch.optim.SGD(self.anchor, lr=o.outer_lr, momentum=o.outer_momentum, nesterov=o.outer_nesterov)
 
-    def _has_anchor(self) -> bool:
-        return True
-
     def _to_average(self, params) -> torch.Tensor:
-        return _flat(self.anchor) - _flat(params)  # the pseudo-gradient
+        return flatten(self.anchor) - flatten(params)  # the pseudo-gradient
 
     def _apply(self, params, mean: torch.Tensor) -> None:
-        for a, g in zip(self.anchor, _unflat(mean, self.anchor)):
+        for a, g in zip(self.anchor, unflatten(mean, self.anchor)):
             a.grad = g
         self.outer.step()
         for p, a in zip(params, self.anchor):

@@ -39,7 +39,7 @@ class ChocoGossip:
     def __init__(self, codec: str, ratio: float, consensus_step: float, rank: int):
         self.codec = make_codec(codec, ratio, error_feedback=False)  # CHOCO's x - x_hat is the error feedback
         self.gamma = consensus_step
-        self.state = CodecState(generator=torch.Generator().manual_seed(1_000_003 * rank))  # int8 / random-k draws
+        self.state = CodecState.seeded(rank)  # int8 / random-k draws
         self.x_hat: torch.Tensor | None = None  # this node's public copy
         self.copies: dict[int, torch.Tensor] = {}  # the neighbours' public copies, by rank
         self._like: list[torch.Tensor] = []  # a payload's dtypes and sizes: every node's are the same

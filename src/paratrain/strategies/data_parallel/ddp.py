@@ -16,7 +16,9 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from paratrain.comm import CommMeter, ring_allreduce_bytes
-from paratrain.strategies.base import Strategy
+from paratrain.data import Batch
+from paratrain.optim import build_optimizer
+from paratrain.strategies.base import StepStats, Strategy, local_step
 
 
 class _HookState:
@@ -42,17 +44,18 @@ def timed_allreduce_hook(state: _HookState, bucket: dist.GradBucket) -> torch.fu
 class DDP(Strategy):
     name = "ddp"
 
-    def wrap(self, model: nn.Module) -> nn.Module:
-        opts, device = self.cfg.strategy.ddp, self.topo.device
-        ddp = DistributedDataParallel(
-            model,
+    def __init__(self, cfg, topo, model, loss_fn):
+        super().__init__(cfg, topo, model, loss_fn)
+        opts, device, group = cfg.strategy.ddp, topo.device, topo.group("dp")
+        self.model = DistributedDataParallel(
+            self.model,
             device_ids=[device] if device.type == "cuda" else None,
-            process_group=self.topo.group("dp"),
+            process_group=group,
             bucket_cap_mb=opts.bucket_mb,
             gradient_as_bucket_view=opts.gradient_as_bucket_view,
         )
-        ddp.register_comm_hook(*self._comm_hook(self.topo.group("dp")))
-        return ddp
+        self.model.register_comm_hook(*self._comm_hook(group))
+        self.optimizer = build_optimizer(cfg.optimizer, self.model.parameters())
 
     def _comm_hook(self, group) -> tuple:
         """(state, hook) for DDP: the timed plain all-reduce, or the configured codec's."""
@@ -66,8 +69,9 @@ class DDP(Strategy):
         codec = make_codec(c.codec, ratio=c.ratio, error_feedback=c.error_feedback)
         return adapters.CodecHookState(codec, group, self.meter), adapters.codec_hook
 
-    def no_sync(self):
-        return self.model.no_sync()
+    def train_step(self, batch: Batch) -> StepStats:
+        # Micro-batches but the last accumulate without the all-reduce.
+        return local_step(self, batch, accumulate=self.model.no_sync)
 
     @property
     def module(self) -> nn.Module:
