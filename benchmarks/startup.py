@@ -6,7 +6,7 @@ joins a gloo process group, all-reduces one tensor, destroys the group and exits
 what paratrain adds to torch's own start-up and shut-down: its imports, config checks, the run
 directory, building the model and data, one step and its checkpoint.
 
-How: rounds of A then B (A B A B ...), so drift of the machine hits both alike; each A writes
+How: rounds of A, B and C in turn (A B C A B C ...), so drift of the machine hits both alike; each A writes
 into a fresh temporary run directory, and everything both write (run directories, torch's
 torchelastic_* log directories, via TMPDIR) lies in one temporary directory deleted at the end.
 OMP_NUM_THREADS=1 for both. `--imports` adds where paratrain's start-up goes inside one process:
@@ -15,6 +15,9 @@ the time of `import torch`, then of each paratrain module on top of it.
     .venv/bin/python benchmarks/startup.py [--rounds 3] [--imports]
 
 The figure is the ratio median(A) / median(B), goal <= 1.3: absolute seconds depend on the machine.
+A third command (C), torchrun starting 2 workers that build configs/mlp.toml's model under torch's
+DDP and take one SGD step, shows what of A - B is torch's own: DDP's constructor alone imports
+torch._dynamo. A / C is then what paratrain adds over the same job written with torch directly.
 Exits 0 whatever the ratio (a benchmark, not a test); 1 only when a run itself failed.
 """
 from __future__ import annotations
@@ -45,6 +48,22 @@ import torch.distributed as dist
 dist.init_process_group("gloo")
 t = torch.ones(1)
 dist.all_reduce(t)
+dist.destroy_process_group()
+"""
+
+# C: what torch alone costs for the same job as A: DDP over configs/mlp.toml's model, one SGD step.
+# DDP's constructor imports torch._dynamo (torch/nn/parallel/distributed.py reads
+# torch._dynamo.utils.get_optimize_ddp_mode()): a second or more on a small machine, that B lacks.
+DDP_SCRIPT = """\
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+dist.init_process_group("gloo")
+model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 1)))
+opt = torch.optim.SGD(model.parameters(), lr=0.05)
+nn.functional.mse_loss(model(torch.randn(16, 10)), torch.randn(16, 1)).backward()
+opt.step()
 dist.destroy_process_group()
 """
 
@@ -90,31 +109,37 @@ def bare_cmd(script: Path) -> list[str]:
 
 
 def startup(rounds: int, root: Path, env: dict) -> bool:
-    script = root / "bare_worker.py"
-    script.write_text(BARE_SCRIPT)
-    a: list[float] = []
-    b: list[float] = []
+    scripts = {}
+    for name, text in (("bare", BARE_SCRIPT), ("ddp", DDP_SCRIPT)):
+        scripts[name] = root / f"{name}_worker.py"
+        scripts[name].write_text(text)
+    kinds = {"A": "paratrain", "B": "bare torchrun", "C": "torchrun + DDP step"}
+    walls: dict[str, list[float]] = {k: [] for k in kinds}
     for i in range(1, rounds + 1):
-        run_root = Path(tempfile.mkdtemp(prefix=f"round{i}-", dir=root))
-        wall = timed(paratrain_cmd(run_root / "run"), env)
-        shutil.rmtree(run_root, ignore_errors=True)
-        print(f"round {i}  A paratrain      {'failed' if wall is None else f'{wall:6.2f} s'}", flush=True)
-        if wall is not None:
-            a.append(wall)
-        wall = timed(bare_cmd(script), env)
-        print(f"round {i}  B bare torchrun  {'failed' if wall is None else f'{wall:6.2f} s'}", flush=True)
-        if wall is not None:
-            b.append(wall)
+        for kind in kinds:
+            run_root = Path(tempfile.mkdtemp(prefix=f"round{i}-", dir=root))
+            if kind == "A":
+                cmd = paratrain_cmd(run_root / "run")
+            else:
+                cmd = bare_cmd(scripts["bare" if kind == "B" else "ddp"])
+            wall = timed(cmd, env)
+            shutil.rmtree(run_root, ignore_errors=True)
+            print(f"round {i}  {kind} {kinds[kind]:20} {'failed' if wall is None else f'{wall:6.2f} s'}", flush=True)
+            if wall is not None:
+                walls[kind].append(wall)
     print()
-    med_a = statistics.median(a) if a else None
-    med_b = statistics.median(b) if b else None
-    fmt = lambda v: "  n/a" if v is None else f"{v:6.2f} s"  # noqa: E731
-    print(f"{'':26}median of {rounds} rounds")
-    print(f"{'A paratrain run':26}{fmt(med_a)}")
-    print(f"{'B bare torchrun':26}{fmt(med_b)}")
-    ratio = f"{med_a / med_b:6.2f}" if med_a is not None and med_b else "   n/a"
-    print(f"{'ratio median(A)/median(B)':26}{ratio}    goal <= {GOAL}")
-    return len(a) == rounds and len(b) == rounds
+    med = {k: statistics.median(v) if v else None for k, v in walls.items()}
+    print(f"{'':28}median of {rounds} rounds")
+    for kind, what in kinds.items():
+        print(f"  {kind} {what:30}{'  n/a' if med[kind] is None else f'{med[kind]:6.2f} s'}")
+
+    def ratio(x: str, y: str) -> str:
+        return f"{med[x] / med[y]:6.2f}" if med[x] is not None and med[y] else "   n/a"
+
+    print(f"  {'ratio A/B (the figure)':32}{ratio('A', 'B')}    goal <= {GOAL}")
+    print(f"  {'ratio C/B (torch DDP alone)':32}{ratio('C', 'B')}")
+    print(f"  {'ratio A/C (paratrain over DDP)':32}{ratio('A', 'C')}")
+    return all(len(v) == rounds for v in walls.values())
 
 
 def imports(env: dict) -> None:

@@ -130,7 +130,8 @@ def read_checkpoint(path: str | Path) -> dict:
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise ConfigError(f"checkpoint '{path}' is not a paratrain checkpoint (no '{FORMAT}' header)")
     if obj.get("version") != VERSION:
-        raise ConfigError(f"checkpoint '{path}' has format version {obj.get('version')}; this paratrain reads {VERSION}")
+        raise ConfigError(f"checkpoint '{path}' has format version {obj.get('version')}; "
+                          f"this paratrain reads {VERSION}")
     if obj.get("sha256") != payload_digest(obj):
         raise ConfigError(f"checkpoint '{path}' fails its checksum: its contents changed after it was written "
                           "(a disk or copy error)")

@@ -253,7 +253,8 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
             text = path.read_text()
             raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
         except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"config file '{path}' is not valid {path.suffix.lstrip('.').upper() or 'TOML'}: {e}") from None
+            kind = path.suffix.lstrip(".").upper() or "TOML"
+            raise ConfigError(f"config file '{path}' is not valid {kind}: {e}") from None
     return from_dict(_apply_sets(raw, overrides))
 
 
@@ -307,6 +308,12 @@ def _build(cls, raw: Any, prefix: str):
     return cls(**kwargs)
 
 
+# Types whose TOML value is taken as it is, once its kind is right (bool is an int in Python: not here).
+_PLAIN = {bool: ("true or false", lambda v: isinstance(v, bool)),
+          int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+          str: ("a string", lambda v: isinstance(v, str)), dict: ("a table", lambda v: isinstance(v, dict))}
+
+
 def _convert(tp, value: Any, key: str):
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
@@ -316,13 +323,10 @@ def _convert(tp, value: Any, key: str):
         if value not in choices:
             raise ConfigError(f"{key} = {value!r}: must be one of {', '.join(map(str, choices))}")
         return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key} = {value!r}: must be true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} = {value!r}: must be an integer")
+    if tp in _PLAIN:
+        what, ok = _PLAIN[tp]
+        if not ok(value):
+            raise ConfigError(f"{key} = {value!r}: must be {what}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -330,14 +334,6 @@ def _convert(tp, value: Any, key: str):
         if not math.isfinite(value):
             raise ConfigError(f"{key} = {value!r}: must be a finite number")
         return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key} = {value!r}: must be a string")
-        return value
-    if tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} = {value!r}: must be a table")
-        return value
     if origin is tuple and typing.get_args(tp)[1:] == (Ellipsis,):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} = {value!r}: must be a list")
@@ -384,4 +380,5 @@ def validate(cfg: Config) -> None:
             f"training.global_batch_size = {t.global_batch_size}: must be divisible by "
             f"training.grad_accum_steps = {t.grad_accum_steps}")
     if cfg.optimizer.warmup_steps >= t.steps and cfg.optimizer.warmup_steps:
-        raise ConfigError(f"optimizer.warmup_steps = {cfg.optimizer.warmup_steps}: must be < training.steps = {t.steps}")
+        raise ConfigError(f"optimizer.warmup_steps = {cfg.optimizer.warmup_steps}: "
+                          f"must be < training.steps = {t.steps}")

@@ -126,7 +126,11 @@ def preflight(cfg: Config, world_size: int, ckpt_path: Path | None, ckpt: dict |
         model = build_model(cfg, datasets.vocab_size)
     if dims.pp > 1:
         check_model_split(cfg, model, dims.pp)
-    _check_one_step(cfg, model, build_loss(cfg), datasets)
+    if cfg.model.name == "custom" or cfg.data.name == "custom" or cfg.model.loss:
+        # User code: its shapes are checked here. The built-in models, data and losses fit each other
+        # by construction (config.validate pairs them), and a meta forward costs the launcher 1.1 s
+        # of start-up before any worker starts (its decompositions import torch._dynamo, measured).
+        _check_one_step(cfg, model, build_loss(cfg), datasets)
     if ckpt_path is not None:
         check_compatible(ckpt if ckpt is not None else read_checkpoint(ckpt_path), cfg, ckpt_path, model)
 
@@ -138,7 +142,8 @@ def _check_one_step(cfg: Config, model: nn.Module, loss_fn: Callable, datasets: 
 
     from paratrain.imports import describe
 
-    what = f"model.factory = '{cfg.model.factory}'" if cfg.model.name == "custom" else f"model.name = '{cfg.model.name}'"
+    m = cfg.model
+    what = f"model.factory = '{m.factory}'" if m.name == "custom" else f"model.name = '{m.name}'"
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError(f"{what}: the model has no trainable parameters")
     batch = datasets.eval.get(torch.arange(min(2, len(datasets.eval))))

@@ -108,7 +108,7 @@ class MetricsLog:
 
 def records_before(path: Path, step: int) -> str:
     """The whole lines of a metrics file with records of steps before `step` (a resume's history)."""
-    return "".join(l + "\n" for l in Path(path).read_text().splitlines() if _step_of(l) < step)
+    return "".join(line + "\n" for line in Path(path).read_text().splitlines() if _step_of(line) < step)
 
 
 def _step_of(line: str) -> float:
@@ -137,7 +137,8 @@ class Progress:
 
     def update(self, rec: dict, eval_loss: float | None) -> None:
         step = rec["step"] + 1
-        rate = f"{rec['tokens_per_s']:,.0f} tok/s" if "tokens_per_s" in rec else f"{rec['samples_per_s']:,.0f} samples/s"
+        tokens = "tokens_per_s" in rec
+        rate = f"{rec['tokens_per_s']:,.0f} tok/s" if tokens else f"{rec['samples_per_s']:,.0f} samples/s"
         info = f"loss {rec['loss']:.4f}" + (f"  eval {eval_loss:.4f}" if eval_loss is not None else "") \
             + f"  {rate}  {1000 * rec['step_s']:.0f} ms/step"
         if self.mode == "bar":

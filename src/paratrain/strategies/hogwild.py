@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from paratrain.comm import flatten, unflatten
 from paratrain.config import ConfigError
 from paratrain.data import Batch
 from paratrain.optim import build_optimizer
@@ -48,30 +49,30 @@ def share_parameters(params: list[nn.Parameter], path: Path, is_writer: bool, ba
     numel = sum(p.numel() for p in params)
     if is_writer:
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(torch.cat([p.detach().reshape(-1) for p in params]).numpy().tobytes())
+        tmp.write_bytes(flatten(params).numpy().tobytes())
         os.replace(tmp, path)  # nobody maps a half-written file
     barrier()
     flat = torch.from_file(str(path), shared=True, size=numel, dtype=torch.float32)
     barrier()  # every rank has mapped it: the name is no longer needed
     if is_writer:
         path.unlink()
-    offset = 0
-    for p in params:  # the same Parameter objects (the optimizer's), now backed by shared memory
-        p.data = flat[offset:offset + p.numel()].view_as(p)
-        offset += p.numel()
+    for p, view in zip(params, unflatten(flat, params)):  # the same Parameter objects (the optimizer's)
+        p.data = view  # now backed by shared memory
     return flat
 
 
 class Hogwild(Strategy):
+    """Every rank its own batches and its own gradients; one copy of the parameters for all."""
+
     name = "hogwild"
     lockstep = False  # replicas update alone: own loss, own decision on non-finite updates
 
     def __init__(self, cfg, topo, model, loss_fn):
-        super().__init__(cfg, topo, model, loss_fn)
-        params = list(self.model.parameters())  # tied parameters once
-        if topo.device.type != "cpu" or any(p.dtype != torch.float32 for p in params):
+        if topo.device.type != "cpu" or any(p.dtype != torch.float32 for p in model.parameters()):
             raise ConfigError(f"strategy.name = 'hogwild': needs fp32 parameters on the CPU "
                               f"(run.device resolved to '{topo.device.type}')")
+        super().__init__(cfg, topo, model, loss_fn)
+        params = list(self.model.parameters())  # tied parameters once
         self.shared = share_parameters(params, shared_path(cfg.run.dir), topo.is_main, self._barrier)
         self.optimizer = build_optimizer(cfg.optimizer, params)
 

@@ -65,7 +65,8 @@ def _check_sections(cfg: Config) -> None:
     """Rules between the strategy and the other sections that hold on any number of processes."""
     s = cfg.strategy
     if s.name != "hybrid":
-        for key, value, default in (("dp", s.dp, 0), ("pp", s.pp, 1), ("tp", s.tp, 1), ("dp_mode", s.dp_mode, "replicate")):
+        degrees = (("dp", s.dp, 0), ("pp", s.pp, 1), ("tp", s.tp, 1), ("dp_mode", s.dp_mode, "replicate"))
+        for key, value, default in degrees:
             if value != default:
                 raise ConfigError(f"strategy.{key} = {value!r}: only strategy.name = 'hybrid' takes degrees; "
                                   f"'{s.name}' uses every process on its own axis")

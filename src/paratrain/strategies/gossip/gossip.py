@@ -87,11 +87,11 @@ class Gossip(Strategy):
 
     def __init__(self, cfg, topo, model, loss_fn):
         super().__init__(cfg, topo, model, loss_fn)
-        self.optimizer = build_optimizer(cfg.optimizer, self.model.parameters())
-        self.gossip_round = 0  # picks the exponential graph's peer; the same count on every rank
         c = cfg.strategy.compression
         self.choco = (ChocoGossip(c.codec, c.ratio, cfg.strategy.gossip.consensus_step, topo.rank)
                       if c.codec != "none" else None)
+        self.gossip_round = 0  # picks the exponential graph's peer; the same count on every rank
+        self.optimizer = build_optimizer(cfg.optimizer, self.model.parameters())
 
     def train_step(self, batch: Batch) -> StepStats:
         stats = local_step(self, batch)  # the local step on this rank's shard (no gradient all-reduce)

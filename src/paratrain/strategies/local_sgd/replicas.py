@@ -35,7 +35,7 @@ class Replicas:
     compare_set, so all survivors adopt the same one. `new_group` with local synchronization is
     documented to need only its members; a plain one must be entered by every process of the
     world (torch 2.13 with gloo did not wait for a dead one, measured, but that is not promised).
-    The world group stays broken; the trainer's own collectives use `live_group()` instead.
+    The world group stays broken; the trainer's own collectives use `agree_on_members()` instead.
     """
 
     def __init__(self, group, meter, grace_s: float):

@@ -22,10 +22,10 @@ the shard fix (codec.py):
                       STATE:           [nbytes] (int64)        + the shard's state (paratrain.messages)
 
 Headers are read and written through named records (`Message.header` / `Message.from_header`,
-`PushReply`), never by position. A worker has at most one request outstanding per server, so
-replies need no matching. In a push reply, `next clock` is the step the worker is to compute next (past the steps the server
-dropped for it under SSP's drop_behind; otherwise its clock + 1) and `applied` is 0 when the
-server discarded the gradient as too stale (drop_behind only).
+`PushReply`), never by position. A worker has at most one request outstanding per server, so replies
+need no matching. In a push reply, `next clock` is the step the worker is to compute next (past the
+steps the server dropped for it under SSP's drop_behind; otherwise its clock + 1) and `applied` is 0
+when the server discarded the gradient as too stale (drop_behind only).
 """
 from __future__ import annotations
 

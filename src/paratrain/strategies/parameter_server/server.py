@@ -1,12 +1,12 @@
 """One parameter server's rank: BSP, ASP and SSP over protocol.py's messages.
 
-The consistency models of Li et al. (OSDI 2014) and SSP of Ho et al. (NeurIPS 2013); the
-strategy around it, and what the numbers mean, are described in worker.py, and SSP's
-drop_behind there too (DropCompute, Giladi et al. 2023). A server rank never runs the trainer:
-the launcher calls `serve` there instead (its layout, `layout.ServerDims`, names it a server). Messages are handled one at a time, in
-arrival order, by this thread alone; after each, whatever it made ready (a full BSP round, an SSP
-reply whose gate opened, a barrier) is answered. Gradients come in and parameters go out through
-`ServerLinks` (codec.py): as they are, or through a codec.
+The consistency models of Li et al. (OSDI 2014) and SSP of Ho et al. (NeurIPS 2013); the strategy
+around it, and what the numbers mean, are described in worker.py, and SSP's drop_behind there too
+(DropCompute, Giladi et al. 2023). A server rank never runs the trainer: the launcher calls `serve`
+there instead (its layout, `layout.ServerDims`, names it a server). Messages are handled one at a
+time, in arrival order, by this thread alone; after each, whatever it made ready (a full BSP round,
+an SSP reply whose gate opened, a barrier) is answered. Gradients come in and parameters go out
+through `ServerLinks` (codec.py): as they are, or through a codec.
 """
 from __future__ import annotations
 
@@ -226,7 +226,7 @@ class Server:
     def _state(self, msg: Message) -> None:
         state = {"model": {n: p.detach().cpu().clone() for n, p in zip(self.names, self.params)},
                  "optimizer": named_optimizer_state(self.optimizer, self.names)}
-        if self.links.compressed:  # what each worker holds, and the pull's generators (ps_codec.py)
+        if self.links.compressed:  # what each worker holds, and the pull's generators (codec.py)
             state["pull"] = self.links.state()
         self.checkpoint_bytes += wire.send_object(state, msg.worker)
 

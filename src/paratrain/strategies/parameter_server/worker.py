@@ -19,17 +19,17 @@ data, so its own update count would run the schedule W times too fast. For the s
 and SSP want a smaller learning rate than BSP (measured: configs/mlp.toml's SGD, lr 0.05 and
 momentum 0.9, diverged with 3 SSP workers and trained with lr 0.05 / 3).
 
-A worker's step: forward and backward on its batch, push each server its part of the gradient,
-pull the updated part back (the reply to the push), copy it into the model. `wait_s` is the
-time blocked for the replies (the server's work, BSP's round, SSP's gate); `bytes_sent` is
-exactly headers + gradient (or its codec's payload); the step record adds `staleness` (largest
-over servers) and `bytes_received` (reply headers + parameters, or payloads). The staleness of an applied gradient is the
-server's version (updates applied) at apply time minus the version it was computed on: 0 under
+A worker's step: forward and backward on its batch, push each server its part of the gradient, pull
+the updated part back (the reply to the push), copy it into the model. `wait_s` is the time blocked
+for the replies (the server's work, BSP's round, SSP's gate); `bytes_sent` is exactly headers +
+gradient (or its codec's payload); the step record adds `staleness` (largest over servers) and
+`bytes_received` (reply headers + parameters, or payloads). The staleness of an applied gradient is
+the server's version (updates applied) at apply time minus the version it was computed on: 0 under
 BSP; under SSP with bound s and W workers at most (W-1)(2s+1), since between a worker's read at
 clock c (all others at >= c-s) and its push, another worker can push at most up to clock c+s+1;
-unbounded under ASP. Each server (server.py: `serve`, run by the launcher on server ranks in
-place of the trainer) writes metrics/ps_server<rank>.json (histogram, bytes, lost
-workers, dropped steps) at the end.
+unbounded under ASP. Each server (server.py: `serve`, run by the launcher on server ranks in place
+of the trainer) writes metrics/ps_server<rank>.json (histogram, bytes, lost workers, dropped steps)
+at the end.
 
 Stragglers under SSP: `strategy.ps.drop_behind` (DropCompute, Giladi et al., 2023, which drops
 the compute a worker has not finished in time; backup workers, Chen et al., "Revisiting
@@ -50,19 +50,20 @@ through the codec with error feedback, and a pull the difference between the ser
 and the copy this worker holds (codec.py). The worker trains and evaluates on that copy.
 
 Training steps have no collectives among workers: the logged loss is the worker's own batch's.
-Evaluation (mean over live workers), checkpoints and the end of the run go through `agree_on_members`:
-a membership barrier at server 0 (asynchronous workers meet there), whose reply lists the live
-workers, then a group of exactly those. A lost worker (its connection closes: see protocol.Inbox) is dropped by every server;
-BSP rounds and SSP's slowest clock then count only the live ones and training goes on. Rank 0
-cannot be lost (the checkpoints' collectives gather on it), nor can a server (a worker's receive
-from it fails with gloo's error). Checkpoints hold the servers' state:
-the chief asks each server for its shard and optimizer state at each checkpoint and writes one
-ordinary, name-keyed checkpoint (any strategy can resume it, and this one any other's); on
-resume every server loads its shard from it. With a codec the checkpoint also holds, under the
-key "parameter_server", every live worker's push residuals and each server's copies of what its
-workers hold, with the codecs' generators: a resumed run goes on exactly (under another layout,
-or from another strategy's checkpoint, residuals start at zero and copies at the parameters). Gradient clipping is refused: each server holds
-part of the gradient, and the global norm would need the servers to talk to each other.
+Evaluation (mean over live workers), checkpoints and the end of the run go through
+`agree_on_members`: a membership barrier at server 0 (asynchronous workers meet there), whose reply
+lists the live workers, then a group of exactly those. A lost worker (its connection closes: see
+protocol.Inbox) is dropped by every server; BSP rounds and SSP's slowest clock then count only the
+live ones and training goes on. Rank 0 cannot be lost (the checkpoints' collectives gather on it),
+nor can a server (a worker's receive from it fails with gloo's error). Checkpoints hold the servers'
+state: the chief asks each server for its shard and optimizer state at each checkpoint and writes
+one ordinary, name-keyed checkpoint (any strategy can resume it, and this one any other's); on
+resume every server loads its shard from it. With a codec the checkpoint also holds, under the key
+"parameter_server", every live worker's push residuals and each server's copies of what its workers
+hold, with the codecs' generators: a resumed run goes on exactly (under another layout, or from
+another strategy's checkpoint, residuals start at zero and copies at the parameters). Gradient
+clipping is refused: each server holds part of the gradient, and the global norm would need the
+servers to talk to each other.
 """
 from __future__ import annotations
 
@@ -108,8 +109,8 @@ class ParameterServer(Strategy):
         self.versions = [0] * len(self.shard_names)  # the version of each shard this worker holds
         # SSP's drop_behind: the step the servers expect next (steps before it are skipped)
         self.resume_at, self.skipped = 0, 0
-        self.links = WorkerLinks(cfg.strategy.compression, topo.rank, [sum(p.numel() for p in sh) for sh in self.shards],
-                                 next(iter(params.values())).dtype)
+        numels = [sum(p.numel() for p in shard) for shard in self.shards]
+        self.links = WorkerLinks(cfg.strategy.compression, topo.rank, numels, next(iter(params.values())).dtype)
         self._groups: dict[tuple, object] = {}
 
     def set_lr(self, lr: float) -> None:

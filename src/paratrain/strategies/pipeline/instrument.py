@@ -34,7 +34,8 @@ class StageClock:
         last_input = [0]
 
         def seen(module, args) -> None:
-            last_input[0] = sum(a.numel() * a.element_size() for a in args if torch.is_tensor(a) and a.is_floating_point())
+            floats = (a for a in args if torch.is_tensor(a) and a.is_floating_point())
+            last_input[0] = sum(a.numel() * a.element_size() for a in floats)
 
         stage.submod.register_forward_pre_hook(seen)
         for kind, attr in KINDS.items():

@@ -21,7 +21,6 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 from torch.distributed.pipelining import PipelineStage, schedules
 
 from paratrain import messages
@@ -30,7 +29,7 @@ from paratrain.config import ConfigError
 from paratrain.data import Batch
 from paratrain.nonfinite import check_update
 from paratrain.optim import build_optimizer
-from paratrain.strategies.base import StepStats, Strategy, load_full_state, to_cpu
+from paratrain.strategies.base import StepStats, Strategy, full_state, load_full_state
 from paratrain.strategies.layout import MULTI_STAGE, check_model_split, pipeline_settings
 from paratrain.strategies.pipeline import split
 from paratrain.strategies.pipeline.instrument import StageClock
@@ -143,11 +142,12 @@ class Pipeline(Strategy):
         losses: list[torch.Tensor] = []
         with self.loss_context():
             self.schedule.step(*([batch.inputs] if self.has_first else []),
-                               target=batch.targets if self.has_last else None, losses=losses if self.has_last else None)
+                               target=batch.targets if self.has_last else None,
+                               losses=losses if self.has_last else None)
         t1 = time.perf_counter()
         self.clip_gradients()
         # This stage's own loss (the last stage's; others have none), on the device: NCCL reduces no CPU tensor.
-        own_loss = (torch.stack([l.detach().float() for l in losses]).sum() if losses
+        own_loss = (torch.stack([loss.detach().float() for loss in losses]).sum() if losses
                     else torch.zeros((), device=self.topo.device))
         finite = check_update(self, own_loss, (p for part in self.parts for p in part.parameters()))
         if finite:
@@ -164,7 +164,7 @@ class Pipeline(Strategy):
 
     def _pipeline_loss(self, losses: list[torch.Tensor]) -> float:
         """The last stage's mean micro-batch loss, shared along the pipeline, then averaged over dp."""
-        local = torch.stack([l.detach().float() for l in losses]).mean() if losses else torch.zeros(())
+        local = torch.stack([loss.detach().float() for loss in losses]).mean() if losses else torch.zeros(())
         local = local.to(self.topo.device).reshape(1)
         if self.topo.size("pp") > 1:
             self.meter.all_reduce(local, self.topo.group("pp"))
@@ -211,9 +211,7 @@ class Pipeline(Strategy):
         return self._pipeline_loss(losses)
 
     def state_dict(self, group=None) -> dict:
-        parts = [get_state_dict(part, opt, options=StateDictOptions(full_state_dict=True))
-                 for part, opt in zip(self.parts, self.optimizer.optimizers)]
-        return merge_states([{"model": to_cpu(m), "optimizer": to_cpu(o)} for m, o in parts])
+        return merge_states([full_state(part, opt) for part, opt in zip(self.parts, self.optimizer.optimizers)])
 
     def load_state_dict(self, state: dict) -> None:
         for part, opt in zip(self.parts, self.optimizer.optimizers):
