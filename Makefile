@@ -15,6 +15,7 @@ demo: $(STAMP)
 	$(VENV)/bin/paratrain run configs/demo.toml --nproc 2
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

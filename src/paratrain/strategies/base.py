@@ -7,7 +7,8 @@ axis says which share) and gets `StepStats` back; it never knows which strategy 
 Every member below is used by the trainer or the checkpointer:
 
     name, lockstep, checkpoints_on_stop    what the trainer needs to know of the strategy
-    __init__(cfg, topo, model, loss_fn)    builds everything: sets .model, .optimizer (and .meter)
+    __init__(cfg, topo, model, loss_fn)    builds everything, in the constructor (no template calls)
+    model, optimizer                       what this rank computes with and steps (and .meter, the bytes)
     module                                 the plain model: what a checkpoint and the API return
     train_step(batch) -> StepStats         one optimizer step
     evaluate(batches) -> float             held-out loss, averaged over the members
@@ -198,12 +199,14 @@ def full_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     for plain parameters the same format read from the module and the optimizer directly, which
     spares a worker the import of torch.distributed.checkpoint (0.6 s of start-up, measured).
     """
-    if any(_is_dtensor(p) for p in module.parameters()):
+    model = module.state_dict()
+    # Sharded anywhere (FSDP2 may hold some parameters unsharded between steps): torch's helper.
+    if any(_is_dtensor(t) for t in (*module.parameters(), *model.values())):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
         model, optim = get_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True))
     else:
-        model, optim = module.state_dict(), _named_optimizer_state(module, optimizer)
+        optim = _named_optimizer_state(module, optimizer)
     return {"model": to_cpu(model), "optimizer": to_cpu(optim)}
 
 
