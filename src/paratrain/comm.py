@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -34,6 +35,18 @@ def timed(meter: "CommMeter", nbytes: int, launch):
     else:
         work.get_future().then(lambda _: meter.add(0, time.perf_counter() - t0))
     return work
+
+
+def counted(meter: "CommMeter", nbytes: int, t0: float, fut: torch.futures.Future,
+            result: Callable = lambda f: f.value(), uncompressed: int | None = None) -> torch.futures.Future:
+    """`fut` (a collective launched at perf_counter `t0`), then `result(f)` of it, charging the
+    meter `nbytes` and the launch-to-completion time once it completes (DDP comm hooks)."""
+    def done(f):
+        value = result(f)  # re-raises a failed collective: nothing is charged for it
+        meter.add(nbytes, time.perf_counter() - t0, uncompressed=uncompressed)
+        return value
+
+    return fut.then(done)
 
 
 def ring_allreduce_bytes(nbytes: int, n: int) -> int:

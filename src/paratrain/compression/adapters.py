@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as torch_powersgd
 
-from paratrain.comm import CommMeter, ring_allgather_bytes, ring_allreduce_bytes
+from paratrain.comm import CommMeter, counted, ring_allgather_bytes, ring_allreduce_bytes
 from paratrain.compression.codecs import Codec, CodecState, pack, unpack
 
 POWERSGD_START_ITER = 2
@@ -42,7 +42,8 @@ def exchange_mean(codec: Codec, state: CodecState, flat: torch.Tensor, group,
         nbytes = ring_allreduce_bytes(codec.payload_bytes(payload), n)
         fut = dist.all_reduce(payload[0], group=group, async_op=True).get_future()
 
-        def decode(_):
+        def decode(f):
+            f.value()  # re-raises a failed collective
             return codec.decompress(payload, flat.shape)
     else:
         payload = codec.compress(flat, state)
@@ -51,16 +52,11 @@ def exchange_mean(codec: Codec, state: CodecState, flat: torch.Tensor, group,
         nbytes = ring_allgather_bytes(n * mine.numel(), n)
         fut = dist.all_gather(gathered, mine, group=group, async_op=True).get_future()
 
-        def decode(_):
+        def decode(f):
+            f.value()  # re-raises a failed collective
             return sum(codec.decompress(unpack(buf, payload), flat.shape) for buf in gathered) / n
 
-    def done(f):
-        f.value()  # re-raises a failed collective
-        mean = decode(f)
-        meter.add(nbytes, time.perf_counter() - t0, uncompressed=plain)
-        return mean
-
-    return fut.then(done)
+    return counted(meter, nbytes, t0, fut, decode, uncompressed=plain)
 
 
 class CodecHookState:
@@ -123,13 +119,7 @@ def powersgd_hook(state: PowerSGDHookState, bucket: dist.GradBucket) -> torch.fu
     nbytes = powersgd_bytes(state.powersgd, bucket, state.world)
     buf = bucket.buffer()
     plain = ring_allreduce_bytes(buf.numel() * buf.element_size(), state.world)
-    fut = torch_powersgd.powerSGD_hook(state.powersgd, bucket)
-
-    def done(f):
-        state.meter.add(nbytes, time.perf_counter() - t0, uncompressed=plain)
-        return f.value()
-
-    return fut.then(done)
+    return counted(state.meter, nbytes, t0, torch_powersgd.powerSGD_hook(state.powersgd, bucket), uncompressed=plain)
 
 
 class DeltaCompressor:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from paratrain.comm import CommMeter, ring_allreduce_bytes
+from paratrain.comm import CommMeter, counted, ring_allreduce_bytes
 from paratrain.data import Batch
 from paratrain.optim import build_optimizer
 from paratrain.strategies.base import StepStats, Strategy, local_step
@@ -33,12 +33,7 @@ def timed_allreduce_hook(state: _HookState, bucket: dist.GradBucket) -> torch.fu
     buf = bucket.buffer().div_(state.world)
     fut = dist.all_reduce(buf, group=state.group, async_op=True).get_future()
     nbytes = ring_allreduce_bytes(buf.numel() * buf.element_size(), state.world)
-
-    def done(f):
-        state.meter.add(nbytes, time.perf_counter() - t0)
-        return f.value()[0]
-
-    return fut.then(done)
+    return counted(state.meter, nbytes, t0, fut, lambda f: f.value()[0])
 
 
 class DDP(Strategy):
