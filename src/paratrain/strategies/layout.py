@@ -15,8 +15,9 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch.nn as nn
+
 from paratrain.config import Config, ConfigError, GossipConfig
-from paratrain.strategies.pipeline.split import blocks_of, check_split_points
 from paratrain.topology import ParallelDims
 
 # Which strategies send what a codec can compress (PowerSGD: a DDP gradient hook, ddp only).
@@ -138,6 +139,24 @@ def check_pipeline(cfg: Config, pp: int, dp: int) -> None:
                           f"({pp} ranks x {v} virtual stages)")
     if p.split_points:
         check_split_points(p.split_points, cfg.model.n_layer if cfg.model.name == "gpt" else 10**9, pp * v)
+
+
+def blocks_of(model: nn.Module) -> list[nn.Module]:
+    if isinstance(getattr(model, "layers", None), nn.ModuleDict):
+        return list(model.layers.values())
+    if isinstance(model, nn.Sequential):
+        return list(model)
+    raise ConfigError(f"model: {type(model).__name__} cannot be split into pipeline stages; "
+                      "use the built-in gpt or an nn.Sequential")
+
+
+def check_split_points(points: tuple[int, ...], num_blocks: int, num_stages: int) -> list[int]:
+    if len(points) != num_stages - 1 or list(points) != sorted(set(points)) or \
+            (points and (points[0] < 1 or points[-1] >= num_blocks)):
+        raise ConfigError(
+            f"strategy.pipeline.split_points = {list(points)}: must be {num_stages - 1} increasing block "
+            f"indices in 1..{num_blocks - 1} (the first block of every stage but the first)")
+    return [0, *points]
 
 
 def check_model_split(cfg: Config, model, pp: int) -> None:

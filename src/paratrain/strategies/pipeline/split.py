@@ -16,16 +16,7 @@ from collections import OrderedDict
 import torch
 import torch.nn as nn
 
-from paratrain.config import ConfigError
-
-
-def blocks_of(model: nn.Module) -> list[nn.Module]:
-    if isinstance(getattr(model, "layers", None), nn.ModuleDict):
-        return list(model.layers.values())
-    if isinstance(model, nn.Sequential):
-        return list(model)
-    raise ConfigError(f"model: {type(model).__name__} cannot be split into pipeline stages; "
-                      "use the built-in gpt or an nn.Sequential")
+from paratrain.strategies.layout import blocks_of
 
 
 def _numel(m: nn.Module | None) -> int:
@@ -83,15 +74,6 @@ def balanced_split(costs: list[float], num_stages: int) -> list[int]:
         i = cut[s][i]
         starts.append(i)
     return starts[::-1]
-
-
-def check_split_points(points: tuple[int, ...], num_blocks: int, num_stages: int) -> list[int]:
-    if len(points) != num_stages - 1 or list(points) != sorted(set(points)) or \
-            (points and (points[0] < 1 or points[-1] >= num_blocks)):
-        raise ConfigError(
-            f"strategy.pipeline.split_points = {list(points)}: must be {num_stages - 1} increasing block "
-            f"indices in 1..{num_blocks - 1} (the first block of every stage but the first)")
-    return [0, *points]
 
 
 def build_stage(model: nn.Module, starts: list[int], stage: int) -> nn.Module:
