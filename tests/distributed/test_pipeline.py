@@ -5,7 +5,7 @@ import pytest
 import torch.nn as nn
 
 from paratrain.config import ConfigError
-from paratrain.strategies.layout import layout
+from paratrain.strategies.layout import blocks_of, check_split_points, layout
 from paratrain.strategies.pipeline import split
 from paratrain.testing import run_ranks
 from tests.distributed.test_user_code import USER
@@ -86,9 +86,9 @@ def test_stage_split_logic():
     assert split.balanced_split([5, 1, 1, 1, 1, 1], 2) == [0, 1]
     assert split.balanced_split([1, 2, 3, 4, 5, 6], 3) == [0, 3, 5]  # 6 | 9 | 6
     with pytest.raises(ConfigError, match=r"split_points = \[3, 2\]: must be 2 increasing block indices in 1..3"):
-        split.check_split_points((3, 2), 4, 3)
+        check_split_points((3, 2), 4, 3)
     with pytest.raises(ConfigError, match="cannot be split into pipeline stages"):
-        split.blocks_of(nn.Linear(2, 2))
+        blocks_of(nn.Linear(2, 2))
 
 
 @pytest.mark.parametrize("sets,world,message", [

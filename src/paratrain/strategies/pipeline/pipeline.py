@@ -30,7 +30,13 @@ from paratrain.data import Batch
 from paratrain.nonfinite import check_update
 from paratrain.optim import build_optimizer
 from paratrain.strategies.base import StepStats, Strategy, full_state, load_full_state
-from paratrain.strategies.layout import MULTI_STAGE, check_model_split, pipeline_settings
+from paratrain.strategies.layout import (
+    MULTI_STAGE,
+    blocks_of,
+    check_model_split,
+    check_split_points,
+    pipeline_settings,
+)
 from paratrain.strategies.pipeline import split
 from paratrain.strategies.pipeline.instrument import StageClock
 
@@ -123,7 +129,7 @@ class Pipeline(Strategy):
     def _split(self, model: nn.Module, num_stages: int) -> list[int]:
         p = self.cfg.strategy.pipeline
         if p.split_points:
-            return split.check_split_points(p.split_points, len(split.blocks_of(model)), num_stages)
+            return check_split_points(p.split_points, len(blocks_of(model)), num_stages)
         if p.split == "params":
             return split.balanced_split(split.param_costs(model), num_stages)
         # Measured on one rank and shared: every rank must cut the model at the same places.
