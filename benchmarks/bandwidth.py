@@ -95,7 +95,8 @@ def run_one(rate: str, label: str, sets: list[str], args, stop_when) -> dict:
     """One job on a fresh 2-host testbed; stop_when(evals) -> True stops it early."""
     run_dir = Path(tempfile.mkdtemp(prefix=f"bw-{rate}-", dir="/tmp"))
     worker = [str(ROOT / "configs" / "demo.toml"), *[a for s in [
-        *MODEL, *args.set, *sets, f"training.steps={args.cap}", f"training.eval_every={EVAL_EVERY}", "checkpoint.enabled=false",
+        *MODEL, *args.set, *sets, f"training.steps={args.cap}", f"training.eval_every={EVAL_EVERY}",
+        "checkpoint.enabled=false",
         "run.progress=off", "run.timeout_s=120", f"run.dir={run_dir}"] for a in ("--set", s)]]
     done, why = threading.Event(), {"stop": "cap"}
     diloco = "diloco" in " ".join(sets)
@@ -195,7 +196,10 @@ def main() -> None:
                 at = next(e for e in run["evals"] if e["step"] + 1 == args.target_steps)
                 target = at["eval_loss"] * 1.001
             else:
-                run = run_one(rate, label, sets, args, lambda ev: any(e["eval_loss"] <= target for e in ev))
+                def reached(ev, target=target):
+                    return any(e["eval_loss"] <= target for e in ev)
+
+                run = run_one(rate, label, sets, args, reached)
             rows.append(summarise(run, target))
             print(f"  [{rate}] {label}: {rows[-1]['n']} steps, stop: {run['stop']}, {run['wall_s']:.0f} s wall",
                   flush=True)

@@ -80,7 +80,8 @@ def test_a_checkpoint_with_nan_weights_is_not_written_and_the_older_one_kept(tmp
     cfg = config(MLP, "checkpoint.keep=1", run_dir=tmp_path / "r")
     saver = Checkpointer(tmp_path / "r", cfg, Topology.single(cfg.run))
     saver.save(2, _Weights(torch.ones(2)), {})
-    with pytest.raises(NonFiniteError, match=r"^step 4: non-finite value in w: checkpoint not written, older ones kept$"):
+    message = r"^step 4: non-finite value in w: checkpoint not written, older ones kept$"
+    with pytest.raises(NonFiniteError, match=message):
         saver.save(4, _Weights(torch.tensor([1.0, float("nan")])), {})
     assert [step_of(p) for p in list_checkpoints(tmp_path / "r")] == [2]
     assert [f.name for f in saver.dir.iterdir()] == ["step-00000002.pt"]  # no temporary file left either

@@ -11,7 +11,8 @@ from tests.helpers import TINY_GPT
 
 ROOT = Path(__file__).parents[2]
 PARATRAIN = [sys.executable, "-m", "paratrain"]
-SETS = [a for s in [*TINY_GPT, "optimizer.warmup_steps=2", "optimizer.schedule=constant"] if not s.startswith(("run.progress", "checkpoint.enabled"))
+SETS = [a for s in [*TINY_GPT, "optimizer.warmup_steps=2", "optimizer.schedule=constant"]
+        if not s.startswith(("run.progress", "checkpoint.enabled"))
         for a in ("--set", s)]
 
 

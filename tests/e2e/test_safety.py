@@ -200,7 +200,7 @@ def test_a_full_disk_is_one_line_and_loses_nothing(tmp_path):
     try:
         out = _run(tmp_path, f"run.dir={disk}/r", *sets)
         assert out.returncode == 1, out.stderr
-        lines = [l for l in out.stderr.splitlines() if "no space left" in l]
+        lines = [line for line in out.stderr.splitlines() if "no space left" in line]
         assert len(lines) == 1 and f"no space left in '{disk}/r/checkpoints'" in lines[0] and "MiB free" in lines[0]
         assert "Traceback" not in out.stderr
         names = sorted(p.name for p in (disk / "r" / "checkpoints").iterdir())
@@ -242,7 +242,7 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_resume_continues(tmp_path, t
     os.kill(pid, signal.SIGTERM)
     _, err = run.communicate(timeout=150)
     assert run.returncode == 128 + signal.SIGTERM, err
-    lines = [l for l in err.splitlines() if l.startswith("paratrain")]
+    lines = [line for line in err.splitlines() if line.startswith("paratrain")]
     assert len(lines) == 1 and "paratrain: stopped by SIGTERM; newest checkpoint r/checkpoints/step-" in lines[0], err
     (ckpt,) = list_checkpoints(tmp_path / "r")
     step = read_checkpoint(ckpt)["step"]
@@ -264,7 +264,7 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path):
     # It did not wait for the step in flight: no checkpoint at its boundary (one Ctrl-C writes one).
     assert not list_checkpoints(tmp_path / "r"), err
     assert run.returncode == 128 + signal.SIGINT, err
-    lines = [l for l in err.splitlines() if l.startswith("paratrain")]
+    lines = [line for line in err.splitlines() if line.startswith("paratrain")]
     assert len(lines) == 1 and "paratrain: stopped by SIGINT" in lines[0], err
     assert "Traceback" not in err
     _wait_for(lambda: not _workers(run), timeout=10)
