@@ -4,7 +4,7 @@ A strategy owns what one rank holds of the model, its optimizer and the communic
 training step. The trainer gives it this rank's share of a global batch (the topology's dp
 axis says which share) and gets `StepStats` back; it never knows which strategy runs.
 
-Every member below is used by the trainer or the checkpointer:
+Every member below is used by the trainer, the checkpointer or most strategies:
 
     name, lockstep, checkpoints_on_stop    what the trainer needs to know of the strategy
     __init__(cfg, topo, model, loss_fn)    builds everything, in the constructor (no template calls)
@@ -206,16 +206,18 @@ def full_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
 
         model, optim = get_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True))
     else:
-        optim = _named_optimizer_state(module, optimizer)
+        name_of = {id(p): n for n, p in module.named_parameters()}
+        # state_dict()'s index order: the groups' parameters in turn
+        optim = named_optimizer_state(optimizer, [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]])
     return {"model": to_cpu(model), "optimizer": to_cpu(optim)}
 
 
-def _named_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """torch's index-keyed optimizer state -> keyed by parameter name, as get_state_dict gives it."""
-    name_of = {id(p): n for n, p in module.named_parameters()}
-    params = [p for g in optimizer.param_groups for p in g["params"]]  # state_dict()'s index order
+def named_optimizer_state(optimizer: torch.optim.Optimizer | None, names: list[str]) -> dict:
+    """torch's index-keyed optimizer state -> keyed by parameter name (`names`, in index order), the
+    form checkpoints hold and torch's get_state_dict gives."""
+    if optimizer is None:
+        return {"state": {}, "param_groups": []}
     sd = optimizer.state_dict()
-    names = [name_of[id(p)] for p in params]
     return {"state": {names[i]: v for i, v in sd["state"].items()},
             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]}
 

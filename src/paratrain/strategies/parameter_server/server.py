@@ -21,6 +21,7 @@ import torch.nn as nn
 from paratrain.comm import flatten, unflatten
 from paratrain.config import Config
 from paratrain.optim import build_optimizer
+from paratrain.strategies.base import named_optimizer_state
 from paratrain.strategies.layout import needs_gloo
 from paratrain.strategies.parameter_server import protocol as wire
 from paratrain.strategies.parameter_server.codec import ServerLinks
@@ -241,15 +242,6 @@ class Server:
                 "dropped_steps": [c - n for c, n in zip(self.clock, self.pushes)],
                 "lost_workers": self.lost, "push_bytes": self.push_bytes, "pull_bytes": self.pull_bytes,
                 "checkpoint_bytes": self.checkpoint_bytes}
-
-
-def named_optimizer_state(optimizer, names: list[str]) -> dict:
-    """torch's index-keyed optimizer state -> the name-keyed form checkpoints hold."""
-    if optimizer is None:
-        return {"state": {}, "param_groups": []}
-    sd = optimizer.state_dict()
-    return {"state": {names[i]: v for i, v in sd["state"].items()},
-            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]}
 
 
 def load_named_optimizer(optimizer, names: list[str], full: dict) -> None:
