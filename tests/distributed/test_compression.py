@@ -2,7 +2,6 @@
 
 Every training shares one spawn and one process group (train() leaves a caller's group alone).
 """
-import json
 import math
 
 import pytest
@@ -10,7 +9,7 @@ import torch.distributed as dist
 
 from paratrain.comm import ring_allgather_bytes, ring_allreduce_bytes
 from paratrain.testing import run_ranks
-from tests.helpers import MLP, config, fit
+from tests.helpers import MLP, config, fit, records
 
 N = 2
 P = 10 * 20 + 20 + 20 * 1 + 1  # the MLP's parameters: one DDP bucket
@@ -67,8 +66,7 @@ def two_ranks(tmp_path_factory):
 
 
 def _step_bytes(run_dir, rank=0) -> list[int]:
-    lines = (run_dir / "metrics" / f"rank{rank}.jsonl").read_text().splitlines()
-    return [r["bytes_sent"] for r in map(json.loads, lines) if r["kind"] == "step"]
+    return [r["bytes_sent"] for r in records(run_dir, rank)]
 
 
 @pytest.mark.parametrize("codec", list(CODECS))
@@ -105,9 +103,8 @@ def test_ddp_compression_ratio_is_reported_per_step(two_ranks, codec):
     # Uncompressed bytes over bytes sent, counted at the codec's call: the logged loss's all-reduce
     # goes uncompressed in both.
     tmp, _ = two_ranks
-    lines = (tmp / codec / "metrics" / "rank0.jsonl").read_text().splitlines()
-    records = [r for r in map(json.loads, lines) if r["kind"] == "step"]
+    steps = records(tmp / codec)
     if codec == "powersgd":
-        records = records[2:]
+        steps = steps[2:]
     expected = (GRAD_BYTES["none"] + LOSS_BYTES) / (GRAD_BYTES[codec] + LOSS_BYTES)
-    assert {round(r["compression_ratio"], 9) for r in records} == {round(expected, 9)}
+    assert {round(r["compression_ratio"], 9) for r in steps} == {round(expected, 9)}

@@ -1,20 +1,11 @@
 """ddp on 2 gloo ranks against the single-process oracle (same seed, same global batch)."""
 import pytest
-import torch
 
 from paratrain.comm import ring_allreduce_bytes
 from paratrain.testing import run_ranks
-from tests.helpers import MLP, TINY_GPT, config, fit, max_param_diff
+from tests.helpers import MLP, TINY_GPT, config, fit, initial_params, max_param_diff
 
 TOL = 1e-5  # fp32: all-reduce sums in another order than one big batch, nothing more
-
-
-def _initial_params(cfg):
-    from paratrain.data import build_datasets
-    from paratrain.models import build_model
-
-    torch.manual_seed(cfg.training.seed)
-    return {k: v.clone() for k, v in build_model(cfg, build_datasets(cfg).vocab_size).state_dict().items()}
 
 
 @pytest.mark.parametrize("base", [TINY_GPT, MLP], ids=["gpt-adamw", "mlp-sgd-momentum"])
@@ -22,7 +13,7 @@ def test_ddp_equals_single(base, tmp_path):
     oracle = fit(config(base, "strategy.name=single", run_dir=tmp_path / "single"))
     ranks = run_ranks(fit, 2, config(base, "strategy.name=ddp", run_dir=tmp_path / "ddp"))
     # The comparison means something only if training moved the weights well beyond TOL.
-    assert max_param_diff(oracle["params"], _initial_params(config(base))) > 1e-2
+    assert max_param_diff(oracle["params"], initial_params(config(base))) > 1e-2
     for r in ranks:
         assert max_param_diff(r["params"], oracle["params"]) <= TOL
     for key in ("final_loss", "eval_loss"):

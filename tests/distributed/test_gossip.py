@@ -4,7 +4,6 @@ Compressed gossip (CHOCO-SGD) on the same quadratic: test_gossip_choco.py.
 The quadratic: rank r's loss is 0.5 ||theta - c_r||^2 with its own optimum c_r, so no rank can
 reach the global optimum, mean(c_r), alone; only averaging with neighbours gets them there.
 """
-import json
 import os
 
 import pytest
@@ -16,7 +15,7 @@ import paratrain
 from paratrain.data.synthetic import TensorDataset
 from paratrain.strategies.gossip.gossip import gossip_peers
 from paratrain.testing import run_ranks
-from tests.helpers import MLP, TINY_GPT, config, fit, max_param_diff
+from tests.helpers import MLP, TINY_GPT, config, fit, max_param_diff, records
 
 WORLD, DIM = 4, 8
 HERE = "tests.distributed.test_gossip"
@@ -83,11 +82,6 @@ def runs(tmp_path_factory):
     return tmp, run_ranks(_train_all, WORLD, tmp)
 
 
-def _records(run_dir, rank: int) -> list[dict]:
-    lines = (run_dir / "metrics" / f"rank{rank}.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == "step"]
-
-
 def test_peers_are_the_graph():
     assert gossip_peers(0, 4, "ring", 0) == ([3, 1], [3, 1])
     assert gossip_peers(1, 2, "ring", 5) == ([0], [0])  # both neighbours are rank 0: one message
@@ -108,7 +102,7 @@ def test_consensus_at_the_global_optimum(runs, graph):
     # Each rank alone would have gone to its own optimum: the neighbours pulled it to the average.
     assert (thetas[0] - optima[0]).norm().item() > 0.3 * spread
     # Measured (4 ranks, optima spread 4.9): disagreement 1.5e-3 ring, 5e-4 exponential; mean off by 4e-5.
-    distance = [r["neighbour_distance"] for r in _records(tmp / f"quadratic-{graph}", 0)]
+    distance = [r["neighbour_distance"] for r in records(tmp / f"quadratic-{graph}", 0)]
     assert max(distance) > 1.0 and distance[-1] < 1e-2 * max(distance)  # measured: 2e-3 x peak
 
 
@@ -121,7 +115,7 @@ def test_mixing_alone_reaches_the_exact_initial_average(runs, graph):
         # disagreement contracts by 1/3 a step (ring of 4) or vanishes after log2(4) = 2 steps.
         assert (r["mixing", graph]["theta"] - average).abs().max().item() <= 1e-5
     if graph == "exponential":  # SGP's one-peer graph on 2^m ranks averages exactly in m steps
-        distance = [r["neighbour_distance"] for r in _records(tmp / "mixing-exponential", 0)]
+        distance = [r["neighbour_distance"] for r in records(tmp / "mixing-exponential", 0)]
         assert min(distance[:2]) > 1.0 and max(distance[2:]) <= 1e-5
 
 
@@ -144,7 +138,7 @@ def test_gpt_trains_and_two_ranks_sgd_equals_single(tmp_path):
     mlp = config(MLP, "strategy.name=gossip", run_dir=tmp_path / "mlp")
     oracle = fit(config(MLP, "strategy.name=single", run_dir=tmp_path / "single"))
     ranks = run_ranks(_two_runs, 2, gpt, mlp)
-    losses = [r["loss"] for r in _records(tmp_path / "gpt", 0)]
+    losses = [r["loss"] for r in records(tmp_path / "gpt", 0)]
     assert sum(losses[-5:]) / 5 < losses[0] - 0.5
     n_params = sum(v.numel() for v in ranks[0][0]["params"].values())
     assert ranks[0][0]["summary"]["bytes_sent_per_step"] == 4 * n_params

@@ -10,8 +10,8 @@ import paratrain
 from paratrain.config import ConfigError
 from paratrain.strategies.layout import layout
 from paratrain.testing import run_ranks
-from tests.distributed.test_gossip import DIM, QUADRATIC, WORLD, _records, optimum
-from tests.helpers import MLP, config
+from tests.distributed.test_gossip import DIM, QUADRATIC, WORLD, optimum
+from tests.helpers import MLP, config, records
 
 # codec -> its settings and its message's bytes (int8: a byte per value and an fp32 scale; top-k: 2 of
 # the 8 values, fp32 value + int32 index each). 100 steps, not plain gossip's 60: consensus is slower
@@ -46,7 +46,7 @@ def test_compressed_gossip_reaches_consensus_at_the_global_optimum(runs, codec):
     assert (thetas.mean(0) - optima.mean(0)).norm().item() < 1e-4 * spread
     # Each rank alone would have gone to its own optimum: the neighbours pulled it to the average.
     assert (thetas[0] - optima[0]).norm().item() > 0.3 * spread
-    distance = [rec["neighbour_distance"] for rec in _records(tmp / codec, 0)]  # to the neighbours' public copies
+    distance = [rec["neighbour_distance"] for rec in records(tmp / codec, 0)]  # to the neighbours' public copies
     assert max(distance) > 1.0 and distance[-1] < 2e-2 * max(distance)  # measured: 4e-3 x peak
 
 

@@ -11,7 +11,7 @@ from paratrain.data.synthetic import TensorDataset
 from paratrain.strategies.hogwild import shared_path
 from paratrain.strategies.layout import layout
 from paratrain.testing import run_ranks
-from tests.helpers import MLP, config, fit, max_param_diff
+from tests.helpers import MLP, config, fit, initial_params, max_param_diff
 
 HERE = "tests.distributed.test_hogwild"
 SGD = [*MLP, "optimizer.momentum=0"]  # plain SGD, the paper's update
@@ -42,14 +42,6 @@ def total(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def dummy_data(split: str, cfg) -> TensorDataset:
     return TensorDataset(torch.zeros(32, 1), torch.zeros(32, 1))
-
-
-def _initial_params(cfg) -> dict:
-    from paratrain.data import build_datasets
-    from paratrain.models import build_model
-
-    torch.manual_seed(cfg.training.seed)
-    return {k: v.clone() for k, v in build_model(cfg, build_datasets(cfg).vocab_size).state_dict().items()}
 
 
 def _two_runs(mlp_cfg, counter_cfg) -> dict:
@@ -90,7 +82,7 @@ def test_two_ranks_share_one_copy_and_both_update_it(oracle, tmp_path):
         assert r["seen"] == 1234.5
         assert max_param_diff(r["params"], ranks[0]["params"]) == 0.0
         assert r["summary"]["bytes_sent_per_step"] == 0
-    assert max_param_diff(ranks[0]["params"], _initial_params(mlp_cfg)) > 1e-2
+    assert max_param_diff(ranks[0]["params"], initial_params(mlp_cfg)) > 1e-2
     ckpt = read_checkpoint(list_checkpoints(tmp_path / "mlp")[-1])["strategy"]["model"]
     assert max_param_diff(ckpt, ranks[0]["params"]) == 0.0
     # (c) Same 640 samples in all (2 ranks x 16 x 20 steps; single: 32 x 20): as good as single

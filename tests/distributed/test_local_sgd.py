@@ -15,7 +15,7 @@ from paratrain.comm import ring_allgather_bytes, ring_allreduce_bytes
 from paratrain.config import ConfigError
 from paratrain.strategies.layout import layout
 from paratrain.testing import run_ranks
-from tests.helpers import MLP, config, fit, max_param_diff
+from tests.helpers import MLP, config, fit, initial_params, max_param_diff
 
 TOL = 1e-5  # fp32: all-reduce sums in another order than one big batch
 PLAIN_SGD = "optimizer.momentum=0.0"
@@ -49,14 +49,6 @@ def stepwise(cfg) -> dict:
         rec, _ = trainer.step()
         out.append({**rec, "params": torch.cat([p.detach().reshape(-1) for p in trainer.strategy.module.parameters()])})
     return {"steps": out, "summary": trainer.fit()}
-
-
-def _initial_params(cfg):
-    from paratrain.data import build_datasets
-    from paratrain.models import build_model
-
-    torch.manual_seed(cfg.training.seed)
-    return {k: v.clone() for k, v in build_model(cfg, build_datasets(cfg).vocab_size).state_dict().items()}
 
 
 def _two_rank_runs(tmp) -> dict:
@@ -105,7 +97,7 @@ def test_diloco_h1_outer_sgd_lr1_equals_ddp_and_single(two_ranks, single_plain_s
     for key in ("final_loss", "eval_loss"):
         assert ranks[0]["diloco_h1"]["summary"][key] == pytest.approx(single_plain_sgd["summary"][key], abs=1e-5)
     # The comparison means something only if training moved the weights well beyond TOL.
-    assert max_param_diff(single_plain_sgd["params"], _initial_params(config(MLP))) > 1e-2
+    assert max_param_diff(single_plain_sgd["params"], initial_params(config(MLP))) > 1e-2
 
 
 def test_local_sgd_h1_equals_single(two_ranks, single_plain_sgd):

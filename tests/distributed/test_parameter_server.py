@@ -6,18 +6,15 @@ Process start-up dominates on 2 cores, so every training shares one spawn of the
 module-scoped) and the tests read their results. The run that kills a worker comes last: its
 lost rank cannot take part in another training.
 """
-import json
 import shutil
 
 import pytest
-import torch
 import torch.distributed as dist
 
 from paratrain.config import ConfigError
 from paratrain.strategies.layout import layout
 from paratrain.strategies.parameter_server.protocol import HEADER_BYTES, PUSH_REPLY_NUMEL, partition
-from paratrain.testing import run_ranks
-from tests.helpers import MLP, TINY_GPT, config, fit, max_param_diff
+from tests.helpers import MLP, TINY_GPT, config, fit, initial_params, max_param_diff, records, run_jobs, server_report
 
 WORLD = 3
 PS = ["strategy.name=parameter_server"]
@@ -39,11 +36,6 @@ KILL = [*PS, "strategy.ps.mode=bsp", "optimizer.momentum=0.5", "optimizer.lr=0.0
 
 
 # ---------------------------------------------------------------------------- rank functions
-
-
-def _jobs_rank(jobs: list) -> list:
-    dist.init_process_group("gloo")  # one group for every job: train() leaves a caller's group alone
-    return [fn(*args) for fn, *args in jobs]
 
 
 def copy_checkpoint(run_dir, new_run_dir, step: int = 10):
@@ -90,29 +82,12 @@ def runs(tmp_path_factory):
                    config(TINY_GPT, *RESUMABLE, run_dir=tmp / "resume" / "resumed"), tmp / "resume"),
         "kill": (fit, config(MLP, *KILL, run_dir=tmp / "kill")),  # last: rank 1 does not come back
     }
-    ranks = run_ranks(_jobs_rank, WORLD, list(jobs.values()), timeout_s=300, allow_missing=True)
-    assert ranks[1] is None  # the killed worker, and only it, left no result
-    out.update({name: [None if r is None else r[i] for r in ranks] for i, name in enumerate(jobs)})
+    out.update(run_jobs(jobs, WORLD, allow_missing=True))
+    # the killed worker, and only it, left no result
+    assert [r is None for r in out["kill"]] == [False, True, False]
     out["single-from-ps"] = fit(config(MLP, "strategy.name=single", run_dir=tmp / "single-from-ps"),
                                 copy_checkpoint(tmp / "asp-alone", tmp / "single-from-ps"))
     return out
-
-
-def server_report(run_dir, rank: int = 2) -> dict:
-    return json.loads((run_dir / "metrics" / f"ps_server{rank}.json").read_text())
-
-
-def step_records(run_dir, rank: int) -> list[dict]:
-    recs = [json.loads(line) for line in (run_dir / "metrics" / f"rank{rank}.jsonl").read_text().splitlines()]
-    return [r for r in recs if r["kind"] == "step"]
-
-
-def _initial_params(cfg) -> dict:
-    from paratrain.data import build_datasets
-    from paratrain.models import build_model
-
-    torch.manual_seed(cfg.training.seed)
-    return {k: v.clone() for k, v in build_model(cfg, build_datasets(cfg).vocab_size).state_dict().items()}
 
 
 # ---------------------------------------------------------------------------- tests
@@ -122,7 +97,7 @@ def _initial_params(cfg) -> dict:
 def test_bsp_equals_single(runs, model):
     # BSP averages the 2 workers' gradients and steps once: ddp's math (SGD momentum, AdamW).
     oracle, base = runs[f"single-{model}"], {"mlp": MLP, "gpt": TINY_GPT}[model]
-    assert max_param_diff(oracle["params"], _initial_params(config(base))) > 1e-2  # training moved them
+    assert max_param_diff(oracle["params"], initial_params(config(base))) > 1e-2  # training moved them
     for r in (runs[f"bsp-{model}"][0], runs[f"bsp-{model}"][2]):  # rank 1's results went with it (kill)
         assert max_param_diff(r["params"], oracle["params"]) <= 1e-5
     # evaluation averages over the live workers' shards, as ddp's over its ranks
@@ -155,13 +130,13 @@ def test_ssp_keeps_its_staleness_bound_and_asp_does_not(runs):
     assert ssp["gradients"] == asp["gradients"] == 40
     assert 1 <= ssp["max_staleness"] <= SSP_BOUND  # the slow worker did make updates stale, within the bound
     for rank in (0, 1):  # what each worker was told about its own updates
-        assert max(r["staleness"] for r in step_records(runs["tmp"] / "ssp-slow", rank)) <= SSP_BOUND
+        assert max(r["staleness"] for r in records(runs["tmp"] / "ssp-slow", rank)) <= SSP_BOUND
     assert asp["max_staleness"] > SSP_BOUND  # the same slow worker without the gate: the bound means something
 
 
 def test_drop_behind_keeps_the_bound_and_the_fast_worker_does_not_wait(runs):
     run_dir = runs["tmp"] / "ssp-drop"
-    report, fast, slow = server_report(run_dir), step_records(run_dir, 0), step_records(run_dir, 1)
+    report, fast, slow = server_report(run_dir), records(run_dir, 0), records(run_dir, 1)
     assert [r["step"] for r in fast] == [r["step"] for r in slow] == list(range(20))  # one step numbering
     # The bound, from what was recorded: the server's histogram of applied gradients, each worker's replies.
     assert report["staleness_bound"] == SSP_BOUND and report["max_staleness"] <= SSP_BOUND
@@ -190,10 +165,9 @@ def test_training_goes_on_after_a_worker_is_lost(runs):
     assert server["lost_workers"] == [1]
     # Every BSP round happened; after the loss each took the one live worker's gradient alone.
     assert server["updates"] == 40 and server["gradients"] == 2 * KILL_AT + (40 - KILL_AT)
-    losses = [r["loss"] for r in step_records(runs["tmp"] / "kill", 0)]
+    losses = [r["loss"] for r in records(runs["tmp"] / "kill", 0)]
     assert sum(losses[-10:]) / 10 < sum(losses[KILL_AT:KILL_AT + 10]) / 10
-    records = (runs["tmp"] / "kill" / "metrics" / "rank0.jsonl").read_text().splitlines()
-    evals = [json.loads(line)["eval_loss"] for line in records if '"eval"' in line]
+    evals = [r["eval_loss"] for r in records(runs["tmp"] / "kill", 0, "eval")]
     assert len(evals) == 4 and evals[-1] < evals[0]  # steps 10 (after the loss) and 40
     assert runs["kill"][2]["params"].keys() == chief["params"].keys()  # the server finished too
 
@@ -215,7 +189,7 @@ def test_bytes_are_the_pushes_and_pulls(runs, job, servers):
     assert chief["summary"]["bytes_sent_per_step"] == param_bytes + servers * HEADER_BYTES
     reply_bytes = param_bytes + servers * 8 * PUSH_REPLY_NUMEL
     for rank in range(num_workers):
-        assert {r["bytes_received"] for r in step_records(run_dir, rank)} == {reply_bytes}
+        assert {r["bytes_received"] for r in records(run_dir, rank)} == {reply_bytes}
     reports = [server_report(run_dir, num_workers + s) for s in range(servers)]
     steps_in = 20 * num_workers  # gradients each server received
     assert sum(r["push_bytes"] for r in reports) == steps_in * (param_bytes + servers * HEADER_BYTES)

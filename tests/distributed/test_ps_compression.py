@@ -13,8 +13,8 @@ from paratrain.config import CompressionConfig, ConfigError
 from paratrain.strategies.layout import layout
 from paratrain.strategies.parameter_server.protocol import HEADER_BYTES, PUSH_REPLY_NUMEL, partition
 from paratrain.testing import run_ranks
-from tests.distributed.test_parameter_server import copy_checkpoint, server_report, step_records
-from tests.helpers import MLP, config, fit, max_param_diff
+from tests.distributed.test_parameter_server import copy_checkpoint
+from tests.helpers import MLP, config, fit, max_param_diff, records, server_report
 
 WORLD = 3
 STEPS = 80
@@ -89,11 +89,11 @@ def test_bytes_match_the_payload_formula(runs, job):
     push = sum(HEADER_BYTES + payload_bytes(codec, n) for n in shards)
     pull = sum(8 * PUSH_REPLY_NUMEL + payload_bytes(codec, n) for n in shards)
     for rank in range(workers):  # every step, exactly: a header and a payload each way per shard
-        records = step_records(tmp / job, rank)
-        assert {r["bytes_sent"] for r in records} == {push}
+        steps_of_rank = records(tmp / job, rank)
+        assert {r["bytes_sent"] for r in steps_of_rank} == {push}
         plain = sum(HEADER_BYTES + 4 * n for n in shards)  # the same push uncompressed
-        assert {round(r["compression_ratio"], 9) for r in records} == {round(plain / push, 9)}
-        assert {r["bytes_received"] for r in records} == {pull}
+        assert {round(r["compression_ratio"], 9) for r in steps_of_rank} == {round(plain / push, 9)}
+        assert {r["bytes_received"] for r in steps_of_rank} == {pull}
     reports = [server_report(tmp / job, workers + s) for s in range(servers)]
     assert sum(r["push_bytes"] for r in reports) == steps * workers * push
     assert sum(r["pull_bytes"] for r in reports) == steps * workers * pull

@@ -9,7 +9,7 @@ from paratrain.config import ConfigError
 from paratrain.strategies.layout import layout
 from paratrain.strategies.tensor.tensor import TensorParallel
 from paratrain.testing import run_ranks
-from tests.helpers import TINY_GPT, config, fit, max_param_diff
+from tests.helpers import TINY_GPT, config, fit, initial_params, max_param_diff
 
 # Measured max |tensor - single| after 20 AdamW steps: 8e-7 (plain), 9e-7 (sequence parallel). fp32
 # only: the split matmuls, the vocabulary-parallel softmax and the all-reduces add partial sums in
@@ -27,12 +27,11 @@ def _assert_equals_oracle(ranks, oracle):
 
 
 def test_tensor_parallel_equals_single_and_its_checkpoint_resumes_in_another_layout(tmp_path):
-    from tests.distributed.test_ddp import _initial_params
 
     oracle = fit(config(TINY_GPT, "strategy.name=single", run_dir=tmp_path / "single"))
     ranks = run_ranks(fit, 2, config(TP, "strategy.name=tensor", run_dir=tmp_path / "tensor"))
     # The comparison means something only if training moved the weights well beyond TOL.
-    assert max_param_diff(oracle["params"], _initial_params(config(TINY_GPT))) > 1e-2
+    assert max_param_diff(oracle["params"], initial_params(config(TINY_GPT))) > 1e-2
     _assert_equals_oracle(ranks, oracle)
     # Every rank exchanged activations (the count itself is checked in the test below).
     assert all(b > 0 for b in ranks[0]["summary"]["bytes_sent_per_step_per_rank"])

@@ -3,18 +3,15 @@
 Process start-up dominates on 2 cores, so all 2-rank trainings run in one spawn of the ranks
 (`runs`, module-scoped) and the tests below read their results.
 """
-import json
 import shutil
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 import paratrain
 from paratrain.comm import ring_allgather_bytes, ring_allreduce_bytes, ring_reduce_scatter_bytes
-from paratrain.testing import run_ranks
-from tests.helpers import MLP, TINY_GPT, config, fit, max_param_diff
+from tests.helpers import MLP, TINY_GPT, config, fit, max_param_diff, records, run_jobs
 
 TOL = 1e-5  # fp32: reductions in another order than one big batch, nothing more
 ZERO = ("zero1", "zero2", "zero3")
@@ -59,17 +56,6 @@ def state_bytes_rank(cfg) -> dict:
         return out
     finally:
         topo.destroy()
-
-
-def _jobs_rank(jobs: list) -> list:
-    dist.init_process_group("gloo")  # one group for every job: train() leaves a caller's group alone
-    return [fn(*args) for fn, *args in jobs]
-
-
-def run_jobs(jobs: dict, world_size: int = 2) -> dict:
-    """{name: (fn, *args)} run one after another in one spawn of the ranks -> {name: [per-rank result]}."""
-    ranks = run_ranks(_jobs_rank, world_size, list(jobs.values()), timeout_s=300)
-    return {name: [r[i] for r in ranks] for i, name in enumerate(jobs)}
 
 
 def full_params(ranks: list[dict]) -> dict:
@@ -157,7 +143,7 @@ def test_bf16_mixed_precision_trains(runs):
     # reduction: no longer bit-comparable with fp32 single, only close (measured: losses within 1e-3
     # of single, parameters within 3e-2); 0.05 on the loss is loose on purpose, chance is ~4.2.
     oracle = runs["single-gpt"]["summary"]
-    first = json.loads((runs["tmp"] / "bf16-zero2" / "metrics" / "rank0.jsonl").read_text().splitlines()[0])["loss"]
+    first = records(runs["tmp"] / "bf16-zero2")[0]["loss"]
     for r in runs["bf16-zero2"]:
         s = r["summary"]
         assert torch.isfinite(torch.tensor([s["final_loss"], s["eval_loss"]])).all()

@@ -1,58 +1,45 @@
 """`paratrain run` and plain `torchrun` end to end, as a user types them (real processes)."""
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 from paratrain.checkpoint import read_checkpoint
 from paratrain.testing import free_port
-from tests.helpers import TINY_GPT
+from tests.helpers import ENV, ROOT, TINY_GPT, cli, records
 
-ROOT = Path(__file__).parents[2]
-PARATRAIN = [sys.executable, "-m", "paratrain"]
 SETS = [a for s in [*TINY_GPT, "optimizer.warmup_steps=2", "optimizer.schedule=constant"]
         if not s.startswith(("run.progress", "checkpoint.enabled"))
         for a in ("--set", s)]
 
 
-def _run(args, cwd, timeout=240):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # tests.user_code etc. for the workers
-    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def _records(path: Path, kind="step"):
-    return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == kind]
-
-
 def test_run_two_processes_writes_metrics_checkpoints_and_summary(tmp_path):
-    out = _run([*PARATRAIN, "run", str(ROOT / "configs/demo.toml"), "--nproc", "2", *SETS,
-                "--set", "checkpoint.every=10", "--set", "run.name=e2e"], cwd=tmp_path)
+    out = cli(["run", str(ROOT / "configs/demo.toml"), "--nproc", "2", *SETS,
+              "--set", "checkpoint.every=10", "--set", "run.name=e2e"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     run_dir = tmp_path / "runs" / "e2e-001"
     for rank in (0, 1):
-        steps = _records(run_dir / "metrics" / f"rank{rank}.jsonl")
+        steps = records(run_dir, rank)
         assert [r["step"] for r in steps] == list(range(20))
         for key in ("loss", "lr", "tokens_per_s", "samples_per_s", "compute_s", "comm_s", "optim_s",
                     "data_s", "bytes_sent"):
             assert all(key in r for r in steps), key
         assert all(r["bytes_sent"] > 0 for r in steps)
-        assert [r["step"] for r in _records(run_dir / "metrics" / f"rank{rank}.jsonl", "eval")] == [9, 19]
+        assert [r["step"] for r in records(run_dir, rank, "eval")] == [9, 19]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000010.pt", "step-00000020.pt"]
     assert "step 20/20" in out.stdout and "final eval loss" in out.stdout  # progress lines + summary
     assert json.loads((run_dir / "config.json").read_text())["run"]["dir"] == "runs/e2e-001"
 
     # A second run never touches the first; resuming a finished run with more steps continues it.
-    again = _run([*PARATRAIN, "run", str(ROOT / "configs/demo.toml"), "--nproc", "2", *SETS,
-                  "--set", "run.name=e2e", "--set", "training.steps=25", "--resume", "runs/e2e-001"], cwd=tmp_path)
+    again = cli(["run", str(ROOT / "configs/demo.toml"), "--nproc", "2", *SETS,
+                 "--set", "run.name=e2e", "--set", "training.steps=25", "--resume", "runs/e2e-001"], cwd=tmp_path)
     assert again.returncode == 0, again.stderr
-    assert [r["step"] for r in _records(run_dir / "metrics" / "rank0.jsonl")] == list(range(25))
+    assert [r["step"] for r in records(run_dir, 0)] == list(range(25))
     assert "step-00000025.pt" in {p.name for p in (run_dir / "checkpoints").iterdir()}
 
 
 def test_a_bad_newest_checkpoint_falls_back_and_a_bad_file_fails_before_workers(tmp_path):
-    ok = _run([*PARATRAIN, "run", "--nproc", "1", *SETS, "--set", "strategy.name=single", "--set", "run.dir=r",
-               "--set", "checkpoint.every=10"], cwd=tmp_path)
+    ok = cli(["run", "--nproc", "1", *SETS, "--set", "strategy.name=single", "--set", "run.dir=r",
+              "--set", "checkpoint.every=10"], cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
     ckpts = tmp_path / "r" / "checkpoints"
     good = ckpts / "step-00000010.pt"
@@ -60,18 +47,18 @@ def test_a_bad_newest_checkpoint_falls_back_and_a_bad_file_fails_before_workers(
     latest.write_bytes(latest.read_bytes()[:1000])  # truncated by a disk failure
     before = good.read_bytes()
     # Naming the bad file itself: one line, before any worker, nothing touched.
-    out = _run([*PARATRAIN, "run", "--nproc", "2", *SETS, "--set", "training.steps=30", "--resume", str(latest)],
-               cwd=tmp_path)
+    out = cli(["run", "--nproc", "2", *SETS, "--set", "training.steps=30", "--resume", str(latest)],
+              cwd=tmp_path)
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "step-00000020.pt' cannot be read (truncated or not a checkpoint)" in lines[0]
     assert good.read_bytes() == before and not (tmp_path / "runs").exists()
     # The run directory: its newest checkpoint that verifies, said so, continued in place.
-    out = _run([*PARATRAIN, "run", "--nproc", "2", *SETS, "--set", "training.steps=30", "--resume", "r"], cwd=tmp_path)
+    out = cli(["run", "--nproc", "2", *SETS, "--set", "training.steps=30", "--resume", "r"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "step-00000020.pt' cannot be read" in out.stderr and "trying the one before" in out.stderr
     assert "resumed from step 10 of r" in out.stderr
-    assert [r["step"] for r in _records(tmp_path / "r" / "metrics" / "rank0.jsonl")] == list(range(30))
+    assert [r["step"] for r in records(tmp_path / "r")] == list(range(30))
     # The bad file is set aside, out of the rotation, so that the good one is kept.
     assert {p.name for p in ckpts.iterdir()} == {"step-00000010.pt", "step-00000020.pt.corrupt", "step-00000030.pt"}
     assert good.read_bytes() == before and read_checkpoint(ckpts / "step-00000030.pt")["step"] == 30
@@ -80,7 +67,7 @@ def test_a_bad_newest_checkpoint_falls_back_and_a_bad_file_fails_before_workers(
 def test_existing_run_dir_is_not_overwritten(tmp_path):
     (tmp_path / "r" / "metrics").mkdir(parents=True)
     (tmp_path / "r" / "metrics" / "rank0.jsonl").write_text("precious\n")
-    out = _run([*PARATRAIN, "run", "--nproc", "2", *SETS, "--set", "run.dir=r"], cwd=tmp_path)
+    out = cli(["run", "--nproc", "2", *SETS, "--set", "run.dir=r"], cwd=tmp_path)
     assert out.returncode == 2 and "run.dir = 'r': already holds a run" in out.stderr
     assert (tmp_path / "r" / "metrics" / "rank0.jsonl").read_text() == "precious\n"
 
@@ -91,7 +78,7 @@ def test_plain_torchrun_two_nodes_rendezvous(tmp_path):
     common = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "twonodes", "--max-restarts", "0"]
     worker = ["-m", "paratrain", "worker", str(ROOT / "configs/demo.toml"), *SETS]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**ENV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "OMP_NUM_THREADS": "1"}
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *common,
                                "--rdzv-conf", f"is_host={str(i == 0).lower()}", *worker],
                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -99,6 +86,6 @@ def test_plain_torchrun_two_nodes_rendezvous(tmp_path):
     outs = [n.communicate(timeout=240) for n in nodes]
     assert [n.returncode for n in nodes] == [0, 0], outs
     run_dir = tmp_path / "runs" / "demo-twonodes"
-    assert len(_records(run_dir / "metrics" / "rank0.jsonl")) == 20
-    assert len(_records(run_dir / "metrics" / "rank1.jsonl")) == 20
+    assert len(records(run_dir, 0)) == 20
+    assert len(records(run_dir, 1)) == 20
     assert (run_dir / "checkpoints" / "step-00000020.pt").exists()

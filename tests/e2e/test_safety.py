@@ -4,39 +4,34 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from paratrain.checkpoint import list_checkpoints, read_checkpoint, step_of
+from tests.helpers import ENV, MLP, PARATRAIN, cli, records
 
-ROOT = Path(__file__).parents[2]
-PARATRAIN = [sys.executable, "-m", "paratrain", "run"]
-MLP = ["model.name=mlp", "data.name=synthetic", "data.num_samples=512", "training.global_batch_size=32",
-       "training.steps=20", "training.eval_every=0", "optimizer.name=sgd", "optimizer.lr=0.05", "run.progress=off",
-       "strategy.name=single", "run.nproc=1"]
+# helpers.MLP, one process, plain SGD, no evaluation
+RUN = [*MLP, "training.eval_every=0", "optimizer.momentum=0", "strategy.name=single", "run.nproc=1"]
 SLOW = ["faults.rank=0", "faults.delay_s=0.05"]  # a run that lives a few seconds
 
 
 def _args(*sets: str) -> list[str]:
-    return [a for s in (*MLP, *sets) for a in ("--set", s)]
+    return ["run", *(a for s in (*RUN, *sets) for a in ("--set", s))]
 
 
 def _run(cwd, *sets, extra=(), timeout=120):
-    return subprocess.run([*PARATRAIN, *_args(*sets), *extra], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return cli([*_args(*sets), *extra], cwd=cwd, timeout=timeout)
 
 
 def _start(cwd, *sets, extra=()):
     return subprocess.Popen([*PARATRAIN, *_args(*sets), *extra], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            stderr=subprocess.PIPE, text=True, env=ENV)
 
 
 def _steps(run_dir: Path, rank=0) -> list[int]:
-    lines = (run_dir / "metrics" / f"rank{rank}.jsonl").read_text().splitlines()
-    return [r["step"] for r in map(json.loads, lines) if r["kind"] == "step"]
+    return [r["step"] for r in records(run_dir, rank)]
 
 
 def _wait_for(pred, timeout=60.0):

@@ -3,13 +3,13 @@ store and gloo's pair sockets, read from /proc while a live run trains."""
 import ipaddress
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).parents[2]
+from tests.helpers import ENV, PARATRAIN
+
 SETS = ["model.name=mlp", "data.name=synthetic", "data.num_samples=512", "training.global_batch_size=32",
         "training.steps=100", "training.eval_every=0", "run.progress=off",
         "faults.rank=0", "faults.delay_s=0.05"]  # a run that lives a few seconds
@@ -63,10 +63,9 @@ def _listening(pid: int) -> set[tuple[str, int]]:
 
 
 def test_a_local_run_listens_on_loopback_only(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "GLOO_SOCKET_IFNAME"}  # the launcher's default
-    env["PYTHONPATH"] = str(ROOT)
+    env = {k: v for k, v in ENV.items() if k != "GLOO_SOCKET_IFNAME"}  # the launcher's default
     with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "paratrain", "run", "--nproc", "2",
+        proc = subprocess.Popen([*PARATRAIN, "run", "--nproc", "2",
                                  *[a for s in SETS for a in ("--set", s)]],
                                 cwd=tmp_path, env=env, stdout=out, stderr=err)
         seen: dict[int, set[tuple[str, int]]] = {}

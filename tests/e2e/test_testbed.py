@@ -6,15 +6,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from paratrain.testbed import SUBNET, Testbed, _namespaces
-from tests.helpers import TINY_GPT
-
-ROOT = Path(__file__).parents[2]
-PARATRAIN = [sys.executable, "-m", "paratrain"]
+from tests.helpers import TINY_GPT, cli, records
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +26,6 @@ def netns():
 
 def _ours(prefix: str) -> list[str]:
     return [ns for ns in _namespaces() if ns.startswith(prefix + "-")]
-
-
-def _run(args, cwd, timeout=120):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 SERVER = """
@@ -80,25 +71,24 @@ def test_cleanup_when_the_body_raises(netns):
 
 def test_bad_input_is_one_line_exit_2(tmp_path):
     for args, message in ((["--rate", "fast"], "--rate 'fast'"), (["--hosts", "1"], "--hosts 1")):
-        out = _run([*PARATRAIN, "testbed", "up", *args, "--state", str(tmp_path / "s.json")], tmp_path)
+        out = cli(["testbed", "up", *args, "--state", str(tmp_path / "s.json")], tmp_path, timeout=120)
         assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and message in out.stderr
     assert not (tmp_path / "s.json").exists()
 
 
 def test_two_host_ddp_run_over_the_cli(netns, tmp_path):
     state = ["--state", str(tmp_path / "testbed.json")]
-    up = _run([*PARATRAIN, "testbed", "up", "--hosts", "2", "--rate", "100mbit", *state], tmp_path)
+    up = cli(["testbed", "up", "--hosts", "2", "--rate", "100mbit", *state], tmp_path, timeout=120)
     assert up.returncode == 0, up.stderr
     prefix = json.loads((tmp_path / "testbed.json").read_text())["prefix"]
     try:
         sets = [a for s in [*TINY_GPT, "training.steps=5", "training.eval_every=5", "strategy.name=ddp",
                             "run.timeout_s=60", "run.dir=shared"] for a in ("--set", s)]
-        out = _run([*PARATRAIN, "testbed", "run", *sets, "--nproc-per-host", "1", *state], tmp_path)
+        out = cli(["testbed", "run", *sets, "--nproc-per-host", "1", *state], tmp_path, timeout=120)
         assert out.returncode == 0, out.stderr[-3000:]
     finally:
-        down = _run([*PARATRAIN, "testbed", "down", *state], tmp_path)
+        down = cli(["testbed", "down", *state], tmp_path, timeout=120)
     assert down.returncode == 0 and _ours(prefix) == []
-    assert _run([*PARATRAIN, "testbed", "down", *state], tmp_path).returncode == 0  # idempotent
+    assert cli(["testbed", "down", *state], tmp_path, timeout=120).returncode == 0  # idempotent
     for rank in (0, 1):
-        lines = (tmp_path / "shared" / "metrics" / f"rank{rank}.jsonl").read_text().splitlines()
-        assert [r["step"] for r in map(json.loads, lines) if r["kind"] == "step"] == list(range(5))
+        assert [r["step"] for r in records(tmp_path / "shared", rank)] == list(range(5))
