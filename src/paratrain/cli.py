@@ -87,15 +87,24 @@ def _testbed_run(args, cfg, resume) -> int:
     return code
 
 
+def _ended_before(cfg) -> int | None:
+    """A restarted worker of a run that ended on purpose (restarts.py): its exit code, else None."""
+    from paratrain.restarts import job_dir, previous_end
+    from paratrain.rundir import OWNED_ENV
+
+    return previous_end(os.environ.get(OWNED_ENV) or cfg.run.dir or job_dir(cfg.run.name))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from paratrain.checkpoint import CheckpointWriteError
     from paratrain.imports import add_user_paths
     from paratrain.launch import launch, train
-    from paratrain.nonfinite import NonFiniteError
+    from paratrain.nonfinite import NONFINITE_EXIT, NonFiniteError
     from paratrain.rundir import OWNED_ENV
     from paratrain.signals import Stopped
     from paratrain.testbed import TestbedError
+    from paratrain.watchdog import PeerLost
 
     is_rank0 = os.environ.get("RANK", "0") == "0"
     add_user_paths(getattr(args, "config", None))  # user code imports from here and beside the config
@@ -103,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "testbed" and args.testbed_command != "run":
             return _testbed(args)
         cfg = load_config(args.config, args.set)
+        if args.command == "worker" and (code := _ended_before(cfg)) is not None:
+            return code
         resume = args.resume
         if resume == "":  # bare --resume: the configured run directory
             if not cfg.run.dir:
@@ -127,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as e:  # training.on_nonfinite = "stop"
         if str(min(e.ranks, default=0)) == os.environ.get("RANK", "0"):  # said once, by the first bad rank
             print(f"paratrain: error: {e}", file=sys.stderr)
-        return 3
+        return NONFINITE_EXIT
+    except PeerLost:  # a peer died or hung: said in one line naming it (watchdog.py)
+        return 1
     except CheckpointWriteError as e:  # disk full: older checkpoints are intact
         print(f"paratrain: error: {e}", file=sys.stderr)
         return 1

@@ -205,6 +205,9 @@ class RunConfig:
     threads_per_rank: int = field(default=1, metadata=AT_LEAST_1)
     # Process-group timeout; below a second even a healthy step's collectives time out.
     timeout_s: float = field(default=300.0, metadata=_check(lambda v: v >= 1, "a number of seconds >= 1"))
+    # Restarts of the whole group after a worker fails (torch's elastic agent): each continues from the
+    # newest checkpoint that verifies. 0: a failure ends the run.
+    max_restarts: int = field(default=3, metadata=NON_NEGATIVE)
     progress: Literal["auto", "bar", "lines", "off"] = "auto"
 
 
@@ -214,7 +217,11 @@ class FaultsConfig:
     rank: int = -1  # the faulty rank; -1: none
     slowdown: float = field(default=1.0, metadata=_check(lambda v: v >= 1, "a number >= 1"))  # compute x this
     delay_s: float = field(default=0.0, metadata=NON_NEGATIVE)  # and this much more per step
-    kill_at_step: int = -1  # the rank leaves abruptly before this step; -1: never
+    # Before this step (0-based; -1: never) the rank gets SIGKILL from itself: a crash, as an out-of-memory
+    # kill or a lost machine is (exit -9, no clean-up).
+    kill_at_step: int = -1
+    hang_at_step: int = -1  # ... SIGSTOP from itself: frozen, alive, silent (a hung driver, a stalled host)
+    leave_at_step: int = -1  # ... exits with code 0 without a word to its peers: a worker that quits, not a crash
     # The rank's training loss is NaN at this step (0-based; -1: never). Under a pipeline only the last
     # stage computes a loss: a fault on an earlier stage injects nothing.
     nan_at_step: int = -1

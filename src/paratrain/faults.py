@@ -1,21 +1,29 @@
-"""Injected stragglers and failures: slow a rank by a factor, add a delay, make its loss NaN, or
-kill it at a step.
+"""Injected faults at one rank and step: real ones, as a cluster has them.
 
-Configured under `[faults]` and applied by the trainer around each step, whatever the strategy,
-so that tests and benchmarks can show what each strategy does with a slow or lost worker.
-A killed rank leaves abruptly (`os._exit`, no clean-up, no goodbye to its peers), as a machine
-that loses power would; its exit code is 0 so that the launcher does not stop the others,
-which is for the strategy to survive or not.
+- `kill_at_step`: the rank sends itself SIGKILL, a crash as an out-of-memory kill or a segfault
+  is: no clean-up, exit status -9, and torch's agent sees a failed worker.
+- `hang_at_step`: SIGSTOP to itself: alive, holding its sockets, silent; its peers wait on it
+  until their timeout (and the watchdog, watchdog.py, says who they waited for).
+- `leave_at_step`: exits with code 0 without a word to its peers: a worker that quits, which
+  torch's agent does not count as a failure.
+- `nan_at_step`, `slowdown`, `delay_s`: a divergence and a straggler.
+
+A fault happens once: a group that torch's agent restarted (TORCHELASTIC_RESTART_COUNT > 0) does
+not repeat it, as a transient fault would not recur. Configured under `[faults]` and applied by the
+trainer around each step, whatever the strategy; what survives a fault is for the strategy and
+the launcher to show.
 """
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 
 import torch
 
 from paratrain.config import FaultsConfig
+from paratrain.restarts import attempt
 
 
 class FaultInjector:
@@ -27,14 +35,21 @@ class FaultInjector:
 
     def before_step(self, step: int) -> None:
         self.step = step
-        if self.active and step == self.cfg.kill_at_step:
-            print(f"paratrain: faults: rank {self.cfg.rank} killed before step {step}", file=sys.stderr, flush=True)
-            os._exit(0)
+        if not self.active or attempt() > 0:
+            return
+        c = self.cfg
+        for at, what, act in ((c.kill_at_step, "SIGKILL", lambda: os.kill(os.getpid(), signal.SIGKILL)),
+                              (c.hang_at_step, "SIGSTOP", lambda: os.kill(os.getpid(), signal.SIGSTOP)),
+                              (c.leave_at_step, "exit 0", lambda: os._exit(0))):
+            if step == at:
+                print(f"paratrain: faults: rank {c.rank} pid {os.getpid()} {what} before step {step} "
+                      f"at {time.time():.3f}", file=sys.stderr, flush=True)
+                act()
 
     def wrap_loss(self, loss_fn):
         """The loss, NaN on the faulty rank at `nan_at_step`: a divergence at a chosen place. The
         training loss only (evaluation after that step runs without grad and stays finite)."""
-        if not self.active or self.cfg.nan_at_step < 0:
+        if not self.active or self.cfg.nan_at_step < 0 or attempt() > 0:
             return loss_fn
 
         def loss(output, target):

@@ -20,12 +20,15 @@ from pathlib import Path
 import torch.distributed as dist
 import torch.nn as nn
 
-from paratrain.checkpoint import check_compatible, list_checkpoints, read_checkpoint
+from paratrain import watchdog
+from paratrain.checkpoint import check_compatible, list_checkpoints, newest_verified, read_checkpoint
 from paratrain.config import Config, ConfigError
 from paratrain.data import Datasets, ShardedBatches, build_datasets
 from paratrain.imports import import_callable
+from paratrain.nonfinite import NONFINITE_EXIT, NonFiniteError
+from paratrain.restarts import attempt, job_dir, record_end
 from paratrain.rundir import OWNED_ENV, Plan, claim, notes, record_config, settle
-from paratrain.signals import HANDLED
+from paratrain.signals import HANDLED, Stopped
 
 # On SIGTERM / Ctrl-C the workers finish their step and write a checkpoint (signals.py); torch's
 # agent waits this long for them before SIGKILL.
@@ -58,16 +61,22 @@ def train(cfg: Config, *, resume: str | Path | None = None, model: nn.Module | N
     if not distributed and cfg.strategy.name != "single":
         raise ConfigError(f"strategy.name = '{cfg.strategy.name}': needs worker processes; start it with "
                           "'paratrain run CONFIG --nproc N' or torchrun")
+    if distributed and not cfg.run.dir:  # under torchrun every rank, on every node, derives this one
+        cfg = cfg.replace(f"run.dir={json.dumps(str(job_dir(cfg.run.name)))}")
+    # Restarted by torch's agent after a failure: continue from the newest checkpoint (restarts.py).
+    newest = newest_verified(Path(cfg.run.dir)) if attempt() > 0 else None
     owned = os.environ.get(OWNED_ENV)
     plan = None
     if owned and Path(owned) == Path(cfg.run.dir):  # a worker of `paratrain run`: the launcher settled it all
         ckpt_path, ckpt = (Path(resume), None) if resume is not None else (None, None)
+        if newest is not None:
+            ckpt_path, ckpt = newest[0], newest[1]
     else:
-        if distributed and not cfg.run.dir:  # under torchrun every rank, on every node, derives this one
-            job = Path("runs") / f"{cfg.run.name}-{os.environ.get('TORCHELASTIC_RUN_ID', 'job')}"
-            cfg = cfg.replace(f"run.dir={json.dumps(str(job))}")
-        cfg, plan = settle(cfg, resume, discard_newer=discard_newer)
+        cfg, plan = settle(cfg, cfg.run.dir if newest is not None else resume, discard_newer=discard_newer)
         ckpt_path, ckpt = plan.ckpt_path, plan.ckpt
+    if attempt() > 0 and os.environ.get("RANK", "0") == "0":
+        where = f"from {ckpt_path}" if ckpt_path is not None else "from step 0 (no checkpoint yet)"
+        print(f"paratrain: restart {attempt()}: continuing {where}", file=sys.stderr)
     if distributed and dist.is_initialized():  # a caller's group: no rank writes there before all have looked
         dist.barrier()
     if distributed:
@@ -96,6 +105,13 @@ def train(cfg: Config, *, resume: str | Path | None = None, model: nn.Module | N
         summary = trainer.fit()
         status = "finished"
         return TrainResult(trainer.strategy.module, summary, run_dir)
+    except Stopped as e:  # deliberate ends: a restart must not train on (restarts.py)
+        record_end(cfg.run.dir, e.exit_code, str(e))
+        status = "interrupted"
+        raise
+    except NonFiniteError as e:
+        record_end(cfg.run.dir, NONFINITE_EXIT, str(e))
+        raise
     except KeyboardInterrupt:
         status = "interrupted"
         raise
@@ -239,7 +255,8 @@ def launch(cfg: Config, nproc: int | None = None, resume: str | Path | None = No
         rdzv_store = loopback_store()
         local = ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{rdzv_store.port}", f"--rdzv-id={uuid.uuid4()}",
                  "--rdzv-conf=is_host=false", "--nnodes=1", "--local-addr=127.0.0.1"]
-        args = get_args_parser().parse_args([*local, f"--nproc-per-node={nproc}", "--max-restarts=0",
+        restarts = f"--max-restarts={run.cfg.run.max_restarts}"  # each continues from the newest checkpoint
+        args = get_args_parser().parse_args([*local, f"--nproc-per-node={nproc}", restarts,
                                              f"--shutdown-timeout={SHUTDOWN_GRACE_S}", *worker])
         try:
             torchrun(args)
@@ -254,14 +271,32 @@ def launch(cfg: Config, nproc: int | None = None, resume: str | Path | None = No
             if stopped and len(stopped) == len(codes) and any(c > 128 for c in codes):
                 run.status = "interrupted"
                 return _stopped(signal.Signals(stopped[0]), run.run_dir, killed=False)
-            print(f"paratrain: {len(e.failures)} of {nproc} workers failed (exit codes {codes}); "
-                  f"see their messages above; run directory {run.run_dir}", file=sys.stderr)
-            return next((c for c in (2, 3) if c in codes), 1)  # bad input; a non-finite step (cli.py)
+            tried = f" after {run.cfg.run.max_restarts} restart(s)" if run.cfg.run.max_restarts else ""
+            print(f"paratrain: {len(e.failures)} of {nproc} workers failed{tried}: "
+                  f"{_failures(e.failures, run.run_dir)}; see their messages above; run directory {run.run_dir}",
+                  file=sys.stderr)
+            return next((c for c in (2, NONFINITE_EXIT) if c in codes), 1)  # bad input; a non-finite step
         finally:
             for key in local_env:
                 os.environ.pop(key, None)
         run.status = "finished"
         return 0
+
+
+def _failures(failures: dict, run_dir: Path) -> str:
+    """torch's record of the failed workers, with the step each was at (its heartbeat, watchdog.py)."""
+    said, ended = [], []
+    for rank, f in sorted(failures.items()):
+        if f.exitcode == -signal.SIGTERM:  # the agent's: it stops the others once one has failed
+            ended.append(str(rank))
+            continue
+        how = f"killed by {f.signal_name()}" if f.exitcode < 0 else f"exit code {f.exitcode}"
+        beat = watchdog.read_peer(watchdog.heartbeat_path(run_dir, rank))
+        at = f" at step {beat.step} in {beat.doing}" if beat and beat.doing not in watchdog.ENDED else ""
+        said.append(f"rank {rank} (pid {f.pid}) {how}{at}")
+    if ended:
+        said.append(f"rank{'s' if len(ended) > 1 else ''} {', '.join(ended)} stopped by the launcher (SIGTERM)")
+    return "; ".join(said)
 
 
 def _kill_children() -> bool:

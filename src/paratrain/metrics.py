@@ -10,6 +10,7 @@ import json
 import math
 import statistics
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -58,8 +59,8 @@ class MetricsLog:
             global_samples = 0
         fields = asdict(stats)
         extra = fields.pop("extra")  # flat in the record, beside the common fields
-        rec = {"kind": "step", "step": step, "lr": lr, "step_s": step_s, "data_s": data_s, **fields, **extra,
-               "samples_per_s": global_samples / step_s}
+        rec = {"kind": "step", "step": step, "time": time.time(), "lr": lr, "step_s": step_s, "data_s": data_s,
+               **fields, **extra, "samples_per_s": global_samples / step_s}
         if tokens_per_sample:
             rec["tokens_per_s"] = global_samples * tokens_per_sample / step_s
         self.file.write(json.dumps(rec) + "\n")

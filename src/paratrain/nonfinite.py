@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+NONFINITE_EXIT = 3  # the exit code of a stop on a non-finite step (the CLI's, and a worker's)
+
 
 class NonFiniteError(RuntimeError):
     """A non-finite loss or gradient under training.on_nonfinite = 'stop' (step filled in by the

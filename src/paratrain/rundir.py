@@ -36,11 +36,12 @@ from filelock import FileLock, Timeout
 
 from paratrain.checkpoint import list_checkpoints, newest_verified, read_checkpoint, step_of
 from paratrain.config import Config, ConfigError
+from paratrain.restarts import ENDED
 
 LOCK, OWNER = ".lock", "owner.json"
 # Set by `paratrain run` for its workers: the directory is already owned by the launcher.
 OWNED_ENV = "PARATRAIN_RUN_OWNED"
-_BOOKKEEPING = {LOCK, OWNER, "attempts"}
+_BOOKKEEPING = {LOCK, OWNER, ENDED, "attempts"}
 
 
 @dataclass
@@ -220,6 +221,7 @@ def claim(cfg: Config, plan: Plan) -> tuple[Config, RunLock]:
             if err := _refusal(run_dir):  # checked again now that the directory is ours
                 raise err
             _move_aside(run_dir)
+        (run_dir / ENDED).unlink(missing_ok=True)  # a new start: how an earlier one ended no longer binds
         for path in plan.discard:
             path.unlink(missing_ok=True)
         for path in plan.set_aside:  # out of the rotation's count, kept for a look

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 import socket
 import tempfile
 import time
@@ -68,12 +69,15 @@ def _rank_main(fn, rank: int, world_size: int, port: int, out: str, args: tuple,
         raise SystemExit(1)  # the parent stops the other ranks at once
 
 
+LOST = (0, -signal.SIGKILL)  # how a rank lost to faults.leave_at_step / kill_at_step exits
+
+
 def run_ranks(fn: Callable, world_size: int, *args: Any, timeout_s: float = 180.0,
               env: dict | None = None, allow_missing: bool = False) -> list[Any]:
     """`fn(*args)` on `world_size` ranks; returns each rank's result, rank order.
 
-    `allow_missing`: a rank that exits with code 0 and no result (a worker killed by fault
-    injection, which `os._exit(0)`s) gives None instead of failing the run."""
+    `allow_missing`: a rank lost to an injected fault (killed, exit status -9, or left, exit code 0)
+    gives None instead of failing the run, and the others go on."""
     ctx = _context()
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,7 +90,8 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout_s: float = 180.
         deadline = time.monotonic() + timeout_s
         try:
             while any(p.is_alive() for p in procs):
-                if any(p.exitcode not in (None, 0) for p in procs) or time.monotonic() > deadline:
+                lost_ok = LOST if allow_missing else (0,)
+                if any(p.exitcode not in (None, *lost_ok) for p in procs) or time.monotonic() > deadline:
                     break
                 time.sleep(0.05)
         finally:
@@ -97,7 +102,7 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout_s: float = 180.
         results, errors = [], []
         for r, out in enumerate(outs):
             if not Path(out).exists():
-                if allow_missing and procs[r].exitcode == 0:
+                if allow_missing and procs[r].exitcode in LOST:
                     results.append(None)
                     continue
                 errors.append(f"rank {r}: exit code {procs[r].exitcode} with no result"

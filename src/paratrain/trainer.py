@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from paratrain import messages
+from paratrain import messages, watchdog
 from paratrain.checkpoint import Checkpointer, check_compatible, read_checkpoint
 from paratrain.config import Config
 from paratrain.data import Datasets, ShardedBatches, build_datasets
@@ -53,10 +53,12 @@ class Trainer:
         if ckpt is not None:
             self.step_num = self.checkpointer.restore(ckpt, self.strategy)
         self.metrics = MetricsLog(self.run_dir, topo.rank, self.step_num)
+        self.heartbeat = watchdog.Heartbeat(self.run_dir, topo.rank).start(topo.world_size)  # watchdog.py
 
     def step(self) -> tuple[dict, float | None]:
         """One optimizer step on one global batch, then evaluation and checkpoint when due."""
         t, step = self.cfg.training, self.step_num
+        self.heartbeat.at(step, "train_step")
         self.faults.before_step(step)
         t0 = time.perf_counter()
         batch = self.batches.batch(step).to(self.topo.device)
@@ -79,10 +81,12 @@ class Trainer:
         eval_loss = None
         with self.strategy.paused():
             if self._due(t.eval_every):
+                self.heartbeat.at(step, "evaluate")
                 eval_loss = self.strategy.evaluate(self.eval_batches)
                 self.strategy.meter.take()  # evaluation traffic is not a training step's
                 self.metrics.log_eval(step, eval_loss)
             if self.cfg.checkpoint.enabled and self._due(self.cfg.checkpoint.every):
+                self.heartbeat.at(step, "checkpoint")
                 self.checkpointer.save(self.step_num, self.strategy, self.batches.position(self.step_num))
         return rec, eval_loss
 
@@ -102,15 +106,26 @@ class Trainer:
         cfg, total = self.cfg, self.cfg.training.steps
         progress = Progress(cfg.run.progress, total, self.step_num, cfg.training.log_every, self.topo.is_main)
         stop = StopRequest().install()  # SIGTERM / Ctrl-C: see signals.py
+        ended = "failed"
         try:
             while self.step_num < total:
                 progress.update(*self.step())
+                self.heartbeat.at(self.step_num, "agree_to_stop")
                 if signum := self.strategy.agree_to_stop(stop.signum):
+                    ended = "stopped"
                     raise Stopped(signum, self.step_num, self._checkpoint_now())
+            ended = "finished"
+        except (Stopped, NonFiniteError):
+            raise
+        except Exception as e:  # most often a peer died or hung: say which, while SIGTERM is still ours
+            if self.topo.world_size > 1 and watchdog.report(self.run_dir, self.topo.rank, self.strategy.lockstep):
+                raise watchdog.PeerLost(f"{type(e).__name__}: {str(e).partition(chr(10))[0]}") from e
+            raise
         finally:
             progress.close()
             self.metrics.close()
             stop.restore()
+            self.heartbeat.close(ended)
         finished = self.strategy.close(self.run_dir)  # the group of the ranks that finished
         summary = self.metrics.summary()
         bytes_per_rank = [summary["bytes_sent_per_step"]]

@@ -264,9 +264,9 @@ def _parameter_server(cfg: Config, world_size: int) -> ServerDims:
     if f.rank >= workers:
         raise ConfigError(f"faults.rank = {f.rank}: a server (ranks {workers}..{world_size - 1} serve); "
                           f"faults act on training steps: pick a worker, 0..{workers - 1}")
-    if f.rank == 0 and f.kill_at_step >= 0:
+    if f.rank == 0 and max(f.kill_at_step, f.hang_at_step, f.leave_at_step) >= 0:
         raise ConfigError("faults.rank = 0: parameter_server's rank 0 is the chief worker (checkpoints, "
-                          "summary) and cannot be lost; kill another worker")
+                          "summary) and cannot be lost; fault another worker")
     if ps.drop_behind and ps.mode != "ssp":
         raise ConfigError(f"strategy.ps.drop_behind = true: needs strategy.ps.mode = 'ssp', not '{ps.mode}' "
                           "(BSP waits for every worker by definition, ASP never waits)")

@@ -1,0 +1,106 @@
+"""Real faults under `paratrain run` and plain torchrun: a worker killed (SIGKILL) or hung (SIGSTOP)
+mid-run; the group restarts from the newest checkpoint to the uninterrupted run's parameters, bit for
+bit, and the messages name the rank, its pid, the signal and the step."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from paratrain.checkpoint import list_checkpoints, read_checkpoint
+from tests.helpers import ENV, MLP, TINY_GPT, cli, max_param_diff, records
+
+STEPS, EVERY, FAULT_AT = 12, 4, 6  # checkpoints at steps 4, 8, 12; the fault before step 6: steps 4, 5 again
+COMMON = [f"training.steps={STEPS}", f"checkpoint.every={EVERY}", "checkpoint.keep=5", "training.eval_every=6"]
+CASES = {
+    "ddp": (2, [*MLP, "strategy.name=ddp"]),
+    "zero3": (2, [*MLP, "strategy.name=zero3"]),
+    "pipeline-1f1b": (2, [*TINY_GPT, "strategy.name=pipeline", "strategy.pipeline.schedule=1f1b"]),
+    "hybrid-dp2-tp2": (4, [*TINY_GPT, "strategy.name=hybrid", "strategy.dp=2", "strategy.tp=2"]),
+}
+
+
+def run(tmp_path, name: str, run_dir: str, *extra: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    nproc, sets = CASES[name]
+    sets = [*sets, *COMMON, *extra, f"run.dir={json.dumps(run_dir)}"]
+    return cli(["run", "--nproc", str(nproc), *[a for s in sets for a in ("--set", s)]], cwd=tmp_path,
+               timeout=timeout)
+
+
+def final_params(run_dir) -> dict:
+    return read_checkpoint(list_checkpoints(run_dir)[-1])["strategy"]["model"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """Each case's run without a fault, made once for the tests that compare with it."""
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            tmp = tmp_path_factory.mktemp(f"ref-{name}")
+            out = run(tmp, name, "ref")
+            assert out.returncode == 0, out.stderr
+            made[name] = tmp / "ref"
+        return made[name]
+    return get
+
+
+def same_as_uninterrupted(faulted, ref) -> None:
+    """The faulted run's parameters, losses and records equal an uninterrupted run's, bit for bit."""
+    assert max_param_diff(final_params(ref), final_params(faulted)) == 0.0
+    got, want = records(faulted), records(ref)
+    assert [r["step"] for r in got] == list(range(STEPS))  # the repeated steps replaced, not appended
+    assert [r["loss"] for r in got] == [r["loss"] for r in want]
+    assert [r["eval_loss"] for r in records(faulted, 0, "eval")] == [r["eval_loss"] for r in records(ref, 0, "eval")]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(tmp_path, name, uninterrupted):
+    out = run(tmp_path, name, "killed", "faults.rank=1", f"faults.kill_at_step={FAULT_AT}")
+    assert out.returncode == 0, out.stderr
+    assert "faults: rank 1 pid" in out.stderr and f"SIGKILL before step {FAULT_AT}" in out.stderr
+    # A survivor names the dead rank and where it was; the restarted group says where it continues.
+    assert "rank 1 (pid" in out.stderr and f"died at step {FAULT_AT} in train_step" in out.stderr, out.stderr
+    assert "restart 1: continuing from killed/checkpoints/step-00000004.pt" in out.stderr
+    assert "restart 2" not in out.stderr  # the fault happened once
+    same_as_uninterrupted(tmp_path / "killed", uninterrupted(name))
+
+
+def test_a_hung_worker_is_named_ended_and_the_group_restarts(tmp_path, uninterrupted):
+    out = run(tmp_path, "ddp", "hung", "faults.rank=1", f"faults.hang_at_step={FAULT_AT}", "run.timeout_s=5")
+    assert out.returncode == 0, out.stderr
+    said = [line for line in out.stderr.splitlines() if "(process stopped)" in line]
+    assert len(said) == 1 and "rank 1 (pid" in said[0] and f"stopped at step {FAULT_AT} in train_step" in said[0]
+    assert "ended it with SIGKILL" in said[0]
+    # Detected by gloo's timeout on the survivor: within run.timeout_s and a second of heartbeats.
+    silent = float(said[0].split("last heartbeat ")[1].split(" s ago")[0])
+    assert 4 <= silent <= 7, said[0]
+    assert "restart 1: continuing from hung/checkpoints/step-00000004.pt" in out.stderr
+    same_as_uninterrupted(tmp_path / "hung", uninterrupted("ddp"))
+
+
+def test_without_restarts_a_kill_fails_the_job_naming_rank_signal_and_step(tmp_path):
+    out = run(tmp_path, "ddp", "once", "faults.rank=1", f"faults.kill_at_step={FAULT_AT}", "run.max_restarts=0")
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("paratrain: 2 of 2 workers failed: rank 1 (pid "), last
+    assert f"killed by SIGKILL at step {FAULT_AT} in train_step; rank 0 stopped by the launcher" in last
+    assert "Traceback" not in out.stderr  # the survivor said it in one line
+    assert [p.name for p in list_checkpoints(tmp_path / "once")] == ["step-00000004.pt"]  # nothing lost
+
+
+def test_plain_torchrun_restarts_continue_from_the_newest_checkpoint(tmp_path):
+    """torchrun --max-restarts without paratrain's launcher: the run directory it derives is the same on
+    every restart, and the restarted workers continue there instead of refusing it."""
+    sets = [a for s in [*MLP, "strategy.name=ddp", *COMMON, "faults.rank=1", f"faults.kill_at_step={FAULT_AT}"]
+            for a in ("--set", s)]
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "--max-restarts", "1", "--rdzv-id", "plain", "-m", "paratrain", "worker", *sets],
+                         cwd=tmp_path, env={**ENV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr
+    run_dir = next((tmp_path / "runs").iterdir())
+    assert "restart 1: continuing from" in out.stderr and "step-00000004.pt" in out.stderr
+    assert [r["step"] for r in records(run_dir)] == list(range(STEPS))
+    assert (run_dir / "checkpoints" / f"step-{STEPS:08d}.pt").exists()
