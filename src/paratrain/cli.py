@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         if str(min(e.ranks, default=0)) == os.environ.get("RANK", "0"):  # said once, by the first bad rank
             print(f"paratrain: error: {e}", file=sys.stderr)
         return NONFINITE_EXIT
-    except PeerLost:  # a peer died or hung: said in one line naming it (watchdog.py)
+    except PeerLost as e:  # a peer died or hung: named in a line above (watchdog.py); this rank's error
+        print(f"paratrain: rank {os.environ.get('RANK', '0')}: stopped on {e}", file=sys.stderr)
         return 1
     except CheckpointWriteError as e:  # disk full: older checkpoints are intact
         print(f"paratrain: error: {e}", file=sys.stderr)

@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from paratrain import watchdog
+from paratrain.apart import SURVIVES_LOSS, run_apart
 from paratrain.checkpoint import check_compatible, list_checkpoints, newest_verified, read_checkpoint
 from paratrain.config import Config, ConfigError
 from paratrain.data import Datasets, ShardedBatches, build_datasets
@@ -248,6 +249,14 @@ def launch(cfg: Config, nproc: int | None = None, resume: str | Path | None = No
         os.environ.setdefault("OMP_NUM_THREADS", str(run.cfg.run.threads_per_rank))
         ckpt = run.plan.ckpt_path
         worker = ["-m", "paratrain", "worker", str(run.config_path)] + (["--resume", str(ckpt)] if ckpt else [])
+        if run.cfg.strategy.name in SURVIVES_LOSS:  # each worker in its own failure domain (apart.py)
+            try:
+                code, sig = run_apart(nproc, worker, run.run_dir, SHUTDOWN_GRACE_S)
+            finally:
+                for key in local_env:
+                    os.environ.pop(key, None)
+            run.status = "interrupted" if sig else "finished" if code == 0 else "failed"
+            return _stopped(signal.Signals(sig), run.run_dir, killed=False) if sig else code
         # Not --standalone, whose stores listen on every interface: the rendezvous store is hosted
         # here on 127.0.0.1 (loopback_store), torch's agent joins it as a client (is_host=false), and
         # --local-addr makes the workers' MASTER_ADDR 127.0.0.1, where rank 0's process-group store

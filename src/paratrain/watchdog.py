@@ -136,7 +136,7 @@ def read_peer(path: Path, now: float | None = None) -> Peer | None:
     if recorded + 1 > step and doing not in ENDED:  # steps the heartbeat had not caught up with
         step, doing = recorded + 1, "train_step"  # past its last step record: in the next step
     return Peer(b["rank"], b["pid"], b["host"], step, doing, now - b["time"],
-                _process_state(b["pid"]) if local else "remote")
+                process_state(b["pid"]) if local else "remote")
 
 
 def _last_step(metrics: Path) -> int:
@@ -157,12 +157,18 @@ def _last_step(metrics: Path) -> int:
     return -1
 
 
-def _process_state(pid: int) -> str:
+def process_state(pid: int) -> str:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return "gone"
     return {"T": "stopped", "t": "stopped", "Z": "gone", "X": "gone"}.get(state, "running")
+
+
+def is_lost(run_dir: Path, rank: int) -> bool:
+    """The rank's heartbeat says it is dead, stopped or silent: no one need wait for it."""
+    peer = read_peer(heartbeat_path(run_dir, rank))
+    return peer is not None and peer.unhealthy
 
 
 def peers(run_dir: Path, me: int) -> list[Peer]:
@@ -175,15 +181,26 @@ def report(run_dir: Path, me: int, end_stopped: bool) -> list[Peer]:
     this host when `end_stopped` (ranks that step together cannot go on without it)."""
     bad = [p for p in peers(run_dir, me) if p.unhealthy]
     for p in bad:
-        ended = ""
-        if end_stopped and p.state == "stopped" and _is_paratrain(p.pid):
-            try:
-                os.kill(p.pid, signal.SIGKILL)
-                ended = "; ended it with SIGKILL so that the group can stop or restart"
-            except ProcessLookupError:
-                pass
+        ended = "; ended it with SIGKILL so that the group can stop or restart" if end_stopped and end(p) else ""
         print(f"paratrain: rank {me}: {p.describe()}{ended}", file=sys.stderr, flush=True)
     return bad
+
+
+def end_if_stopped(run_dir: Path, rank: int) -> bool:
+    """SIGKILL the rank if it is stopped on this host (a hang its peers have given up on): its
+    connections then close, and whatever still waits on them fails at once. Ended?"""
+    peer = read_peer(heartbeat_path(run_dir, rank))
+    return peer is not None and end(peer)
+
+
+def end(peer: Peer) -> bool:
+    if peer.state != "stopped" or not _is_paratrain(peer.pid):
+        return False
+    try:
+        os.kill(peer.pid, signal.SIGKILL)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 def _is_paratrain(pid: int) -> bool:

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from paratrain.checkpoint import list_checkpoints, read_checkpoint
-from tests.helpers import ENV, MLP, TINY_GPT, cli, max_param_diff, records
+from tests.helpers import ENV, MLP, TINY_GPT, cli, max_param_diff, records, server_report
 
 STEPS, EVERY, FAULT_AT = 12, 4, 6  # checkpoints at steps 4, 8, 12; the fault before step 6: steps 4, 5 again
 COMMON = [f"training.steps={STEPS}", f"checkpoint.every={EVERY}", "checkpoint.keep=5", "training.eval_every=6"]
@@ -104,3 +104,39 @@ def test_plain_torchrun_restarts_continue_from_the_newest_checkpoint(tmp_path):
     assert "restart 1: continuing from" in out.stderr and "step-00000004.pt" in out.stderr
     assert [r["step"] for r in records(run_dir)] == list(range(STEPS))
     assert (run_dir / "checkpoints" / f"step-{STEPS:08d}.pt").exists()
+
+
+# ---------------------------------------------------------------------------- strategies that go on
+
+ASYNC_STEPS, ASYNC_AT, TIMEOUT = 40, 15, 5
+ASYNC = {  # 3 processes: 2 workers and a server; 3 replicas
+    "parameter_server-ssp": [*MLP, "strategy.name=parameter_server", "strategy.ps.mode=ssp"],
+    "diloco": [*MLP, "strategy.name=diloco", "strategy.local_sgd.sync_every=4", "training.global_batch_size=48"],
+}
+
+
+@pytest.mark.parametrize("fault", ["kill", "hang"])
+@pytest.mark.parametrize("name", ASYNC)
+def test_a_lost_worker_does_not_end_the_asynchronous_strategies(tmp_path, name, fault):
+    """Each worker is its own failure domain (apart.py): a worker killed or stopped mid-run is
+    dropped, and the others train to the end; a healthy worker is never declared lost."""
+    sets = [*ASYNC[name], f"training.steps={ASYNC_STEPS}", "checkpoint.every=10", f"run.timeout_s={TIMEOUT}",
+            "faults.rank=1", f"faults.{fault}_at_step={ASYNC_AT}", f"run.dir={json.dumps('run')}"]
+    out = cli(["run", "--nproc", "3", *[a for s in sets for a in ("--set", s)]], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "finished without 1 lost worker(s): ranks [1]" in out.stderr
+    survivors = [0] if name.startswith("parameter_server") else [0, 2]
+    for rank in survivors:
+        steps = records(tmp_path / "run", rank)
+        assert [r["step"] for r in steps] == list(range(ASYNC_STEPS))
+        # Detected within run.timeout_s and a few seconds of heartbeats: no step waited longer.
+        assert max(r["step_s"] for r in steps) < TIMEOUT + 5, max(r["step_s"] for r in steps)
+        assert sum(r["loss"] for r in steps[-5:]) < sum(r["loss"] for r in steps[:5])
+    if name.startswith("parameter_server"):
+        assert server_report(tmp_path / "run")["lost_workers"] == [1]  # rank 0 waited at the gate, alive
+        assert "parameter server: lost worker 1; going on with workers [0]" in out.stderr
+    else:
+        assert "lost rank(s) [1]; continuing on ranks [0, 2]" in out.stderr
+    if fault == "kill":
+        assert "lost rank 1 (pid" in out.stderr and f"killed by SIGKILL at step {ASYNC_AT}" in out.stderr
+    assert (tmp_path / "run" / "checkpoints" / f"step-{ASYNC_STEPS:08d}.pt").exists()

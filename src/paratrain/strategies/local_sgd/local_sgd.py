@@ -55,6 +55,7 @@ n times bigger.
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from contextlib import contextmanager
@@ -62,6 +63,7 @@ from typing import ClassVar
 
 import torch
 
+from paratrain import watchdog
 from paratrain.comm import flatten, unflatten
 from paratrain.data import Batch
 from paratrain.optim import build_optimizer
@@ -84,7 +86,8 @@ class LocalSGD(Strategy):
         self.sync_every, self.total_steps = o.sync_every, cfg.training.steps
         self.steps_done = 0
         self.stop_request = self.stop_agreed = 0  # a signal: agreed on at the next synchronisation
-        self.replicas = Replicas(topo.group("dp"), self.meter, cfg.run.timeout_s)
+        self.replicas = Replicas(topo.group("dp"), self.meter, cfg.run.timeout_s,
+                                 functools.partial(watchdog.is_lost, cfg.run.dir))
         self.compressor = None
         if c.codec != "none":
             from paratrain.compression import make_codec

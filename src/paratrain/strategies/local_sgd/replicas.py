@@ -31,15 +31,16 @@ class Replicas:
     process-group timeout. Aborting the failed group closes our connections, which fails those
     at once too. Then each survivor sets a key in the rendezvous store and waits until all
     current members have, or `grace_s` has passed (the process-group timeout: the bound within
-    which a live rank reaches a collective). The first to finish writes the member list with
+    which a live rank reaches a collective), or the members still missing are lost by their
+    heartbeats (`is_lost`, watchdog.py: dead, stopped or silent). The first to finish writes the member list with
     compare_set, so all survivors adopt the same one. `new_group` with local synchronization is
     documented to need only its members; a plain one must be entered by every process of the
     world (torch 2.13 with gloo did not wait for a dead one, measured, but that is not promised).
     The world group stays broken; the trainer's own collectives use `agree_on_members()` instead.
     """
 
-    def __init__(self, group, meter, grace_s: float):
-        self.group, self.meter, self.grace_s = group, meter, grace_s
+    def __init__(self, group, meter, grace_s: float, is_lost: Callable[[int], bool] = lambda rank: False):
+        self.group, self.meter, self.grace_s, self.is_lost = group, meter, grace_s, is_lost
         self.ranks = dist.get_process_group_ranks(group) if group is not None else [0]
         self.generation, self.recovery_s = 0, 0.0
         if len(self.ranks) > 1:  # this training's own keys: trainings may share one store
@@ -89,6 +90,8 @@ class Replicas:
 
             deadline = time.monotonic() + self.grace_s
             while len(alive()) < len(self.ranks) and time.monotonic() < deadline:
+                if all(self.is_lost(r) for r in set(self.ranks) - set(alive())):
+                    break  # the rest are dead or stopped (their heartbeats): no need to wait out the grace
                 time.sleep(0.05)
             agreed = store.compare_set(f"{key}/ranks", "", ",".join(map(str, alive()))).decode()
         except RuntimeError:  # DistNetworkError

@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from enum import IntEnum
 
 import torch
@@ -117,6 +119,24 @@ class PushReply:
         return cls(int(t[0]), int(t[1]), int(t[2]), bool(t[3]))
 
 
+def wait_patiently(work, timeout_s: float) -> None:
+    """Wait for a receive from a peer that may be alive and slow to answer for longer than the
+    process-group timeout: a worker held at the SSP gate, or a server holding it until a hung
+    worker is found lost. gloo closes the pair when a receive times out (measured: "Application
+    timeout caused pair closure" on every later operation), so a timeout cannot be retried; a
+    death fails the receive at once (its connection closes), and a hang is the heartbeats' to find."""
+    work.wait(timeout=timedelta(seconds=timeout_s))
+
+
+def gate_patience(run_timeout_s: float) -> float:
+    """How long a worker waits for a server's reply: enough for the server to find a hung worker
+    lost (its heartbeat silent for `run.timeout_s`, checked each second) and open the gate."""
+    return 3 * run_timeout_s + 10
+
+
+SERVER_PATIENCE_S = 24 * 3600.0  # a server waits on a worker until it says DONE, dies or goes silent
+
+
 class Inbox:
     """The server's incoming messages, from one receiving thread per worker, in one queue.
 
@@ -126,32 +146,73 @@ class Inbox:
     tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:PORT". So each worker's connection
     gets a thread blocked on it; a failure there is that worker's death (Kind.DEAD), reported
     after everything it sent before dying. A thread ends after its worker's DONE or death.
+
+    A hung worker (stopped, its connection open) is found by `alive(worker)`, asked every second:
+    the worker's heartbeat (watchdog.py) silent for longer than the process-group timeout; `end`
+    then ends it if it can (SIGKILL to a stopped process on this host). A
+    worker that waits for a reply the server holds back (SSP's gate) is alive and keeps beating,
+    so it is never lost for waiting; its receiving thread waits as long as it takes.
     """
 
-    def __init__(self, workers: list[int], empty_payload: Callable[[], torch.Tensor]):
+    def __init__(self, workers: list[int], empty_payload: Callable[[], torch.Tensor],
+                 alive: Callable[[int], bool] | None = None, end: Callable[[int], bool] = lambda w: False):
         self.queue: queue.Queue[Message] = queue.Queue()
         self.empty_payload = empty_payload  # a push's buffer, of exactly its size
-        self.threads = [threading.Thread(target=self._receive, args=(w,), daemon=True) for w in workers]
-        for t in self.threads:
+        self.alive, self.end, self.ended = alive, end, set()  # ended: DONE or DEAD reported
+        self._lock = threading.Lock()
+        self.threads = {w: threading.Thread(target=self._receive, args=(w,), daemon=True) for w in workers}
+        for t in self.threads.values():
             t.start()
+        if alive is not None:
+            threading.Thread(target=self._watch, args=(workers,), daemon=True).start()
 
     def get(self) -> Message:
         return self.queue.get()
+
+    def join(self) -> None:
+        """Wait for the receiving threads of the workers that said DONE or whose connection closed
+        (a hung worker's thread stays blocked on its open connection; it is a daemon)."""
+        for w, t in self.threads.items():
+            if w not in self.hung:
+                t.join()
+
+    hung: set[int] = set()
+
+    def _end(self, msg: Message) -> None:
+        with self._lock:
+            if msg.worker in self.ended:
+                return
+            self.ended.add(msg.worker)
+        self.queue.put(msg)
 
     def _receive(self, worker: int) -> None:
         try:
             while True:
                 h = torch.zeros(HEADER_NUMEL, dtype=torch.float64)
-                dist.recv(h, src=worker, tag=HEADER)
+                wait_patiently(dist.irecv(h, src=worker, tag=HEADER), SERVER_PATIENCE_S)
+                if worker in self.ended:  # woke up after it was found hung: no longer a member
+                    return
                 msg = Message.from_header(h)
                 if msg.kind == Kind.PUSH:
                     msg.payload = self.empty_payload()
-                    dist.recv(msg.payload, src=worker, tag=PAYLOAD)
-                self.queue.put(msg)
+                    wait_patiently(dist.irecv(msg.payload, src=worker, tag=PAYLOAD), SERVER_PATIENCE_S)
                 if msg.kind == Kind.DONE:
+                    self._end(msg)
                     return
+                self.queue.put(msg)
         except RuntimeError:  # the connection closed: the worker is gone
-            self.queue.put(Message(Kind.DEAD, worker))
+            self._end(Message(Kind.DEAD, worker))
+
+    def _watch(self, workers: list[int]) -> None:
+        while len(self.ended) < len(workers):
+            time.sleep(1.0)
+            for w in workers:
+                if w not in self.ended and not self.alive(w):
+                    # Ended if it is stopped on this host: its connection closes, and its receiving thread
+                    # ends (a receive still posted at exit makes gloo terminate the process).
+                    if not self.end(w):
+                        self.hung = self.hung | {w}
+                    self._end(Message(Kind.DEAD, w))
 
 
 PUSH_REPLY_NUMEL = PushReply.NUMEL

@@ -10,7 +10,10 @@ through `ServerLinks` (codec.py): as they are, or through a codec.
 """
 from __future__ import annotations
 
+import functools
 import json
+import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -18,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from paratrain import watchdog
 from paratrain.comm import flatten, unflatten
 from paratrain.config import Config
 from paratrain.optim import build_optimizer
@@ -56,12 +60,34 @@ def serve(cfg: Config, topo: Topology, run_dir: Path, ckpt: dict | None, model: 
                 and extra["layout"] == layout:  # else (no codec, another layout): copies start at the parameters
             links.load(extra["pull"].get(index) or {})
     server = Server(cfg, index, num_workers, names, shard, optimizer, links)
-    server.run()
+    heartbeat = watchdog.Heartbeat(run_dir, topo.rank).start(topo.world_size)
+    heartbeat.at(0, "serving")
+    try:
+        server.run(_alive_by_heartbeat(run_dir, cfg.run.timeout_s), functools.partial(watchdog.end_if_stopped, run_dir))
+    finally:
+        heartbeat.close("finished")
     report = server.report()
     path = Path(run_dir) / "metrics" / f"ps_server{topo.rank}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2))
     return report
+
+
+def _alive_by_heartbeat(run_dir: Path, timeout_s: float):
+    """alive(worker): its process is there and its heartbeat (watchdog.py) is not silent for longer
+    than `run.timeout_s`. A heartbeat older than this server's start is an earlier start's (a resumed
+    run's directory holds them): until the worker's first one, silence counts from our start."""
+    started = time.time()
+
+    def alive(worker: int) -> bool:
+        now = time.time()
+        peer = watchdog.read_peer(watchdog.heartbeat_path(run_dir, worker), now)
+        fresh = peer is not None and now - peer.silent_s >= started
+        if fresh and (peer.state == "gone" or peer.doing in ("failed", "stopped")):
+            return False
+        last = now - peer.silent_s if fresh else started
+        return now - last <= timeout_s
+    return alive
 
 
 def staleness_bound(mode: str, num_workers: int, slack: int) -> int | None:
@@ -93,10 +119,10 @@ class Server:
         self.staleness: Counter[int] = Counter()
         self.push_bytes = self.pull_bytes = self.checkpoint_bytes = 0  # gradients in, parameters out, state out
 
-    def run(self) -> None:
-        """Serve until every worker is done or lost."""
+    def run(self, alive=None, end=lambda worker: False) -> None:
+        """Serve until every worker is done or lost (dead, or hung: not `alive(worker)`, then `end`ed)."""
         self.links.start(self.params)
-        inbox = wire.Inbox(list(range(self.num_workers)), self.links.push.empty)
+        inbox = wire.Inbox(list(range(self.num_workers)), self.links.push.empty, alive, end)
         handlers = {Kind.PUSH: self._push, Kind.BARRIER: self._barrier, Kind.STATE: self._state,
                     Kind.DONE: self._done, Kind.DEAD: self._lose}
         while self.live - self.done:
@@ -108,8 +134,7 @@ class Server:
                 self._open_gate()
             if self.index == 0:
                 self._release_barrier()
-        for t in inbox.threads:  # each ended with its worker's DONE or death
-            t.join()
+        inbox.join()
 
     # -- gradients
     def _push(self, msg: Message) -> None:
@@ -220,6 +245,9 @@ class Server:
         worker = msg.worker
         self.live.discard(worker)
         self.lost.append(worker)
+        if self.index == 0:
+            print(f"paratrain: parameter server: lost worker {worker}; going on with workers {sorted(self.live)}",
+                  file=sys.stderr, flush=True)
         for pending in (self.round, self.held):
             pending.pop(worker, None)  # its data shard is no longer trained on
         self.at_barrier.discard(worker)

@@ -101,6 +101,7 @@ class ParameterServer(Strategy):
             raise needs_gloo(cfg.run.device)
         self.num_workers = topo.size("dp")
         self.shard_names = wire.shard_layout(self.model, topo.world_size - self.num_workers)  # per server
+        self.patience_s = wire.gate_patience(cfg.run.timeout_s)
         params = dict(self.model.named_parameters())
         self.shards = [[params[n] for n in names] for names in self.shard_names]
         self.server_ranks = [self.num_workers + s for s in range(len(self.shard_names))]
@@ -155,7 +156,7 @@ class ParameterServer(Strategy):
         t2 = time.perf_counter()
         self.meter.add(nbytes, t2 - t1, uncompressed=plain)
         for w in pending:
-            w.wait()
+            wire.wait_patiently(w, self.patience_s)  # held at the SSP gate: longer than the group timeout
         t3 = time.perf_counter()
         staleness, received, discarded, self.clock = 0, 0, 0, self.clock + 1
         with torch.no_grad():
@@ -189,7 +190,7 @@ class ParameterServer(Strategy):
     def _members(self, kind: Kind) -> tuple[int, ...]:
         mask = torch.zeros(self.num_workers, dtype=torch.float64)
         dist.send(Message(kind, self.topo.rank).header(), dst=self.server_ranks[0], tag=wire.HEADER)
-        dist.recv(mask, src=self.server_ranks[0], tag=wire.REPLY)
+        wire.wait_patiently(dist.irecv(mask, src=self.server_ranks[0], tag=wire.REPLY), self.patience_s)
         return tuple(w for w in range(self.num_workers) if mask[w] > 0)
 
     def _group_of(self, ranks: tuple[int, ...]):

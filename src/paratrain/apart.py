@@ -1,0 +1,109 @@
+"""Workers in failure domains of their own, for the strategies that survive a lost worker.
+
+torch's elastic agent stops every worker of its job once one exits non-zero, a crash or a kill
+included, and the agents of one rendezvous wait for each other at exit (300 s, which torchrun
+does not let one set). That is right where ranks step together and wrong for the parameter
+server, local SGD and DiLoCo, whose survivors can go on (`SURVIVES_LOSS`). For those,
+`paratrain run` starts each worker in a process context of its own, through the same torch API
+the agent uses (`torch.distributed.elastic.multiprocessing.start_processes`), so a worker's death
+ends that context only. The workers join one process group through a TCPStore this launcher
+hosts on 127.0.0.1 (env:// with TORCHELASTIC_USE_AGENT_STORE, as a torchrun worker joins its
+agent's store), so the store outlives any worker, rank 0 included.
+
+The launcher watches the workers: a lost one is named in one line (rank, pid, signal, step) and
+the others go on; once the chief (rank 0) has ended, workers that the survivors left behind
+stopped (SIGSTOP, a hang) are ended, so that the job ends. SIGTERM and Ctrl-C are forwarded once
+to every worker, which stop at a step boundary (signals.py); a second signal kills them. A lost
+worker is not restarted (it would have to rejoin the group and pull the current weights).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from paratrain import watchdog
+from paratrain.topology import loopback_store
+
+SURVIVES_LOSS = ("parameter_server", "local_sgd", "diloco")
+POLL_S = 0.1
+
+
+def run_apart(nproc: int, worker: list[str], run_dir: Path, grace_s: float) -> tuple[int, int | None]:
+    """Run `python worker...` as ranks 0..nproc-1, each on its own; (exit code, signal that stopped
+    the job or None). Exit code 0 when rank 0 and every rank not lost finished."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, start_processes
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    store = loopback_store()  # the group's store, in this process: no worker's loss takes it down
+    run_id = uuid.uuid4().hex
+    contexts = {}
+    for rank in range(nproc):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+               "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(store.port), "TORCHELASTIC_USE_AGENT_STORE": str(True),
+               "TORCHELASTIC_RUN_ID": run_id, "TORCHELASTIC_RESTART_COUNT": "0"}
+        contexts[rank] = start_processes(f"rank{rank}", sys.executable, {0: tuple(worker)}, {0: env},
+                                         DefaultLogsSpecs(log_dir=os.devnull))
+    pids = {rank: pc.pids()[0] for rank, pc in contexts.items()}
+    codes: dict[int, int] = {}
+    try:
+        while len(codes) < nproc:
+            for rank, pc in contexts.items():
+                if rank in codes or (result := pc.wait(0)) is None:
+                    continue
+                codes[rank] = result.failures[0].exitcode if result.is_failed() else 0
+                if codes[rank] != 0 and rank != 0 and 0 not in codes:
+                    print(f"paratrain: lost {_who(rank, pids[rank], codes[rank], run_dir)}; the others go on",
+                          file=sys.stderr, flush=True)
+            if 0 in codes:  # the chief has ended: nobody waits on a worker left behind stopped
+                for rank in set(contexts) - set(codes):
+                    if watchdog.process_state(pids[rank]) == "stopped":
+                        os.kill(pids[rank], signal.SIGKILL)
+            time.sleep(POLL_S)
+    except SignalException as e:  # forwarded once; the workers stop at a step boundary
+        _signal_all(contexts, codes, e.sigval)
+        try:
+            _wait_all(contexts, codes, grace_s)
+        except SignalException:  # a second one: at once
+            _signal_all(contexts, codes, signal.SIGKILL)
+        return 128 + int(e.sigval), e.sigval
+    finally:
+        for pc in contexts.values():
+            pc.close(signal.SIGKILL, timeout=1)
+    lost = {r: c for r, c in codes.items() if c != 0 and r != 0}
+    if codes[0] != 0:
+        print(f"paratrain: {_who(0, pids[0], codes[0], run_dir)}; the run needs rank 0", file=sys.stderr)
+        return codes[0] if codes[0] > 0 else 1, None
+    if lost:
+        print(f"paratrain: finished without {len(lost)} lost worker(s): ranks {sorted(lost)}", file=sys.stderr)
+    return 0, None
+
+
+def _who(rank: int, pid: int, code: int, run_dir: Path) -> str:
+    how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+    beat = watchdog.read_peer(watchdog.heartbeat_path(run_dir, rank))
+    at = f" at step {beat.step} in {beat.doing}" if beat and beat.doing not in watchdog.ENDED else ""
+    return f"rank {rank} (pid {pid}) {how}{at}"
+
+
+def _signal_all(contexts: dict, codes: dict, sig: int) -> None:
+    for rank, pc in contexts.items():
+        if rank not in codes:
+            for pid in pc.pids().values():
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+
+
+def _wait_all(contexts: dict, codes: dict, grace_s: float) -> None:
+    deadline = time.monotonic() + grace_s
+    while len(codes) < len(contexts) and time.monotonic() < deadline:
+        for rank, pc in contexts.items():
+            if rank not in codes and (result := pc.wait(0)) is not None:
+                codes[rank] = result.failures[0].exitcode if result.is_failed() else 0
+        time.sleep(POLL_S)
