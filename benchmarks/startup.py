@@ -39,7 +39,7 @@ CONFIG = REPO / "configs" / "mlp.toml"
 NPROC = 2
 GOAL = 1.3
 TIMEOUT_S = 300
-IMPORTED = ["paratrain.cli", "paratrain.launch", "paratrain.trainer", "paratrain.strategies"]
+IMPORTED = ["paratrain.cli", "paratrain.launcher", "paratrain.trainer", "paratrain.strategies"]
 
 BARE_SCRIPT = """\
 import torch

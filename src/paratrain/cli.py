@@ -72,7 +72,7 @@ def _testbed(args) -> int:
 def _testbed_run(args, cfg, resume) -> int:
     """`paratrain testbed run`: as `paratrain run`, everything is checked once, here, and one run
     directory is settled that every node writes to (the namespaces share this file system)."""
-    from paratrain.launch import owned_run
+    from paratrain.launcher import owned_run
     from paratrain.testbed import DEFAULT_STATE, Testbed
 
     bed = Testbed.load(args.state or DEFAULT_STATE)
@@ -87,33 +87,37 @@ def _testbed_run(args, cfg, resume) -> int:
     return code
 
 
-def _ended_before(cfg) -> int | None:
-    """A restarted worker of a run that ended on purpose (restarts.py): its exit code, else None."""
-    from paratrain.restarts import job_dir, previous_end
-    from paratrain.rundir import OWNED_ENV
+def _ended_before(args) -> int | None:
+    """A worker restarted after its run ended on purpose (restarts.py): that exit code, else None."""
+    from paratrain.restarts import previous_end, worker_run_dir
 
-    return previous_end(os.environ.get(OWNED_ENV) or cfg.run.dir or job_dir(cfg.run.name))
+    try:
+        cfg = load_config(args.config, args.set)
+    except ConfigError:  # said below, as for any start
+        return None
+    return previous_end(worker_run_dir(cfg.run.dir, cfg.run.name))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from paratrain.checkpoint import CheckpointWriteError
     from paratrain.imports import add_user_paths
-    from paratrain.launch import launch, train
+    from paratrain.restarts import OWNED_ENV
+
+    add_user_paths(getattr(args, "config", None))  # user code imports from here and beside the config
+    if args.command == "worker" and (code := _ended_before(args)) is not None:
+        return code  # before torch is imported: torch's agent's remaining restarts cost a second each
+    from paratrain.checkpoint import CheckpointWriteError
+    from paratrain.launcher import launch, train
     from paratrain.nonfinite import NONFINITE_EXIT, NonFiniteError
-    from paratrain.rundir import OWNED_ENV
     from paratrain.signals import Stopped
     from paratrain.testbed import TestbedError
     from paratrain.watchdog import PeerLost
 
     is_rank0 = os.environ.get("RANK", "0") == "0"
-    add_user_paths(getattr(args, "config", None))  # user code imports from here and beside the config
     try:
         if args.command == "testbed" and args.testbed_command != "run":
             return _testbed(args)
         cfg = load_config(args.config, args.set)
-        if args.command == "worker" and (code := _ended_before(cfg)) is not None:
-            return code
         resume = args.resume
         if resume == "":  # bare --resume: the configured run directory
             if not cfg.run.dir:

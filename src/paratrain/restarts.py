@@ -3,7 +3,7 @@
 When a worker fails (a crash, a kill, a peer that timed out on a hung one), torch's agent stops
 the whole group and starts it again with TORCHELASTIC_RESTART_COUNT one higher. A restarted worker
 continues from the newest checkpoint of the same run directory that verifies, or from step 0 if
-there is none, without `--resume` (launch.train); training is deterministic from a checkpoint,
+there is none, without `--resume` (launcher.train); training is deterministic from a checkpoint,
 so the final parameters equal an uninterrupted run's.
 
 A deliberate end is not a failure to retry: a stop on SIGTERM or Ctrl-C at a step boundary
@@ -21,6 +21,8 @@ import os
 from pathlib import Path
 
 ENDED = "ended.json"
+# Set by `paratrain run` for its workers: the run directory, already owned and settled by the launcher.
+OWNED_ENV = "PARATRAIN_RUN_OWNED"
 
 
 def attempt() -> int:
@@ -39,6 +41,12 @@ def record_end(run_dir: str | Path, exit_code: int, why: str) -> None:
     tmp = path.with_name(f".{ENDED}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps({"exit_code": exit_code, "why": why}))
     os.replace(tmp, path)
+
+
+def worker_run_dir(cfg_run_dir: str, run_name: str) -> Path:
+    """The run directory a worker of this job writes to: the launcher's, the configured one, or the
+    one derived from the torchrun job."""
+    return Path(os.environ.get(OWNED_ENV) or cfg_run_dir or job_dir(run_name))
 
 
 def previous_end(run_dir: str | Path) -> int | None:

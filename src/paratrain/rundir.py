@@ -39,8 +39,6 @@ from paratrain.config import Config, ConfigError
 from paratrain.restarts import ENDED
 
 LOCK, OWNER = ".lock", "owner.json"
-# Set by `paratrain run` for its workers: the directory is already owned by the launcher.
-OWNED_ENV = "PARATRAIN_RUN_OWNED"
 _BOOKKEEPING = {LOCK, OWNER, ENDED, "attempts"}
 
 

@@ -38,7 +38,7 @@ def free_port() -> int:
 
 # What every rank imports anyway; loaded once in the fork server (no threads, no process groups yet).
 PRELOAD = ["torch", "torch._dynamo", "torch.distributed.tensor", "torch.distributed.checkpoint.state_dict",
-           "torch.distributed.fsdp", "torch.distributed.pipelining", "paratrain.launch", "paratrain.trainer"]
+           "torch.distributed.fsdp", "torch.distributed.pipelining", "paratrain.launcher", "paratrain.trainer"]
 
 
 def _context():

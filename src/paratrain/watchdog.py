@@ -11,7 +11,7 @@ reads the other ranks' heartbeats and prints one line per rank that went silent 
 stopped)". Where ranks step together (`Strategy.lockstep`) a stopped rank on this host is then
 sent SIGKILL: torch's agent would otherwise wait its whole shutdown grace for a process that
 cannot run its SIGTERM handler, before it restarts the group (restarts.py) or ends the job. The
-launcher reads the same files to say at which step a failed worker was (launch.py).
+launcher reads the same files to say at which step a failed worker was (launcher.py).
 
 Files, not the rendezvous or process-group store: that store lives in one rank's process, which
 may be the hung one, and the files outlast the workers for the launcher's message. Written here:

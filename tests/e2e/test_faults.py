@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from paratrain.checkpoint import list_checkpoints, read_checkpoint
-from tests.helpers import ENV, MLP, TINY_GPT, cli, max_param_diff, records, server_report
+from tests.helpers import ENV, MLP, TINY_GPT, cli, config, fit, max_param_diff, records, run_jobs, server_report
 
 STEPS, EVERY, FAULT_AT = 12, 4, 6  # checkpoints at steps 4, 8, 12; the fault before step 6: steps 4, 5 again
 COMMON = [f"training.steps={STEPS}", f"checkpoint.every={EVERY}", "checkpoint.keep=5", "training.eval_every=6"]
@@ -33,17 +33,15 @@ def final_params(run_dir) -> dict:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """Each case's run without a fault, made once for the tests that compare with it."""
-    made = {}
-
-    def get(name: str):
-        if name not in made:
-            tmp = tmp_path_factory.mktemp(f"ref-{name}")
-            out = run(tmp, name, "ref")
-            assert out.returncode == 0, out.stderr
-            made[name] = tmp / "ref"
-        return made[name]
-    return get
+    """Each case's run without a fault, trained in-process on ranks of the test runner (the same
+    train() the workers of `paratrain run` call, a fraction of their start-up): its run directory."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    by_world: dict[int, dict] = {}
+    for name, (nproc, sets) in CASES.items():
+        by_world.setdefault(nproc, {})[name] = (fit, config([*sets, *COMMON], run_dir=tmp / name))
+    for world, jobs in by_world.items():
+        run_jobs(jobs, world)
+    return lambda name: tmp / name
 
 
 def same_as_uninterrupted(faulted, ref) -> None:

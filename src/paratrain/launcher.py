@@ -27,8 +27,8 @@ from paratrain.config import Config, ConfigError
 from paratrain.data import Datasets, ShardedBatches, build_datasets
 from paratrain.imports import import_callable
 from paratrain.nonfinite import NONFINITE_EXIT, NonFiniteError
-from paratrain.restarts import attempt, job_dir, record_end
-from paratrain.rundir import OWNED_ENV, Plan, claim, notes, record_config, settle
+from paratrain.restarts import OWNED_ENV, attempt, job_dir, record_end
+from paratrain.rundir import Plan, claim, notes, record_config, settle
 from paratrain.signals import HANDLED, Stopped
 
 # On SIGTERM / Ctrl-C the workers finish their step and write a checkpoint (signals.py); torch's
