@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 from paratrain.checkpoint import list_checkpoints, read_checkpoint, step_of  # noqa: E402
 
-STEPS, EVERY, FAULT_AT, TIMEOUT, DELAY_S = 60, 10, 35, 10, 0.05
+STEPS, EVERY, FAULT_AT, TIMEOUT, DELAY_S = 200, 20, 110, 10, 0.02
 MLP = ["model.name=mlp", "data.name=synthetic", "data.num_samples=4096", "training.global_batch_size=48",
        "optimizer.name=sgd", "optimizer.lr=0.05", "optimizer.momentum=0.9"]
 GPT = ["model.name=gpt", "model.n_layer=2", "model.n_head=2", "model.d_model=32", "model.block_size=16",

@@ -57,8 +57,8 @@ def run_apart(nproc: int, worker: list[str], run_dir: Path, grace_s: float) -> t
                     continue
                 codes[rank] = result.failures[0].exitcode if result.is_failed() else 0
                 if codes[rank] != 0 and rank != 0 and 0 not in codes:
-                    print(f"paratrain: lost {_who(rank, pids[rank], codes[rank], run_dir)}; the others go on",
-                          file=sys.stderr, flush=True)
+                    who = watchdog.describe_exit(run_dir, rank, pids[rank], codes[rank])
+                    print(f"paratrain: lost {who}; the others go on", file=sys.stderr, flush=True)
             if 0 in codes:  # the chief has ended: nobody waits on a worker left behind stopped
                 for rank in set(contexts) - set(codes):
                     if watchdog.process_state(pids[rank]) == "stopped":
@@ -76,18 +76,12 @@ def run_apart(nproc: int, worker: list[str], run_dir: Path, grace_s: float) -> t
             pc.close(signal.SIGKILL, timeout=1)
     lost = {r: c for r, c in codes.items() if c != 0 and r != 0}
     if codes[0] != 0:
-        print(f"paratrain: {_who(0, pids[0], codes[0], run_dir)}; the run needs rank 0", file=sys.stderr)
+        print(f"paratrain: {watchdog.describe_exit(run_dir, 0, pids[0], codes[0])}; the run needs rank 0",
+              file=sys.stderr)
         return codes[0] if codes[0] > 0 else 1, None
     if lost:
         print(f"paratrain: finished without {len(lost)} lost worker(s): ranks {sorted(lost)}", file=sys.stderr)
     return 0, None
-
-
-def _who(rank: int, pid: int, code: int, run_dir: Path) -> str:
-    how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-    beat = watchdog.read_peer(watchdog.heartbeat_path(run_dir, rank))
-    at = f" at step {beat.step} in {beat.doing}" if beat and beat.doing not in watchdog.ENDED else ""
-    return f"rank {rank} (pid {pid}) {how}{at}"
 
 
 def _signal_all(contexts: dict, codes: dict, sig: int) -> None:

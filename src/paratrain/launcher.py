@@ -3,7 +3,10 @@
 `paratrain run` checks the whole config against the process count, settles the run directory
 and the checkpoint to resume from, and only then starts workers, through the same code path as
 `torchrun ... -m paratrain worker CONFIG` (torch.distributed.run), so one machine and many
-behave alike. No cluster layer of our own: multi-node is torchrun's rendezvous.
+behave alike. No cluster layer of our own: multi-node is torchrun's rendezvous. A failed group
+is restarted by torch's agent up to `run.max_restarts` times and continues from its newest
+checkpoint (restarts.py); the strategies that survive a lost worker run each worker in its own
+failure domain instead (apart.py).
 """
 from __future__ import annotations
 
@@ -107,11 +110,13 @@ def train(cfg: Config, *, resume: str | Path | None = None, model: nn.Module | N
         status = "finished"
         return TrainResult(trainer.strategy.module, summary, run_dir)
     except Stopped as e:  # deliberate ends: a restart must not train on (restarts.py)
-        record_end(cfg.run.dir, e.exit_code, str(e))
+        if distributed:
+            record_end(cfg.run.dir, e.exit_code, str(e))
         status = "interrupted"
         raise
     except NonFiniteError as e:
-        record_end(cfg.run.dir, NONFINITE_EXIT, str(e))
+        if distributed:
+            record_end(cfg.run.dir, NONFINITE_EXIT, str(e))
         raise
     except KeyboardInterrupt:
         status = "interrupted"
@@ -299,10 +304,7 @@ def _failures(failures: dict, run_dir: Path) -> str:
         if f.exitcode == -signal.SIGTERM:  # the agent's: it stops the others once one has failed
             ended.append(str(rank))
             continue
-        how = f"killed by {f.signal_name()}" if f.exitcode < 0 else f"exit code {f.exitcode}"
-        beat = watchdog.read_peer(watchdog.heartbeat_path(run_dir, rank))
-        at = f" at step {beat.step} in {beat.doing}" if beat and beat.doing not in watchdog.ENDED else ""
-        said.append(f"rank {rank} (pid {f.pid}) {how}{at}")
+        said.append(watchdog.describe_exit(run_dir, rank, f.pid, f.exitcode))
     if ended:
         said.append(f"rank{'s' if len(ended) > 1 else ''} {', '.join(ended)} stopped by the launcher (SIGTERM)")
     return "; ".join(said)

@@ -122,7 +122,14 @@ class Topology:
             del store  # the group's own store holds the server from here on
         from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh(device.type, (dims.dp, 1, dims.pp, dims.tp), mesh_dim_names=MESH_AXES)
+        shape = (dims.dp, 1, dims.pp, dims.tp)
+        # Every axis's group gets run.timeout_s too: torch's new_group defaults to 30 minutes, whatever
+        # the world group's timeout (measured: a dp2 x tp2 mesh with a hung rank waited 5 minutes and on).
+        # An axis spanning the whole world keeps the world group (no options: torch reuses it).
+        timeout = timedelta(seconds=run.timeout_s)
+        override = {axis: (backend_for(device), _options_with(backend_for(device), timeout))
+                    for axis, n in zip(MESH_AXES, shape) if n != world}
+        mesh = init_device_mesh(device.type, shape, mesh_dim_names=MESH_AXES, backend_override=override)
         topo = cls(dims, rank, local_rank, device, mesh)
         topo.owns_group = owns_group
         return topo
@@ -137,6 +144,13 @@ class Topology:
         with "Could not resolve the process group"), at the cost of a few groups per call."""
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _options_with(backend: str, timeout: timedelta):
+    """The backend's process-group options with this timeout (new_group's own default is 30 min)."""
+    options = dist.ProcessGroupNCCL.Options() if backend == "nccl" else dist.ProcessGroupGloo._Options()
+    options._timeout = timeout
+    return options
 
 
 def loopback_store(port: int = 0, host: str = "127.0.0.1") -> dist.TCPStore | None:

@@ -165,6 +165,14 @@ def process_state(pid: int) -> str:
     return {"T": "stopped", "t": "stopped", "Z": "gone", "X": "gone"}.get(state, "running")
 
 
+def describe_exit(run_dir: Path, rank: int, pid: int, exitcode: int) -> str:
+    """A worker that has exited, for the launcher's line: its signal or code, and where it was."""
+    how = f"killed by {signal.Signals(-exitcode).name}" if exitcode < 0 else f"exit code {exitcode}"
+    beat = read_peer(heartbeat_path(run_dir, rank))
+    at = f" at step {beat.step} in {beat.doing}" if beat and beat.doing not in ENDED else ""
+    return f"rank {rank} (pid {pid}) {how}{at}"
+
+
 def is_lost(run_dir: Path, rank: int) -> bool:
     """The rank's heartbeat says it is dead, stopped or silent: no one need wait for it."""
     peer = read_peer(heartbeat_path(run_dir, rank))
