@@ -159,6 +159,7 @@ class Inbox:
         self.queue: queue.Queue[Message] = queue.Queue()
         self.empty_payload = empty_payload  # a push's buffer, of exactly its size
         self.alive, self.end, self.ended = alive, end, set()  # ended: DONE or DEAD reported
+        self.hung: set[int] = set()  # found hung and not ended: their receiving threads stay blocked
         self._lock = threading.Lock()
         self.threads = {w: threading.Thread(target=self._receive, args=(w,), daemon=True) for w in workers}
         for t in self.threads.values():
@@ -175,8 +176,6 @@ class Inbox:
         for w, t in self.threads.items():
             if w not in self.hung:
                 t.join()
-
-    hung: set[int] = set()
 
     def _end(self, msg: Message) -> None:
         with self._lock:
@@ -211,7 +210,7 @@ class Inbox:
                     # Ended if it is stopped on this host: its connection closes, and its receiving thread
                     # ends (a receive still posted at exit makes gloo terminate the process).
                     if not self.end(w):
-                        self.hung = self.hung | {w}
+                        self.hung.add(w)
                     self._end(Message(Kind.DEAD, w))
 
 
