@@ -1,8 +1,9 @@
 """Real faults, family by family: what a killed, hung or slow worker costs, as `paratrain run` meets it.
 
 For each family (ddp, zero3, pipeline 1F1B, a dp2 x tp2 hybrid mesh, the parameter server under SSP,
-DiLoCo, gossip) it runs the same job once without a fault and once per fault at worker rank 1,
-before step FAULT_AT of STEPS (checkpoints every EVERY steps, `run.timeout_s` = TIMEOUT):
+DiLoCo, gossip, ddp as torchft replica groups with min_replicas 1 and 2) it runs the same job once
+without a fault and once per fault at worker rank 1, before step FAULT_AT of STEPS (checkpoints
+every EVERY steps, `run.timeout_s` = TIMEOUT):
   * kill: `faults.kill_at_step`, SIGKILL from the rank to itself (exit -9, no clean-up);
   * hang: `faults.hang_at_step`, SIGSTOP: alive, silent, its sockets open;
   * slow: `faults.delay_s` added to each of rank 1's steps (a straggler; nothing fails).
@@ -12,8 +13,10 @@ From the run's stderr, each line time-stamped as it arrives, and its metrics it 
     the lost rank (a survivor's watchdog line, the parameter server's or DiLoCo's "lost" line);
   * stalled s: the longest gap between two of rank 0's step records after the fault (for the
     synchronous families: detection, the group's restart and its start-up);
-  * repeated: steps trained twice (the fault's step minus the checkpoint the restart continued from);
-    lost: steps the lost worker never trained (asynchronous families: it is dropped, not restarted);
+  * repeated: steps trained twice (the fault's step minus the checkpoint the restart continued from;
+    replica groups: the survivor's steps that were not committed and taken again);
+    lost: steps the lost worker never trained (asynchronous families: it is dropped, not restarted;
+    replica groups: the survivor's steps without the lost group's share of the batch);
   * loss vs clean: rank 0's final eval loss over the fault-free run's; bit-equal: the final
     parameters equal the fault-free run's (the synchronous families' promise);
   * ckpt lost: checkpoints the fault-free run has and the faulted one does not;
@@ -57,12 +60,18 @@ FAMILIES = {  # name -> (processes, config sets, synchronous: restarts bit-equal
     "diloco": (3, [*MLP, "strategy.name=diloco", "strategy.local_sgd.sync_every=4",
                    "strategy.local_sgd.outer_lr=0.3"], False),
     "gossip": (3, [*MLP, "strategy.name=gossip"], False),
+    # ddp as 2 replica groups (torchft): a lost group restarts alone and recovers from the other.
+    # min 1: the survivor trains on alone meanwhile; min 2: it waits, and no step is lost.
+    "ddp torchft": (2, [*MLP, "strategy.name=ddp", "fault_tolerance.replica_groups=2"], False),
+    "ddp torchft min2": (2, [*MLP, "strategy.name=ddp", "fault_tolerance.replica_groups=2",
+                             "fault_tolerance.min_replicas=2"], True),
 }
 COMMON = [f"training.steps={STEPS}", f"checkpoint.every={EVERY}", "checkpoint.keep=100",
           f"training.eval_every={STEPS}", f"run.timeout_s={TIMEOUT}", "run.progress=off"]
 FAULTS = {"kill": [f"faults.kill_at_step={FAULT_AT}"], "hang": [f"faults.hang_at_step={FAULT_AT}"],
           "slow": [f"faults.delay_s={DELAY_S}"]}
-NAMES_LOST = re.compile(r"rank 1 \(pid \d+.*(died|stopped|killed)|lost worker 1|lost rank\(s\) \[1\]|lost rank 1")
+NAMES_LOST = re.compile(r"rank 1 \(pid \d+.*(died|stopped|killed)|lost worker 1|lost rank\(s\) \[1\]|lost rank 1|"
+                        r"replica group 0: step \d+ not committed")
 
 
 def run(nproc: int, sets: list[str], run_dir: Path) -> tuple[int, list[tuple[float, str]], float]:
@@ -118,6 +127,10 @@ def measure(name: str, fault: str, tmp: Path, clean: Path) -> dict:
         row["repeated"] = FAULT_AT
     lost_worker = fault != "slow" and not resumed and not restarted_from_zero
     row["lost"] = STEPS - FAULT_AT if lost_worker else 0
+    if any(s.startswith("fault_tolerance.replica_groups") for s in sets):  # replica groups: rank 0 never restarts
+        records = steps(run_dir)
+        row["repeated"] = sum(not r.get("committed", True) for r in records)  # steps it took again
+        row["lost"] = sum(r.get("committed", True) and r["replicas"] < 2 for r in records)  # without group 1's shard
     row["loss_ratio"] = final_eval(run_dir) / final_eval(clean)
     a, b = final_params(run_dir), final_params(clean)
     row["bit_equal"] = all(torch.equal(a[k], b[k]) for k in a) if a.keys() == b.keys() else False

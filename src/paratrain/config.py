@@ -228,6 +228,18 @@ class FaultsConfig:
 
 
 @dataclass(frozen=True)
+class FaultToleranceConfig:
+    """Per-step fault tolerance of data parallelism through torchft (strategies/data_parallel/ft.py):
+    the processes form replica groups, each its own torchrun job; a lost group is restarted by its
+    own agent and recovers the current weights from a peer while the others train on."""
+    # How many replica groups (torchtitan's fault_tolerance.group_size); 0: off.
+    replica_groups: int = field(default=0, metadata=_check(lambda v: v == 0 or v >= 2, "0 (off) or an integer >= 2"))
+    min_replicas: int = field(default=1, metadata=AT_LEAST_1)  # a step commits only with this many groups in it
+    # The Lighthouse (torchft's quorum server), http://host:port; empty: `paratrain run` starts one on 127.0.0.1.
+    lighthouse: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -237,6 +249,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -386,6 +399,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"training.global_batch_size = {t.global_batch_size}: must be divisible by "
             f"training.grad_accum_steps = {t.grad_accum_steps}")
+    ft = cfg.fault_tolerance
+    if ft.replica_groups and ft.min_replicas > ft.replica_groups:
+        raise ConfigError(f"fault_tolerance.min_replicas = {ft.min_replicas}: must be <= "
+                          f"fault_tolerance.replica_groups = {ft.replica_groups}")
+    if ft.lighthouse and not re.fullmatch(r"https?://[^/:\s]+:\d+/?", ft.lighthouse):
+        raise ConfigError(f"fault_tolerance.lighthouse = {ft.lighthouse!r}: must be http://host:port (torchft's "
+                          "Lighthouse), or empty to start one on this machine")
     if cfg.optimizer.warmup_steps >= t.steps and cfg.optimizer.warmup_steps:
         raise ConfigError(f"optimizer.warmup_steps = {cfg.optimizer.warmup_steps}: "
                           f"must be < training.steps = {t.steps}")

@@ -6,7 +6,8 @@ and the checkpoint to resume from, and only then starts workers, through the sam
 behave alike. No cluster layer of our own: multi-node is torchrun's rendezvous. A failed group
 is restarted by torch's agent up to `run.max_restarts` times and continues from its newest
 checkpoint (restarts.py); the strategies that survive a lost worker run each worker in its own
-failure domain instead (apart.py).
+failure domain instead (apart.py), and fault-tolerant ddp one torchrun job per replica group
+(replica_groups.py).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from paratrain.nonfinite import NONFINITE_EXIT, NonFiniteError
 from paratrain.restarts import OWNED_ENV, attempt, job_dir, record_end
 from paratrain.rundir import Plan, claim, notes, record_config, settle
 from paratrain.signals import HANDLED, Stopped
+from paratrain.topology import REPLICA_ENV
 
 # On SIGTERM / Ctrl-C the workers finish their step and write a checkpoint (signals.py); torch's
 # agent waits this long for them before SIGKILL.
@@ -80,11 +82,12 @@ def train(cfg: Config, *, resume: str | Path | None = None, model: nn.Module | N
         ckpt_path, ckpt = plan.ckpt_path, plan.ckpt
     if attempt() > 0 and os.environ.get("RANK", "0") == "0":
         where = f"from {ckpt_path}" if ckpt_path is not None else "from step 0 (no checkpoint yet)"
-        print(f"paratrain: restart {attempt()}: continuing {where}", file=sys.stderr)
+        group = f"replica group {os.environ.get(REPLICA_ENV)}: " if cfg.fault_tolerance.replica_groups else ""
+        print(f"paratrain: {group}restart {attempt()}: continuing {where}", file=sys.stderr)
     if distributed and dist.is_initialized():  # a caller's group: no rank writes there before all have looked
         dist.barrier()
     if distributed:
-        topo = Topology.from_env(cfg.run, lambda n: layout(cfg, n))
+        topo = Topology.from_env(cfg.run, lambda n: layout(cfg, n), max(1, cfg.fault_tolerance.replica_groups))
     else:
         layout(cfg, 1)
         topo = Topology.single(cfg.run)
@@ -132,9 +135,9 @@ def preflight(cfg: Config, world_size: int, ckpt_path: Path | None, ckpt: dict |
     import torch
 
     from paratrain.models import build_loss, build_model
-    from paratrain.strategies.layout import check_model_split, layout
+    from paratrain.strategies.layout import check_model_split, group_world, layout
 
-    dims = layout(cfg, world_size)  # every rule that names a strategy or needs the process count
+    dims = layout(cfg, group_world(cfg, world_size))  # every rule that names a strategy or needs the process count
     if cfg.run.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("run.device = 'cuda': no CUDA device is visible; use 'cpu' or 'auto'")
     for key in ("model.factory", "model.loss", "data.factory"):  # user code must import
@@ -143,7 +146,8 @@ def preflight(cfg: Config, world_size: int, ckpt_path: Path | None, ckpt: dict |
             import_callable(path, key)
     datasets = build_datasets(cfg)
     for split, data in (("train", datasets.train), ("eval", datasets.eval)):  # enough samples for a batch
-        ShardedBatches(data, cfg.training.global_batch_size, 0, dims.dp, cfg.training.seed, split)
+        ShardedBatches(data, cfg.training.global_batch_size, 0, dims.dp * max(1, cfg.fault_tolerance.replica_groups),
+                       cfg.training.seed, split)
     with torch.device("meta"):  # shapes only, no memory
         model = build_model(cfg, datasets.vocab_size)
     if dims.pp > 1:
@@ -254,9 +258,16 @@ def launch(cfg: Config, nproc: int | None = None, resume: str | Path | None = No
         os.environ.setdefault("OMP_NUM_THREADS", str(run.cfg.run.threads_per_rank))
         ckpt = run.plan.ckpt_path
         worker = ["-m", "paratrain", "worker", str(run.config_path)] + (["--resume", str(ckpt)] if ckpt else [])
-        if run.cfg.strategy.name in SURVIVES_LOSS:  # each worker in its own failure domain (apart.py)
+        # Failure domains of their own: a torchrun job per replica group (torchft, replica_groups.py), or
+        # each worker alone for the strategies that go on without a lost one (apart.py).
+        if run.cfg.fault_tolerance.replica_groups or run.cfg.strategy.name in SURVIVES_LOSS:
             try:
-                code, sig = run_apart(nproc, worker, run.run_dir, SHUTDOWN_GRACE_S)
+                if run.cfg.fault_tolerance.replica_groups:
+                    from paratrain.replica_groups import run_replica_groups
+
+                    code, sig = run_replica_groups(run.cfg, nproc, worker, run.run_dir, SHUTDOWN_GRACE_S)
+                else:
+                    code, sig = run_apart(nproc, worker, run.run_dir, SHUTDOWN_GRACE_S)
             finally:
                 for key in local_env:
                     os.environ.pop(key, None)

@@ -62,14 +62,20 @@ def resolve_device(run: RunConfig, local_rank: int) -> torch.device:
 
 
 class Topology:
-    """Rank, world, device and named process groups of one worker; passed explicitly."""
+    """Rank, world, device and named process groups of one worker; passed explicitly.
 
-    def __init__(self, dims: ParallelDims, rank: int, local_rank: int, device: torch.device, mesh=None):
+    Under fault-tolerant replica groups (torchft, `fault_tolerance.replica_groups`) the world and
+    the mesh are this group's processes; `replica` and `replicas` say which group of how many, the
+    data is sharded over all of them, and `rank` is unique in the job (files, seeds, faults)."""
+
+    def __init__(self, dims: ParallelDims, rank: int, local_rank: int, device: torch.device, mesh=None,
+                 replica: int = 0, replicas: int = 1):
         self.dims = dims
         self.rank = rank
         self.local_rank = local_rank
         self.device = device
         self.mesh = mesh  # torch DeviceMesh with axes MESH_AXES, or None when world_size == 1
+        self.replica, self.replicas = replica, replicas
 
     @property
     def world_size(self) -> int:
@@ -93,16 +99,28 @@ class Topology:
         """The process group of one mesh axis (None in a one-process run)."""
         return None if self.mesh is None else self.mesh.get_group(axis)
 
+    def data_shard(self) -> tuple[int, int]:
+        """(which, of how many): this rank's share of each global batch, over the dp axis of
+        every replica group."""
+        return self.replica * self.size("dp") + self.axis_rank("dp"), self.replicas * self.size("dp")
+
+    @property
+    def processes(self) -> int:
+        """The job's training processes, every replica group's."""
+        return self.world_size * self.replicas
+
     @classmethod
     def single(cls, run: RunConfig) -> "Topology":
         _set_threads(run)
         return cls(ParallelDims(), rank=0, local_rank=0, device=resolve_device(run, 0))
 
     @classmethod
-    def from_env(cls, run: RunConfig, dims_for_world) -> "Topology":
-        """Join the job that torchrun (or `paratrain run`) started; `dims_for_world(n)` -> ParallelDims."""
+    def from_env(cls, run: RunConfig, dims_for_world, replicas: int = 1) -> "Topology":
+        """Join the job that torchrun (or `paratrain run`) started; `dims_for_world(n)` -> ParallelDims.
+        `replicas` > 1: this process is in one of that many replica groups (REPLICA_GROUP_ID)."""
         _set_threads(run)
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        replica = replica_group(replicas)
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         device = resolve_device(run, local_rank)
         dims = dims_for_world(world)
@@ -130,7 +148,7 @@ class Topology:
         override = {axis: (backend_for(device), _options_with(backend_for(device), timeout))
                     for axis, n in zip(MESH_AXES, shape) if n != world}
         mesh = init_device_mesh(device.type, shape, mesh_dim_names=MESH_AXES, backend_override=override)
-        topo = cls(dims, rank, local_rank, device, mesh)
+        topo = cls(dims, replica * world + rank, local_rank, device, mesh, replica, replicas)
         topo.owns_group = owns_group
         return topo
 
@@ -144,6 +162,21 @@ class Topology:
         with "Could not resolve the process group"), at the cost of a few groups per call."""
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+REPLICA_ENV = "REPLICA_GROUP_ID"  # torchft's name: which replica group this torchrun job is
+LIGHTHOUSE_ENV = "TORCHFT_LIGHTHOUSE"  # torchft's: the Lighthouse's address, http://host:port
+
+
+def replica_group(replicas: int) -> int:
+    """This process's replica group, 0..replicas-1, from its environment (0 without replica groups)."""
+    if replicas <= 1:
+        return 0
+    value = os.environ.get(REPLICA_ENV, "")
+    if not value.isdigit() or int(value) >= replicas:
+        raise ConfigError(f"fault_tolerance.replica_groups = {replicas}: each replica group's torchrun needs "
+                          f"{REPLICA_ENV}=0..{replicas - 1} in its environment, got {value!r} (paratrain run sets it)")
+    return int(value)
 
 
 def _options_with(backend: str, timeout: timedelta):

@@ -42,8 +42,8 @@ class Trainer:
             check_compatible(ckpt, cfg, resume, model)
         self.faults = FaultInjector(cfg.faults, topo.rank)
         loss_fn = self.faults.wrap_loss(loss_fn or build_loss(cfg))
-        self.strategy = get_strategy(cfg.strategy.name)(cfg, topo, model, loss_fn)
-        dp_rank, dp_size = topo.axis_rank("dp"), topo.size("dp")  # this rank's share of each batch
+        self.strategy = get_strategy(cfg.strategy.name, topo.replicas > 1)(cfg, topo, model, loss_fn)
+        dp_rank, dp_size = topo.data_shard()  # this rank's share of each batch
         self.batches = ShardedBatches(datasets.train, t.global_batch_size, dp_rank, dp_size, t.seed)
         held_out = ShardedBatches(datasets.eval, t.global_batch_size, dp_rank, dp_size, t.seed, split="eval")
         self.eval_batches = [held_out.batch(i).to(topo.device) for i in range(t.eval_batches)]
@@ -53,11 +53,12 @@ class Trainer:
         if ckpt is not None:
             self.step_num = self.checkpointer.restore(ckpt, self.strategy)
         self.metrics = MetricsLog(self.run_dir, topo.rank, self.step_num)
-        self.heartbeat = watchdog.Heartbeat(self.run_dir, topo.rank).start(topo.world_size)  # watchdog.py
+        self.heartbeat = watchdog.Heartbeat(self.run_dir, topo.rank).start(topo.processes)  # watchdog.py
 
     def step(self) -> tuple[dict, float | None]:
         """One optimizer step on one global batch, then evaluation and checkpoint when due."""
-        t, step = self.cfg.training, self.step_num
+        t = self.cfg.training
+        step = self.step_num = self.strategy.begin_step(self.step_num)
         self.heartbeat.at(step, "train_step")
         self.faults.before_step(step)
         t0 = time.perf_counter()

@@ -33,6 +33,7 @@ from pathlib import Path
 INTERVAL_S = 1.0  # a heartbeat at least this often
 POLL_S = 0.1  # and at most this late after the step or activity changed, off the training thread
 SILENT_S = 5.0  # no heartbeat for this long: the rank is stopped or gone (5 missed beats)
+SETTLE_S = 2.0  # after a failed collective, how long `report` waits for a lost peer to look lost
 
 
 class PeerLost(RuntimeError):
@@ -187,7 +188,12 @@ def peers(run_dir: Path, me: int) -> list[Peer]:
 def report(run_dir: Path, me: int, end_stopped: bool) -> list[Peer]:
     """After a failed collective: one line per unhealthy peer on stderr; SIGKILL to a stopped one on
     this host when `end_stopped` (ranks that step together cannot go on without it)."""
-    bad = [p for p in peers(run_dir, me) if p.unhealthy]
+    # A killed peer's sockets close before the kernel marks it dead (do_exit closes its files before
+    # the zombie state), so its collective fails here while /proc may still say "running": give
+    # the peers' states a moment to settle (measured: under load the gap reached past one poll).
+    deadline = time.monotonic() + SETTLE_S
+    while not (bad := [p for p in peers(run_dir, me) if p.unhealthy]) and time.monotonic() < deadline:
+        time.sleep(POLL_S)
     for p in bad:
         ended = "; ended it with SIGKILL so that the group can stop or restart" if end_stopped and end(p) else ""
         print(f"paratrain: rank {me}: {p.describe()}{ended}", file=sys.stderr, flush=True)

@@ -61,7 +61,7 @@ def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(tmp_path, n
     # A survivor names the dead rank and where it was; the restarted group says where it continues.
     assert "rank 1 (pid" in out.stderr and f"died at step {FAULT_AT} in train_step" in out.stderr, out.stderr
     assert "restart 1: continuing from killed/checkpoints/step-00000004.pt" in out.stderr
-    assert "restart 2" not in out.stderr  # the fault happened once
+    assert "restart 2" not in out.stderr, out.stderr  # the fault happened once
     same_as_uninterrupted(tmp_path / "killed", uninterrupted(name))
 
 
@@ -71,9 +71,9 @@ def test_a_hung_worker_is_named_ended_and_the_group_restarts(tmp_path, uninterru
     said = [line for line in out.stderr.splitlines() if "(process stopped)" in line]
     assert len(said) == 1 and "rank 1 (pid" in said[0] and f"stopped at step {FAULT_AT} in train_step" in said[0]
     assert "ended it with SIGKILL" in said[0]
-    # Detected by gloo's timeout on the survivor: within run.timeout_s and a second of heartbeats.
+    # Detected by gloo's timeout on the survivor: after run.timeout_s, and within 5 s more.
     silent = float(said[0].split("last heartbeat ")[1].split(" s ago")[0])
-    assert 4 <= silent <= 7, said[0]
+    assert 4 <= silent <= 5 + 5, said[0]
     assert "restart 1: continuing from hung/checkpoints/step-00000004.pt" in out.stderr
     same_as_uninterrupted(tmp_path / "hung", uninterrupted("ddp"))
 
@@ -84,7 +84,7 @@ def test_without_restarts_a_kill_fails_the_job_naming_rank_signal_and_step(tmp_p
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("paratrain: 2 of 2 workers failed: rank 1 (pid "), last
     assert f"killed by SIGKILL at step {FAULT_AT} in train_step; rank 0 stopped by the launcher" in last
-    assert "Traceback" not in out.stderr  # the survivor said it in one line
+    assert "Traceback" not in out.stderr, out.stderr  # the survivor said it in one line
     assert [p.name for p in list_checkpoints(tmp_path / "once")] == ["step-00000004.pt"]  # nothing lost
 
 

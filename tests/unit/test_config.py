@@ -100,6 +100,10 @@ INVALID = [
     (["training.steps"], "--set 'training.steps': expected section.key=value"),
     (["optimizer.betas=[1.5, 0.9]"], "optimizer.betas = [1.5, 0.9]: must be two numbers in [0, 1)"),
     (["strategy.zero.mixed_precision=fp16"], "strategy.zero.mixed_precision = 'fp16': must be one of off, bf16"),
+    (["fault_tolerance.replica_groups=1"], "fault_tolerance.replica_groups = 1: must be 0 (off) or an integer >= 2"),
+    (["fault_tolerance.replica_groups=2", "fault_tolerance.min_replicas=3"],
+     "fault_tolerance.min_replicas = 3: must be <= fault_tolerance.replica_groups = 2"),
+    (["fault_tolerance.lighthouse=host:29510"], "fault_tolerance.lighthouse = 'host:29510': must be http://host:port"),
 ]
 
 
@@ -130,6 +134,21 @@ def test_invalid_for_the_process_count(sets, nproc, message, tmp_path, capsys, m
         layout(load_config(None, sets), nproc)
     assert message in str(err.value)
     _refused(["run", "--nproc", str(nproc), *_sets(sets)], message, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("sets,nproc,message", [
+    (["strategy.name=zero3"], 2, "fault_tolerance.replica_groups = 2: per-step fault tolerance serves strategy.name = "
+     "'ddp'; 'zero3' restarts from its newest checkpoint"),
+    ([], 4, "fault_tolerance.replica_groups = 2: each replica group of ddp is one process; start 2 processes "
+     "(--nproc 2), not 4"),
+    ([], 3, "fault_tolerance.replica_groups = 2: must divide the number of processes, 3"),
+    (["strategy.compression.codec=fp16"], 2, "strategy.compression.codec = 'fp16': fault_tolerance.replica_groups "
+     "averages gradients through torchft, uncompressed"),
+])
+def test_replica_groups_are_checked_before_workers(sets, nproc, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _refused(["run", "--nproc", str(nproc), *_sets(["fault_tolerance.replica_groups=2", *sets])], message, tmp_path,
+             capsys)
 
 
 @pytest.mark.parametrize("sets,nproc,message", [

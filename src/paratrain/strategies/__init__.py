@@ -34,11 +34,14 @@ STRATEGIES: dict[str, str] = {
     "parameter_server": "paratrain.strategies.parameter_server.worker:ParameterServer",
 }
 
+# The same strategies as fault-tolerant replica groups (torchft; fault_tolerance.replica_groups > 0).
+FAULT_TOLERANT: dict[str, str] = {"ddp": "paratrain.strategies.data_parallel.ft:FaultTolerantDDP"}
+
 # Strategies whose layout has ranks that serve instead of train (ServerDims): name -> "module:function",
 # the function run on such a rank in place of the trainer: serve(cfg, topo, run_dir, ckpt, model).
 SERVERS: dict[str, str] = {"parameter_server": "paratrain.strategies.parameter_server.server:serve"}
 
-__all__ = ["SERVERS", "STRATEGIES", "get_server", "get_strategy", "layout"]
+__all__ = ["FAULT_TOLERANT", "SERVERS", "STRATEGIES", "get_server", "get_strategy", "layout"]
 
 
 def _load(path: str):
@@ -46,10 +49,10 @@ def _load(path: str):
     return getattr(importlib.import_module(module), attr)
 
 
-def get_strategy(name: str) -> type[Strategy]:
+def get_strategy(name: str, replica_groups: bool = False) -> type[Strategy]:
     if name not in STRATEGIES:
         raise ConfigError(f"strategy.name = '{name}': not available; available: {', '.join(STRATEGIES)}")
-    return _load(STRATEGIES[name])
+    return _load((FAULT_TOLERANT if replica_groups else STRATEGIES)[name])
 
 
 def get_server(name: str):

@@ -10,6 +10,7 @@ Every member below is used by the trainer, the checkpointer or most strategies:
     __init__(cfg, topo, model, loss_fn)    builds everything, in the constructor (no template calls)
     model, optimizer                       what this rank computes with and steps (and .meter, the bytes)
     module                                 the plain model: what a checkpoint and the API return
+    begin_step(step) -> step               before each step: the step it is (a recovering replica's quorum moves it on)
     train_step(batch) -> StepStats         one optimizer step
     evaluate(batches) -> float             held-out loss, averaged over the members
     set_lr(lr)                             the schedule's rate for the next step
@@ -26,6 +27,8 @@ Which kind of strategy overrides what:
 - data parallel (ddp, zero1-3) and tensor parallel: `train_step`, to pass `local_step` the context
   that accumulates without communicating (DDP's `no_sync`) or computes the loss on shards;
   zero1 (and pipelines) `state_dict` / `load_state_dict`, whose state torch's helpers cannot read;
+  ddp's fault-tolerant replica groups (torchft, data_parallel/ft.py) `begin_step`, where the
+  step's quorum forms and a restarted group loads a healthy peer's state and step;
 - strategies that own their schedule (pipelines, parameter-server workers): `train_step`,
   `evaluate`, and `close` (the pipeline timeline; the servers' final barrier);
 - replicas that update alone (local SGD, DiLoCo, gossip, Hogwild, parameter-server workers):
@@ -86,6 +89,11 @@ class Strategy:
         """One rank per pipeline stage contributes to a checkpoint (dp and tp copies are equal once full)."""
         return self.topo.axis_rank("dp") == 0 and self.topo.axis_rank("tp") == 0
 
+    def begin_step(self, step: int) -> int:
+        """Before each step: the step this rank takes now, `step` itself unless the strategy's
+        members agree on another (a replica group that rejoined and loaded a peer's state)."""
+        return step
+
     def train_step(self, batch: Batch) -> StepStats:
         return local_step(self, batch)
 
@@ -136,13 +144,15 @@ class Strategy:
 
 
 def local_step(s: Strategy, batch: Batch, accumulate: Callable = nullcontext,
-               loss_context: Callable = nullcontext) -> StepStats:
+               loss_context: Callable = nullcontext, commit: Callable[[], bool] = lambda: True) -> StepStats:
     """Forward and backward over the step's micro-batches, then one optimizer step.
 
     `accumulate()`: the context for every micro-batch but the last, whose gradients are summed
     without communicating (DDP's and FSDP's no_sync). `loss_context()`: around forward, loss and
     backward (tensor parallel: the loss on vocabulary shards). The logged loss is the mean over
-    the dp group where the ranks step together (`lockstep`), else this rank's own.
+    the dp group where the ranks step together (`lockstep`), else this rank's own. `commit()`:
+    whether the update may be applied (torchft: every member of the step's quorum reduced its
+    gradients); asked at every step, since it is a vote of all the members.
     """
     micro = batch.split(s.cfg.training.grad_accum_steps)
     t0 = time.perf_counter()
@@ -156,14 +166,16 @@ def local_step(s: Strategy, batch: Batch, accumulate: Callable = nullcontext,
     if s.cfg.optimizer.grad_clip:
         nn.utils.clip_grad_norm_(s.model.parameters(), s.cfg.optimizer.grad_clip)
     finite = check_update(s, loss_sum, s.model.parameters())
-    if finite:
+    committed = commit()
+    if finite and committed:
         s.optimizer.step()
     s.optimizer.zero_grad(set_to_none=True)
     t2 = time.perf_counter()
     loss = s.meter.mean(loss_sum, s.topo.group("dp")) if s.lockstep else loss_sum.item()
     nbytes, comm_s = s.meter.take()
     return StepStats(loss, batch.num_samples, batch.num_tokens, compute_s=t1 - t0, comm_s=comm_s,
-                     optim_s=t2 - t1, bytes_sent=nbytes, extra={} if finite else {"nonfinite": True})
+                     optim_s=t2 - t1, bytes_sent=nbytes,
+                     extra=({} if finite else {"nonfinite": True}) | ({} if committed else {"committed": False}))
 
 
 @torch.no_grad()

@@ -22,6 +22,8 @@ from paratrain.topology import ParallelDims
 
 # Which strategies send what a codec can compress (PowerSGD: a DDP gradient hook, ddp only).
 COMPRESSING = ("ddp", "local_sgd", "diloco", "gossip", "parameter_server")
+# Which strategies run as fault-tolerant replica groups (torchft; fault_tolerance.replica_groups).
+FAULT_TOLERANT = ("ddp",)
 
 
 @dataclass(frozen=True)
@@ -50,16 +52,27 @@ def layout(cfg: Config, world_size: int) -> ParallelDims:
     if s.name not in _LAYOUTS:
         raise ConfigError(f"strategy.name = '{s.name}': not available; available: {', '.join(_LAYOUTS)}")
     _check_sections(cfg)
-    if cfg.faults.rank >= world_size:
-        raise ConfigError(f"faults.rank = {cfg.faults.rank}: there are only ranks 0..{world_size - 1}")
+    groups = max(1, cfg.fault_tolerance.replica_groups)
+    if cfg.faults.rank >= world_size * groups:
+        raise ConfigError(f"faults.rank = {cfg.faults.rank}: there are only ranks 0..{world_size * groups - 1}")
     dims = _LAYOUTS[s.name](cfg, world_size)
     dims.check(world_size)
-    per_rank = dims.dp * t.grad_accum_steps
+    per_rank = dims.dp * groups * t.grad_accum_steps
     if t.global_batch_size % per_rank:
         raise ConfigError(
             f"training.global_batch_size = {t.global_batch_size}: must be divisible by data-parallel ranks x "
-            f"grad_accum_steps = {dims.dp} x {t.grad_accum_steps}")
+            f"grad_accum_steps = {dims.dp * groups} x {t.grad_accum_steps}")
     return dims
+
+
+def group_world(cfg: Config, processes: int) -> int:
+    """The processes of one replica group when `processes` form `fault_tolerance.replica_groups`
+    of them (all of them without replica groups): the world that `layout` places a strategy on."""
+    groups = cfg.fault_tolerance.replica_groups
+    if groups and processes % groups:
+        raise ConfigError(f"fault_tolerance.replica_groups = {groups}: must divide the number of processes, "
+                          f"{processes}")
+    return processes // groups if groups else processes
 
 
 def _check_sections(cfg: Config) -> None:
@@ -78,6 +91,14 @@ def _check_sections(cfg: Config) -> None:
     if codec == "powersgd" and s.name != "ddp":
         raise ConfigError(f"strategy.compression.codec = 'powersgd': {s.name} takes fp16, bf16, topk, randomk, sign "
                           "or int8 (PowerSGD is a DDP hook)")
+    groups = cfg.fault_tolerance.replica_groups
+    if groups and s.name not in FAULT_TOLERANT:
+        raise ConfigError(f"fault_tolerance.replica_groups = {groups}: per-step fault tolerance serves strategy.name = "
+                          f"{', '.join(repr(n) for n in FAULT_TOLERANT)}; '{s.name}' restarts from its newest "
+                          "checkpoint (run.max_restarts) or survives a lost worker on its own")
+    if groups and cfg.strategy.compression.codec != "none":
+        raise ConfigError(f"strategy.compression.codec = '{codec}': fault_tolerance.replica_groups averages "
+                          "gradients through torchft, uncompressed; use 'none'")
     if cfg.training.on_nonfinite == "skip" and s.name == "parameter_server":
         raise ConfigError("training.on_nonfinite = 'skip': parameter_server takes 'stop' (a worker's push is part "
                           "of the servers' protocol)")
@@ -93,6 +114,10 @@ def _single(cfg: Config, world_size: int) -> ParallelDims:
 
 
 def _data_parallel(cfg: Config, world_size: int) -> ParallelDims:
+    groups = cfg.fault_tolerance.replica_groups
+    if groups and world_size != 1:  # torchft's DDP averages across groups only (data_parallel/ft.py)
+        raise ConfigError(f"fault_tolerance.replica_groups = {groups}: each replica group of ddp is one process; "
+                          f"start {groups} processes (--nproc {groups}), not {world_size * groups}")
     return ParallelDims(dp=world_size)
 
 

@@ -1,0 +1,143 @@
+"""Data parallelism that loses and regains replicas without stopping: per-step fault tolerance
+through torchft (github.com/pytorch/torchft, the PyTorch project's fault-tolerance library: a
+quorum of replica groups per step, live recovery of a restarted group from a healthy peer).
+
+The processes form replica groups (`fault_tolerance.replica_groups`), each its own torchrun job
+and failure domain (replica_groups.py starts them). torchft's Lighthouse forms a quorum of the
+groups alive at each step; a `Manager` per group averages the gradients over that quorum through a
+process group it rebuilds whenever the quorum changes, and commits the step only if every
+member's all-reduce succeeded (`should_commit`). A killed group is restarted by its own agent; at
+its first quorum it is behind, and the Manager loads a healthy peer's model and optimizer state
+over HTTP (`_live_state`) and hands it the quorum's step (`begin_step`), so it rejoins where the
+others are. The others never stop: while a group is missing they average over fewer replicas
+and its share of each global batch is not trained on (as torchft's own sampler does).
+
+Each replica group here is one process, as in torchft's own DDP example: torchft's DDP averages
+across groups only, and a group of several processes would need its own all-reduce inside
+first. The DDP wrapper is torch's, as torchft builds it (a dummy group soaks up DDP's start-up
+broadcast; buckets are never rebuilt, which would make a recovering replica's differ); the
+comm hook is ours, to count bytes and time as every strategy does.
+"""
+# No `from __future__ import annotations`: DDP checks the hook's annotations as objects.
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+from paratrain.comm import CommMeter, counted, ring_allreduce_bytes
+from paratrain.data import Batch
+from paratrain.optim import build_optimizer
+from paratrain.restarts import attempt
+from paratrain.strategies.base import StepStats, Strategy, full_state, load_full_state, local_step
+from paratrain.topology import LIGHTHOUSE_ENV
+
+
+class _HookState:
+    def __init__(self, manager, meter: CommMeter):
+        self.manager, self.meter = manager, meter
+
+
+def ft_allreduce_hook(state: _HookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """The bucket averaged over this step's quorum (torchft's Manager.allreduce): a member lost
+    mid-step makes it a no-op, and the step is then not committed."""
+    t0 = time.perf_counter()
+    buf = bucket.buffer()
+    # Waited for here, as torchft's own hook does: its result is the average, or (a member lost
+    # mid-step) what was left in the buffer, and then the step is not committed.
+    state.manager.allreduce(buf).wait()
+    done = torch.futures.Future()
+    done.set_result(buf)
+    nbytes = ring_allreduce_bytes(buf.numel() * buf.element_size(), max(1, state.manager.num_participants()))
+    return counted(state.meter, nbytes, t0, done)
+
+
+class FaultTolerantDDP(Strategy):
+    name = "ddp"
+
+    def __init__(self, cfg, topo, model, loss_fn):
+        super().__init__(cfg, topo, model, loss_fn)
+        from torchft import Manager, ProcessGroupGloo, ProcessGroupNCCL
+        from torchft.process_group import ProcessGroupDummy
+
+        # torchft logs each failed collective with its traceback, and each recovery as a warning;
+        # paratrain says both in one line (train_step, begin_step).
+        logging.getLogger("torchft").setLevel(logging.CRITICAL)
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")  # torch's, on a recovery
+        ft, timeout = cfg.fault_tolerance, timedelta(seconds=cfg.run.timeout_s)
+        pg = ProcessGroupNCCL(timeout=timeout) if topo.device.type == "cuda" else ProcessGroupGloo(timeout=timeout)
+        local = os.environ.get(LIGHTHOUSE_ENV, "").startswith("http://127.0.0.1:")
+        self.manager = Manager(
+            pg=pg, min_replica_size=ft.min_replicas, load_state_dict=self._load_live, state_dict=self._live_state,
+            replica_id=f"paratrain_{topo.replica}",
+            timeout=timeout, quorum_timeout=timeout, connect_timeout=timeout,
+            use_async_quorum=False,  # quorum and recovery before the step's forward, so its step is known
+            init_sync=False,  # every group starts from the same seed, bit for bit
+            **({"hostname": "127.0.0.1"} if local else {}),  # a one-machine run: peers on the loopback only
+        )
+        self.model = DistributedDataParallel(self.model, process_group=ProcessGroupDummy(0, 1),
+                                             find_unused_parameters=True)
+        self.model.register_comm_hook(_HookState(self.manager, self.meter), ft_allreduce_hook)
+        self.optimizer = build_optimizer(cfg.optimizer, self.model.parameters())
+        self.first_step = True
+
+    def begin_step(self, step: int) -> int:
+        """The quorum of this step: who is in it, and (a group behind the others: just restarted)
+        the healthy peer's state loaded here. A group restored from a checkpoint starts its Manager
+        at that step, so that a whole job restarted together continues there. A step that was not
+        committed leaves the Manager's count where it was: the trainer takes that step again."""
+        if self.first_step:  # restored from a checkpoint at `step` (or 0): the Manager counts from there
+            self.manager.load_state_dict({"step": step, "batches_committed": step * self.topo.replicas})
+            self.first_step = False
+        self.manager.start_quorum()
+        now = self.manager.current_step()
+        if now > step:  # behind: restarted, or cut off for a while
+            print(f"paratrain: replica group {self.topo.replica}: at step {step}, the others at {now}: "
+                  "loaded a healthy group's weights and optimizer state, going on from there", file=sys.stderr,
+                  flush=True)
+        return now
+
+    def train_step(self, batch: Batch) -> StepStats:
+        stats = local_step(self, batch, accumulate=self.model.no_sync, commit=self.manager.should_commit)
+        stats.extra["replicas"] = self.manager.num_participants()  # the groups this step averaged over
+        if "committed" in stats.extra:
+            error = self.manager.errored()
+            why = str(error.original_exception).partition("\n")[0] if error else "another group's vote"
+            print(f"paratrain: replica group {self.topo.replica}: step {self.manager.current_step()} not committed "
+                  f"({why}); taking it again with the groups still alive", file=sys.stderr, flush=True)
+        return stats
+
+    @property
+    def module(self) -> nn.Module:
+        return self.model.module
+
+    def close(self, run_dir) -> object:
+        """Record what this group ended with (`replica_group<G>.json` beside the metrics: its step,
+        restarts and a digest of its parameters, which every group that finished together shares)."""
+        digest = hashlib.sha256()
+        for name, t in sorted(self.module.state_dict().items()):
+            digest.update(name.encode() + t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        path = Path(run_dir) / "metrics" / f"replica_group{self.topo.replica}.json"
+        if self.topo.local_rank == 0:
+            path.write_text(json.dumps({"replica_group": self.topo.replica, "step": self.manager.current_step(),
+                                        "restarts": attempt(), "params_sha256": digest.hexdigest()}))
+        self.manager.shutdown(wait=False)
+        return None
+
+    # What a recovering group loads from a healthy one (torchft's HTTP transport, while the
+    # Manager allows it: between a commit and the next step's optimizer update).
+    def _live_state(self) -> dict:
+        return full_state(self.module, self.optimizer)
+
+    def _load_live(self, state: dict) -> None:
+        load_full_state(self.module, self.optimizer, state)

@@ -1,0 +1,61 @@
+"""Per-step fault tolerance (torchft): ddp as replica groups, each its own torchrun job. A replica
+group killed (SIGKILL) or hung (SIGSTOP) mid-run is restarted by its own agent and recovers the
+current weights from a healthy group; the others never restart."""
+import json
+
+from paratrain.checkpoint import list_checkpoints, read_checkpoint
+from tests.helpers import MLP, cli, config, fit, max_param_diff, records
+
+STEPS, EVERY, FAULT_AT = 16, 4, 6
+FT = [*MLP, "strategy.name=ddp", "fault_tolerance.replica_groups=2", f"training.steps={STEPS}",
+      f"checkpoint.every={EVERY}", "training.eval_every=8", "faults.rank=1"]
+
+
+def run(tmp_path, *sets: str):
+    sets = [*FT, *sets, f"run.dir={json.dumps('run')}"]
+    return cli(["run", "--nproc", "2", *[a for s in sets for a in ("--set", s)]], cwd=tmp_path)
+
+
+def ended(run_dir, group: int) -> dict:
+    return json.loads((run_dir / "metrics" / f"replica_group{group}.json").read_text())
+
+
+def test_a_killed_group_recovers_from_a_peer_and_the_run_equals_single(tmp_path):
+    """min_replicas = 2: no step commits without both groups, so the survivor waits (never
+    restarting) while the killed group restarts and loads its weights: nothing is lost, and the
+    run ends where one process on the whole global batch does."""
+    out = run(tmp_path, f"faults.kill_at_step={FAULT_AT}", "fault_tolerance.min_replicas=2", "run.timeout_s=30")
+    assert out.returncode == 0, out.stderr
+    assert f"SIGKILL before step {FAULT_AT}" in out.stderr
+    assert f"replica group 0: step {FAULT_AT} not committed" in out.stderr  # the survivor's all-reduce failed
+    assert "replica group 1: restart 1: continuing from run/checkpoints/step-00000004.pt" in out.stderr
+    assert f"replica group 1: at step 4, the others at {FAULT_AT}: loaded a healthy group's weights" in out.stderr
+    run_dir = tmp_path / "run"
+    groups = [ended(run_dir, g) for g in (0, 1)]
+    assert [g["restarts"] for g in groups] == [0, 1] and [g["step"] for g in groups] == [STEPS, STEPS]
+    assert groups[0]["params_sha256"] == groups[1]["params_sha256"]  # the same weights, bit for bit
+    steps = records(run_dir, 0)
+    committed = [r for r in steps if r.get("committed", True)]
+    assert [r["step"] for r in committed] == list(range(STEPS))  # the failed step taken again, once
+    assert all(r["replicas"] == 2 for r in committed)
+    oracle = fit(config(MLP, "strategy.name=single", f"training.steps={STEPS}", run_dir=tmp_path / "single"))
+    final = read_checkpoint(list_checkpoints(run_dir)[-1])["strategy"]["model"]
+    assert max_param_diff(final, oracle["params"]) <= 1e-6
+
+
+def test_a_hung_group_is_ended_and_the_other_trains_on_alone(tmp_path):
+    """min_replicas = 1 (the default): the survivor's step fails at run.timeout_s, the Lighthouse
+    leaves the stopped group out, and the survivor trains on alone; the launcher ends the stopped
+    group, whose agent restarts it."""
+    out = run(tmp_path, f"faults.hang_at_step={FAULT_AT}", "run.timeout_s=3", "training.steps=60")
+    assert out.returncode == 0, out.stderr
+    said = [line for line in out.stderr.splitlines() if "(process stopped)" in line]
+    assert len(said) == 1 and "rank 1 (pid" in said[0] and f"stopped at step {FAULT_AT}" in said[0], out.stderr
+    assert "ended it with SIGKILL so that its agent restarts it" in said[0]
+    assert "replica group 1: restart 1" in out.stderr
+    run_dir = tmp_path / "run"
+    steps = [r for r in records(run_dir, 0) if r.get("committed", True)]
+    assert [r["step"] for r in steps] == list(range(60))
+    assert {r["replicas"] for r in steps[FAULT_AT + 1:]} >= {1}  # steps taken alone while group 1 was away
+    assert ended(run_dir, 0)["restarts"] == 0
+    assert (run_dir / "checkpoints" / "step-00000060.pt").exists()
