@@ -1,9 +1,9 @@
 """Real faults, family by family: what a killed, hung or slow worker costs, as `paratrain run` meets it.
 
 For each family (ddp, zero3, pipeline 1F1B, a dp2 x tp2 hybrid mesh, the parameter server under SSP,
-DiLoCo, gossip, ddp as torchft replica groups with min_replicas 1 and 2) it runs the same job once
-without a fault and once per fault at worker rank 1, before step FAULT_AT of STEPS (checkpoints
-every EVERY steps, `run.timeout_s` = TIMEOUT):
+DiLoCo, gossip, ddp as torchft replica groups with min_replicas 1 and 2, DiLoCo as torchft replica
+groups) it runs the same job once without a fault and once per fault at worker rank 1, before step
+FAULT_AT of STEPS (checkpoints every EVERY steps, `run.timeout_s` = TIMEOUT):
   * kill: `faults.kill_at_step`, SIGKILL from the rank to itself (exit -9, no clean-up);
   * hang: `faults.hang_at_step`, SIGSTOP: alive, silent, its sockets open;
   * slow: `faults.delay_s` added to each of rank 1's steps (a straggler; nothing fails).
@@ -16,7 +16,7 @@ From the run's stderr, each line time-stamped as it arrives, and its metrics it 
   * repeated: steps trained twice (the fault's step minus the checkpoint the restart continued from;
     replica groups: the survivor's steps that were not committed and taken again);
     lost: steps the lost worker never trained (asynchronous families: it is dropped, not restarted;
-    replica groups: the survivor's steps without the lost group's share of the batch);
+    replica groups: the survivor's steps, or DiLoCo's synchronisations, without every group);
   * loss vs clean: rank 0's final eval loss over the fault-free run's; bit-equal: the final
     parameters equal the fault-free run's (the synchronous families' promise);
   * ckpt lost: checkpoints the fault-free run has and the faulted one does not;
@@ -65,13 +65,17 @@ FAMILIES = {  # name -> (processes, config sets, synchronous: restarts bit-equal
     "ddp torchft": (2, [*MLP, "strategy.name=ddp", "fault_tolerance.replica_groups=2"], False),
     "ddp torchft min2": (2, [*MLP, "strategy.name=ddp", "fault_tolerance.replica_groups=2",
                              "fault_tolerance.min_replicas=2"], True),
+    # DiLoCo as 2 replica groups (the most it takes): a lost replica is left out, restarts, rejoins.
+    "diloco torchft": (2, [*MLP, "strategy.name=diloco", "strategy.local_sgd.sync_every=4",
+                           "strategy.local_sgd.outer_lr=0.3", "fault_tolerance.replica_groups=2"], False),
 }
 COMMON = [f"training.steps={STEPS}", f"checkpoint.every={EVERY}", "checkpoint.keep=100",
           f"training.eval_every={STEPS}", f"run.timeout_s={TIMEOUT}", "run.progress=off"]
 FAULTS = {"kill": [f"faults.kill_at_step={FAULT_AT}"], "hang": [f"faults.hang_at_step={FAULT_AT}"],
           "slow": [f"faults.delay_s={DELAY_S}"]}
 NAMES_LOST = re.compile(r"rank 1 \(pid \d+.*(died|stopped|killed)|lost worker 1|lost rank\(s\) \[1\]|lost rank 1|"
-                        r"replica group 0: step \d+ not committed")
+                        r"replica group 0: step \d+ not committed|"
+                        r"replica group 0: 1 of \d+ replica groups in the quorum")
 
 
 def run(nproc: int, sets: list[str], run_dir: Path) -> tuple[int, list[tuple[float, str]], float]:
@@ -130,7 +134,9 @@ def measure(name: str, fault: str, tmp: Path, clean: Path) -> dict:
     if any(s.startswith("fault_tolerance.replica_groups") for s in sets):  # replica groups: rank 0 never restarts
         records = steps(run_dir)
         row["repeated"] = sum(not r.get("committed", True) for r in records)  # steps it took again
-        row["lost"] = sum(r.get("committed", True) and r["replicas"] < 2 for r in records)  # without group 1's shard
+        full = int(next(s for s in sets if s.startswith("fault_tolerance.replica_groups")).split("=")[1])
+        syncs = [r for r in records if "replicas" in r]  # ddp: every step; DiLoCo: each synchronisation
+        row["lost"] = sum(r.get("committed", True) and r["replicas"] < full for r in syncs)
     row["loss_ratio"] = final_eval(run_dir) / final_eval(clean)
     a, b = final_params(run_dir), final_params(clean)
     row["bit_equal"] = all(torch.equal(a[k], b[k]) for k in a) if a.keys() == b.keys() else False

@@ -59,3 +59,34 @@ def test_a_hung_group_is_ended_and_the_other_trains_on_alone(tmp_path):
     assert {r["replicas"] for r in steps[FAULT_AT + 1:]} >= {1}  # steps taken alone while group 1 was away
     assert ended(run_dir, 0)["restarts"] == 0
     assert (run_dir / "checkpoints" / "step-00000060.pt").exists()
+
+
+LOCAL = [*MLP, "fault_tolerance.replica_groups=2", "training.steps=40", "strategy.local_sgd.sync_every=4",
+         "checkpoint.every=8", "training.eval_every=20", "faults.rank=1", f"run.dir={json.dumps('run')}"]
+
+
+def test_diloco_a_killed_replica_rejoins_at_a_later_synchronisation(tmp_path):
+    """min_replicas = 2: the survivor waits at the next step's quorum; the killed replica restarts
+    from checkpoint 8 and at its first quorum loads the survivor's state and step (15, mid-round):
+    both end with the same weights, and every synchronisation had both."""
+    sets = [*LOCAL, "strategy.name=diloco", "faults.kill_at_step=14", "fault_tolerance.min_replicas=2",
+            "run.timeout_s=30"]
+    out = cli(["run", "--nproc", "2", *[a for s in sets for a in ("--set", s)]], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "replica group 1: restart 1: continuing from run/checkpoints/step-00000008.pt" in out.stderr
+    assert "replica group 1: at step 8, the others at 15: loaded a healthy replica's state" in out.stderr
+    groups = [ended(tmp_path / "run", g) for g in (0, 1)]
+    assert [g["restarts"] for g in groups] == [0, 1] and [g["step"] for g in groups] == [40, 40]
+    assert groups[0]["params_sha256"] == groups[1]["params_sha256"]
+    syncs = [r for r in records(tmp_path / "run", 0) if "replicas" in r]
+    assert [r["step"] for r in syncs] == list(range(3, 40, 4)) and all(r["replicas"] == 2 for r in syncs)
+
+
+def test_local_sgd_a_hung_replica_is_left_out_and_the_other_trains_on(tmp_path):
+    sets = [*LOCAL, "strategy.name=local_sgd", "faults.hang_at_step=14", "run.timeout_s=3"]
+    out = cli(["run", "--nproc", "2", *[a for s in sets for a in ("--set", s)]], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "ended it with SIGKILL so that its agent restarts it" in out.stderr
+    steps = [r for r in records(tmp_path / "run", 0) if r.get("committed", True)]
+    assert [r["step"] for r in steps] == list(range(40)) and ended(tmp_path / "run", 0)["restarts"] == 0
+    assert [r["replicas"] for r in steps if r["step"] >= 19 and "replicas" in r] == [1] * 6  # syncs 20..40 alone

@@ -138,10 +138,12 @@ def test_invalid_for_the_process_count(sets, nproc, message, tmp_path, capsys, m
 
 @pytest.mark.parametrize("sets,nproc,message", [
     (["strategy.name=zero3"], 2, "fault_tolerance.replica_groups = 2: per-step fault tolerance serves strategy.name = "
-     "'ddp'; 'zero3' restarts from its newest checkpoint"),
+     "'ddp', 'local_sgd', 'diloco'; 'zero3' restarts from its newest checkpoint"),
     ([], 4, "fault_tolerance.replica_groups = 2: each replica group of ddp is one process; start 2 processes "
      "(--nproc 2), not 4"),
     ([], 3, "fault_tolerance.replica_groups = 2: must divide the number of processes, 3"),
+    (["strategy.name=diloco", "fault_tolerance.replica_groups=3"], 3,
+     "fault_tolerance.replica_groups = 3: diloco runs as 2 replica groups"),
     (["strategy.compression.codec=fp16"], 2, "strategy.compression.codec = 'fp16': fault_tolerance.replica_groups "
      "averages gradients through torchft, uncompressed"),
 ])

@@ -35,7 +35,11 @@ STRATEGIES: dict[str, str] = {
 }
 
 # The same strategies as fault-tolerant replica groups (torchft; fault_tolerance.replica_groups > 0).
-FAULT_TOLERANT: dict[str, str] = {"ddp": "paratrain.strategies.data_parallel.ft:FaultTolerantDDP"}
+FAULT_TOLERANT: dict[str, str] = {
+    "ddp": "paratrain.strategies.data_parallel.ft:FaultTolerantDDP",
+    "local_sgd": "paratrain.strategies.local_sgd.ft:FaultTolerantLocalSGD",
+    "diloco": "paratrain.strategies.local_sgd.ft:FaultTolerantDiLoCo",
+}
 
 # Strategies whose layout has ranks that serve instead of train (ServerDims): name -> "module:function",
 # the function run on such a rank in place of the trainer: serve(cfg, topo, run_dir, ckpt, model).

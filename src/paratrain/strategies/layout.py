@@ -23,7 +23,7 @@ from paratrain.topology import ParallelDims
 # Which strategies send what a codec can compress (PowerSGD: a DDP gradient hook, ddp only).
 COMPRESSING = ("ddp", "local_sgd", "diloco", "gossip", "parameter_server")
 # Which strategies run as fault-tolerant replica groups (torchft; fault_tolerance.replica_groups).
-FAULT_TOLERANT = ("ddp",)
+FAULT_TOLERANT = ("ddp", "local_sgd", "diloco")
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,9 @@ def layout(cfg: Config, world_size: int) -> ParallelDims:
     groups = max(1, cfg.fault_tolerance.replica_groups)
     if cfg.faults.rank >= world_size * groups:
         raise ConfigError(f"faults.rank = {cfg.faults.rank}: there are only ranks 0..{world_size * groups - 1}")
+    if groups > 1 and world_size != 1:  # torchft averages across groups only (data_parallel/ft.py)
+        raise ConfigError(f"fault_tolerance.replica_groups = {groups}: each replica group of {s.name} is one process; "
+                          f"start {groups} processes (--nproc {groups}), not {world_size * groups}")
     dims = _LAYOUTS[s.name](cfg, world_size)
     dims.check(world_size)
     per_rank = dims.dp * groups * t.grad_accum_steps
@@ -96,6 +99,12 @@ def _check_sections(cfg: Config) -> None:
         raise ConfigError(f"fault_tolerance.replica_groups = {groups}: per-step fault tolerance serves strategy.name = "
                           f"{', '.join(repr(n) for n in FAULT_TOLERANT)}; '{s.name}' restarts from its newest "
                           "checkpoint (run.max_restarts) or survives a lost worker on its own")
+    if groups > 2 and s.name in ("local_sgd", "diloco"):
+        # Measured: with 3, one replica kept forming torchft quorums alone (its Lighthouse reissues a
+        # quorum of the previous members at once) and trained apart to the end; with 2 it cannot,
+        # since a quorum needs more than half of the replicas heartbeating.
+        raise ConfigError(f"fault_tolerance.replica_groups = {groups}: {s.name} runs as 2 replica groups; "
+                          "with more, torchft's quorums can leave a replica training apart (measured)")
     if groups and cfg.strategy.compression.codec != "none":
         raise ConfigError(f"strategy.compression.codec = '{codec}': fault_tolerance.replica_groups averages "
                           "gradients through torchft, uncompressed; use 'none'")
@@ -114,10 +123,6 @@ def _single(cfg: Config, world_size: int) -> ParallelDims:
 
 
 def _data_parallel(cfg: Config, world_size: int) -> ParallelDims:
-    groups = cfg.fault_tolerance.replica_groups
-    if groups and world_size != 1:  # torchft's DDP averages across groups only (data_parallel/ft.py)
-        raise ConfigError(f"fault_tolerance.replica_groups = {groups}: each replica group of ddp is one process; "
-                          f"start {groups} processes (--nproc {groups}), not {world_size * groups}")
     return ParallelDims(dp=world_size)
 
 

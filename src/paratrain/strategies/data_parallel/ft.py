@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 import warnings
@@ -41,6 +42,57 @@ from paratrain.optim import build_optimizer
 from paratrain.restarts import attempt
 from paratrain.strategies.base import StepStats, Strategy, full_state, load_full_state, local_step
 from paratrain.topology import LIGHTHOUSE_ENV
+
+
+def torchft_manager(cfg, topo, state_dict, load_state_dict):
+    """This replica group's torchft Manager: quorum and recovery before each step's work (not
+    overlapped with it), so the step it is at is known; `state_dict()` is what a recovering group
+    loads from this one (`load_state_dict`), over torchft's HTTP transport."""
+    from torchft import Manager, ProcessGroupGloo, ProcessGroupNCCL
+
+    # torchft logs each failed collective with its traceback, and each recovery as a warning;
+    # paratrain says both in one line.
+    logging.getLogger("torchft").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", message="The given buffer is not writable")  # torch's, on a recovery
+    ft, timeout = cfg.fault_tolerance, timedelta(seconds=cfg.run.timeout_s)
+    pg = ProcessGroupNCCL(timeout=timeout) if topo.device.type == "cuda" else ProcessGroupGloo(timeout=timeout)
+    local = os.environ.get(LIGHTHOUSE_ENV, "").startswith("http://127.0.0.1:")
+    return Manager(
+        pg=pg, min_replica_size=ft.min_replicas, load_state_dict=load_state_dict, state_dict=state_dict,
+        replica_id=f"paratrain_{topo.replica}",
+        # A quorum may wait for the Lighthouse to give up on a silent group (its heartbeat timeout,
+        # at most run.timeout_s), then for the stragglers' join window: more than one timeout.
+        timeout=timeout, quorum_timeout=2 * timeout + timedelta(seconds=10), connect_timeout=timeout,
+        use_async_quorum=False,
+        init_sync=False,  # every group starts from the same seed, bit for bit
+        **({"hostname": "127.0.0.1"} if local else {}),  # a one-machine run: peers on the loopback only
+    )
+
+
+def wait_for_every_group(run_dir, topo, timeout_s: float) -> None:
+    """On a fresh start, before the first quorum: every replica group's Manager is up (a file per
+    group in the run directory). Otherwise the first group to get here forms a quorum alone while
+    the others still start, and trains on alone (torchft's Lighthouse waits only for groups it has
+    heard from; measured: DiLoCo's first replica trained half the run alone)."""
+    start = re.sub(r"[^A-Za-z0-9]+", "_", os.environ.get(LIGHTHOUSE_ENV, "")).strip("_")  # this start's own
+    ready = Path(run_dir) / "replica_groups" / start
+    ready.mkdir(parents=True, exist_ok=True)
+    (ready / f"ready{topo.replica}").touch()
+    deadline = time.monotonic() + timeout_s
+    while len(list(ready.glob("ready*"))) < topo.replicas and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def write_replica_record(run_dir, topo, module: nn.Module, step: int) -> None:
+    """`metrics/replica_group<G>.json`: what this group ended with (its step, restarts and a digest
+    of its parameters, which every group that finished together shares)."""
+    digest = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        digest.update(name.encode() + t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    if topo.local_rank == 0:
+        path = Path(run_dir) / "metrics" / f"replica_group{topo.replica}.json"
+        path.write_text(json.dumps({"replica_group": topo.replica, "step": step, "restarts": attempt(),
+                                    "params_sha256": digest.hexdigest()}))
 
 
 class _HookState:
@@ -67,24 +119,9 @@ class FaultTolerantDDP(Strategy):
 
     def __init__(self, cfg, topo, model, loss_fn):
         super().__init__(cfg, topo, model, loss_fn)
-        from torchft import Manager, ProcessGroupGloo, ProcessGroupNCCL
         from torchft.process_group import ProcessGroupDummy
 
-        # torchft logs each failed collective with its traceback, and each recovery as a warning;
-        # paratrain says both in one line (train_step, begin_step).
-        logging.getLogger("torchft").setLevel(logging.CRITICAL)
-        warnings.filterwarnings("ignore", message="The given buffer is not writable")  # torch's, on a recovery
-        ft, timeout = cfg.fault_tolerance, timedelta(seconds=cfg.run.timeout_s)
-        pg = ProcessGroupNCCL(timeout=timeout) if topo.device.type == "cuda" else ProcessGroupGloo(timeout=timeout)
-        local = os.environ.get(LIGHTHOUSE_ENV, "").startswith("http://127.0.0.1:")
-        self.manager = Manager(
-            pg=pg, min_replica_size=ft.min_replicas, load_state_dict=self._load_live, state_dict=self._live_state,
-            replica_id=f"paratrain_{topo.replica}",
-            timeout=timeout, quorum_timeout=timeout, connect_timeout=timeout,
-            use_async_quorum=False,  # quorum and recovery before the step's forward, so its step is known
-            init_sync=False,  # every group starts from the same seed, bit for bit
-            **({"hostname": "127.0.0.1"} if local else {}),  # a one-machine run: peers on the loopback only
-        )
+        self.manager = torchft_manager(cfg, topo, self._live_state, self._load_live)
         self.model = DistributedDataParallel(self.model, process_group=ProcessGroupDummy(0, 1),
                                              find_unused_parameters=True)
         self.model.register_comm_hook(_HookState(self.manager, self.meter), ft_allreduce_hook)
@@ -99,6 +136,8 @@ class FaultTolerantDDP(Strategy):
         if self.first_step:  # restored from a checkpoint at `step` (or 0): the Manager counts from there
             self.manager.load_state_dict({"step": step, "batches_committed": step * self.topo.replicas})
             self.first_step = False
+            if attempt() == 0:
+                wait_for_every_group(self.cfg.run.dir, self.topo, self.cfg.run.timeout_s)
         self.manager.start_quorum()
         now = self.manager.current_step()
         if now > step:  # behind: restarted, or cut off for a while
@@ -122,15 +161,7 @@ class FaultTolerantDDP(Strategy):
         return self.model.module
 
     def close(self, run_dir) -> object:
-        """Record what this group ended with (`replica_group<G>.json` beside the metrics: its step,
-        restarts and a digest of its parameters, which every group that finished together shares)."""
-        digest = hashlib.sha256()
-        for name, t in sorted(self.module.state_dict().items()):
-            digest.update(name.encode() + t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        path = Path(run_dir) / "metrics" / f"replica_group{self.topo.replica}.json"
-        if self.topo.local_rank == 0:
-            path.write_text(json.dumps({"replica_group": self.topo.replica, "step": self.manager.current_step(),
-                                        "restarts": attempt(), "params_sha256": digest.hexdigest()}))
+        write_replica_record(run_dir, self.topo, self.module, self.manager.current_step())
         self.manager.shutdown(wait=False)
         return None
 

@@ -229,7 +229,8 @@ class LocalSGD(Strategy):
             self._load_extra({})
             return
         self.steps_done = extra["step"]
-        inner, rank = extra["inner_optimizers"], self.topo.rank
+        # This rank's place in the world that wrote it (replica groups: each group's own world)
+        inner, rank = extra["inner_optimizers"], self.topo.rank - self.topo.replica * self.topo.world_size
         same_world = len(inner) == self.topo.world_size
         if same_world and inner[rank] is not None:
             load_full_state(self.module, self.optimizer, {"model": state["model"], "optimizer": inner[rank]})
