@@ -238,6 +238,11 @@ class FaultToleranceConfig:
     # The Lighthouse (torchft's quorum server), http://host:port; empty: `paratrain run` starts one on 127.0.0.1.
     lighthouse: str = ""
 
+    @property
+    def groups(self) -> int:
+        """How many replica groups the processes form: 1 without fault tolerance."""
+        return max(1, self.replica_groups)
+
 
 @dataclass(frozen=True)
 class Config:

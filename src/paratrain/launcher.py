@@ -87,7 +87,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, model: nn.Module | N
     if distributed and dist.is_initialized():  # a caller's group: no rank writes there before all have looked
         dist.barrier()
     if distributed:
-        topo = Topology.from_env(cfg.run, lambda n: layout(cfg, n), max(1, cfg.fault_tolerance.replica_groups))
+        topo = Topology.from_env(cfg.run, lambda n: layout(cfg, n), cfg.fault_tolerance.groups)
     else:
         layout(cfg, 1)
         topo = Topology.single(cfg.run)
@@ -146,7 +146,7 @@ def preflight(cfg: Config, world_size: int, ckpt_path: Path | None, ckpt: dict |
             import_callable(path, key)
     datasets = build_datasets(cfg)
     for split, data in (("train", datasets.train), ("eval", datasets.eval)):  # enough samples for a batch
-        ShardedBatches(data, cfg.training.global_batch_size, 0, dims.dp * max(1, cfg.fault_tolerance.replica_groups),
+        ShardedBatches(data, cfg.training.global_batch_size, 0, dims.dp * cfg.fault_tolerance.groups,
                        cfg.training.seed, split)
     with torch.device("meta"):  # shapes only, no memory
         model = build_model(cfg, datasets.vocab_size)

@@ -29,7 +29,7 @@ def test_a_killed_group_recovers_from_a_peer_and_the_run_equals_single(tmp_path)
     assert f"SIGKILL before step {FAULT_AT}" in out.stderr
     assert f"replica group 0: step {FAULT_AT} not committed" in out.stderr  # the survivor's all-reduce failed
     assert "replica group 1: restart 1: continuing from run/checkpoints/step-00000004.pt" in out.stderr
-    assert f"replica group 1: at step 4, the others at {FAULT_AT}: loaded a healthy group's weights" in out.stderr
+    assert f"replica group 1: at step 4, the others at {FAULT_AT}: loaded a healthy group's state" in out.stderr
     run_dir = tmp_path / "run"
     groups = [ended(run_dir, g) for g in (0, 1)]
     assert [g["restarts"] for g in groups] == [0, 1] and [g["step"] for g in groups] == [STEPS, STEPS]
@@ -74,7 +74,7 @@ def test_diloco_a_killed_replica_rejoins_at_a_later_synchronisation(tmp_path):
     out = cli(["run", "--nproc", "2", *[a for s in sets for a in ("--set", s)]], cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "replica group 1: restart 1: continuing from run/checkpoints/step-00000008.pt" in out.stderr
-    assert "replica group 1: at step 8, the others at 15: loaded a healthy replica's state" in out.stderr
+    assert "replica group 1: at step 8, the others at 15: loaded a healthy group's state" in out.stderr
     groups = [ended(tmp_path / "run", g) for g in (0, 1)]
     assert [g["restarts"] for g in groups] == [0, 1] and [g["step"] for g in groups] == [40, 40]
     assert groups[0]["params_sha256"] == groups[1]["params_sha256"]

@@ -27,8 +27,9 @@ Which kind of strategy overrides what:
 - data parallel (ddp, zero1-3) and tensor parallel: `train_step`, to pass `local_step` the context
   that accumulates without communicating (DDP's `no_sync`) or computes the loss on shards;
   zero1 (and pipelines) `state_dict` / `load_state_dict`, whose state torch's helpers cannot read;
-  ddp's fault-tolerant replica groups (torchft, data_parallel/ft.py) `begin_step`, where the
-  step's quorum forms and a restarted group loads a healthy peer's state and step;
+  torchft replica groups (ddp, local SGD, DiLoCo: data_parallel/ft.py, local_sgd/ft.py)
+  `begin_step`, where the step's quorum forms and a restarted group loads a healthy peer's state
+  and step;
 - strategies that own their schedule (pipelines, parameter-server workers): `train_step`,
   `evaluate`, and `close` (the pipeline timeline; the servers' final barrier);
 - replicas that update alone (local SGD, DiLoCo, gossip, Hogwild, parameter-server workers):

@@ -52,7 +52,7 @@ def layout(cfg: Config, world_size: int) -> ParallelDims:
     if s.name not in _LAYOUTS:
         raise ConfigError(f"strategy.name = '{s.name}': not available; available: {', '.join(_LAYOUTS)}")
     _check_sections(cfg)
-    groups = max(1, cfg.fault_tolerance.replica_groups)
+    groups = cfg.fault_tolerance.groups
     if cfg.faults.rank >= world_size * groups:
         raise ConfigError(f"faults.rank = {cfg.faults.rank}: there are only ranks 0..{world_size * groups - 1}")
     if groups > 1 and world_size != 1:  # torchft averages across groups only (data_parallel/ft.py)

@@ -83,6 +83,20 @@ def wait_for_every_group(run_dir, topo, timeout_s: float) -> None:
         time.sleep(0.05)
 
 
+def count_from(manager, cfg, topo, commits: int) -> None:
+    """Before this group's first step: its Manager counts `commits` steps committed (restored from a
+    checkpoint, or none), and on a fresh start it waits for every group's (wait_for_every_group)."""
+    manager.load_state_dict({"step": commits, "batches_committed": commits * topo.replicas})
+    if attempt() == 0:
+        wait_for_every_group(cfg.run.dir, topo, cfg.run.timeout_s)
+
+
+def say_recovered(topo, step: int, now: int) -> None:
+    """The one line of a group that was behind and has loaded a healthy group's state."""
+    print(f"paratrain: replica group {topo.replica}: at step {step}, the others at {now}: loaded a healthy "
+          "group's state, going on from there", file=sys.stderr, flush=True)
+
+
 def write_replica_record(run_dir, topo, module: nn.Module, step: int) -> None:
     """`metrics/replica_group<G>.json`: what this group ended with (its step, restarts and a digest
     of its parameters, which every group that finished together shares)."""
@@ -133,17 +147,13 @@ class FaultTolerantDDP(Strategy):
         the healthy peer's state loaded here. A group restored from a checkpoint starts its Manager
         at that step, so that a whole job restarted together continues there. A step that was not
         committed leaves the Manager's count where it was: the trainer takes that step again."""
-        if self.first_step:  # restored from a checkpoint at `step` (or 0): the Manager counts from there
-            self.manager.load_state_dict({"step": step, "batches_committed": step * self.topo.replicas})
+        if self.first_step:
+            count_from(self.manager, self.cfg, self.topo, step)
             self.first_step = False
-            if attempt() == 0:
-                wait_for_every_group(self.cfg.run.dir, self.topo, self.cfg.run.timeout_s)
         self.manager.start_quorum()
         now = self.manager.current_step()
         if now > step:  # behind: restarted, or cut off for a while
-            print(f"paratrain: replica group {self.topo.replica}: at step {step}, the others at {now}: "
-                  "loaded a healthy group's weights and optimizer state, going on from there", file=sys.stderr,
-                  flush=True)
+            say_recovered(self.topo, step, now)
         return now
 
     def train_step(self, batch: Batch) -> StepStats:

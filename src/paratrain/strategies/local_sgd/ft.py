@@ -18,9 +18,8 @@ import torch
 from torch.distributed import ReduceOp
 
 from paratrain.comm import ring_allgather_bytes, ring_allreduce_bytes
-from paratrain.restarts import attempt
 from paratrain.strategies.base import local_eval
-from paratrain.strategies.data_parallel.ft import torchft_manager, wait_for_every_group, write_replica_record
+from paratrain.strategies.data_parallel.ft import count_from, say_recovered, torchft_manager, write_replica_record
 from paratrain.strategies.local_sgd.local_sgd import DiLoCo, LocalSGD
 
 
@@ -77,15 +76,11 @@ class _QuorumSync:
         reissues quorums of the previous members at once.) A restored replica's Manager counts
         the synchronisations before its checkpoint's step."""
         if self.first_step:
-            self.manager.load_state_dict({"step": step // self.sync_every, "batches_committed": 0})
+            count_from(self.manager, self.cfg, self.topo, step // self.sync_every)  # its commits: syncs
             self.first_step = False
-            if attempt() == 0:
-                wait_for_every_group(self.cfg.run.dir, self.topo, self.cfg.run.timeout_s)
         self.replicas.start()
         if self.steps_done > step:
-            print(f"paratrain: replica group {self.topo.replica}: at step {step}, the others at "
-                  f"{self.steps_done}: loaded a healthy replica's state, going on from there",
-                  file=sys.stderr, flush=True)
+            say_recovered(self.topo, step, self.steps_done)
         return max(step, self.steps_done)
 
     def _sync(self, stats) -> None:
