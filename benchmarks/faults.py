@@ -59,7 +59,7 @@ FAMILIES = {  # name -> (processes, config sets, synchronous: restarts bit-equal
                    "training.global_batch_size=32", "optimizer.lr=0.025"], False),
     "diloco": (3, [*MLP, "strategy.name=diloco", "strategy.local_sgd.sync_every=4",
                    "strategy.local_sgd.outer_lr=0.3"], False),
-    "gossip": (3, [*MLP, "strategy.name=gossip"], False),
+    "gossip": (4, [*MLP, "strategy.name=gossip"], False),  # a ring of 4: rank 1's neighbours pair up
     # ddp as 2 replica groups (torchft): a lost group restarts alone and recovers from the other.
     # min 1: the survivor trains on alone meanwhile; min 2: it waits, and no step is lost.
     "ddp torchft": (2, [*MLP, "strategy.name=ddp", "fault_tolerance.replica_groups=2"], False),

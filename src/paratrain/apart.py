@@ -3,7 +3,7 @@
 torch's elastic agent stops every worker of its job once one exits non-zero, a crash or a kill
 included, and the agents of one rendezvous wait for each other at exit (300 s, which torchrun
 does not let one set). That is right where ranks step together and wrong for the parameter
-server, local SGD and DiLoCo, whose survivors can go on (`SURVIVES_LOSS`). For those,
+server, local SGD, DiLoCo and gossip, whose survivors can go on (`SURVIVES_LOSS`). For those,
 `paratrain run` starts each worker in a process context of its own, through the same torch API
 the agent uses (`torch.distributed.elastic.multiprocessing.start_processes`), so a worker's death
 ends that context only. The workers join one process group through a TCPStore this launcher
@@ -28,7 +28,7 @@ from pathlib import Path
 from paratrain import watchdog
 from paratrain.topology import loopback_store
 
-SURVIVES_LOSS = ("parameter_server", "local_sgd", "diloco")
+SURVIVES_LOSS = ("parameter_server", "local_sgd", "diloco", "gossip")
 POLL_S = 0.1
 
 

@@ -112,9 +112,10 @@ def test_plain_torchrun_restarts_continue_from_the_newest_checkpoint(tmp_path):
 # ---------------------------------------------------------------------------- strategies that go on
 
 ASYNC_STEPS, ASYNC_AT, TIMEOUT = 40, 15, 5
-ASYNC = {  # 3 processes: 2 workers and a server; 3 replicas
-    "parameter_server-ssp": [*MLP, "strategy.name=parameter_server", "strategy.ps.mode=ssp"],
-    "diloco": [*MLP, "strategy.name=diloco", "strategy.local_sgd.sync_every=4", "training.global_batch_size=48"],
+ASYNC = {  # (processes, sets): 2 workers and a server; 3 replicas; a ring of 4
+    "parameter_server-ssp": (3, [*MLP, "strategy.name=parameter_server", "strategy.ps.mode=ssp"]),
+    "diloco": (3, [*MLP, "strategy.name=diloco", "strategy.local_sgd.sync_every=4", "training.global_batch_size=48"]),
+    "gossip": (4, [*MLP, "strategy.name=gossip", "training.global_batch_size=48"]),
 }
 
 
@@ -123,12 +124,13 @@ ASYNC = {  # 3 processes: 2 workers and a server; 3 replicas
 def test_a_lost_worker_does_not_end_the_asynchronous_strategies(tmp_path, name, fault):
     """Each worker is its own failure domain (apart.py): a worker killed or stopped mid-run is
     dropped, and the others train to the end; a healthy worker is never declared lost."""
-    sets = [*ASYNC[name], f"training.steps={ASYNC_STEPS}", "checkpoint.every=10", f"run.timeout_s={TIMEOUT}",
+    nproc, sets = ASYNC[name]
+    sets = [*sets, f"training.steps={ASYNC_STEPS}", "checkpoint.every=10", f"run.timeout_s={TIMEOUT}",
             "faults.rank=1", f"faults.{fault}_at_step={ASYNC_AT}", f"run.dir={json.dumps('run')}"]
-    out = cli(["run", "--nproc", "3", *[a for s in sets for a in ("--set", s)]], cwd=tmp_path)
+    out = cli(["run", "--nproc", str(nproc), *[a for s in sets for a in ("--set", s)]], cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "finished without 1 lost worker(s): ranks [1]" in out.stderr
-    survivors = [0] if name.startswith("parameter_server") else [0, 2]
+    survivors = [0] if name.startswith("parameter_server") else [r for r in range(nproc) if r != 1]
     for rank in survivors:
         steps = records(tmp_path / "run", rank)
         assert [r["step"] for r in steps] == list(range(ASYNC_STEPS))
@@ -139,7 +141,13 @@ def test_a_lost_worker_does_not_end_the_asynchronous_strategies(tmp_path, name, 
         assert server_report(tmp_path / "run")["lost_workers"] == [1]  # rank 0 waited at the gate, alive
         assert "parameter server: lost worker 1; going on with workers [0]" in out.stderr
     else:
-        assert "lost rank(s) [1]; continuing on ranks [0, 2]" in out.stderr
+        assert f"lost rank(s) [1]; continuing on ranks {survivors}" in out.stderr
+    if name == "gossip":  # routed around: ranks 0 and 2, rank 1's neighbours, now gossip with each other
+        message = 4 * sum(t.numel() for t in final_params(tmp_path / "run").values())  # fp32, the whole model
+        for rank in (0, 2):
+            sent = [r["bytes_sent"] for r in records(tmp_path / "run", rank)]
+            # two neighbours' messages a step, before the loss and after it (with one neighbour left, one)
+            assert set(sent[:ASYNC_AT]) == set(sent[ASYNC_AT + 1:]) == {2 * message}, sent
     if fault == "kill":
         assert "lost rank 1 (pid" in out.stderr and f"killed by SIGKILL at step {ASYNC_AT}" in out.stderr
     assert (tmp_path / "run" / "checkpoints" / f"step-{ASYNC_STEPS:08d}.pt").exists()

@@ -34,9 +34,9 @@ Which kind of strategy overrides what:
   `evaluate`, and `close` (the pipeline timeline; the servers' final barrier);
 - replicas that update alone (local SGD, DiLoCo, gossip, Hogwild, parameter-server workers):
   `lockstep = False`: a step's logged loss is this rank's own and each decides alone on a
-  non-finite update; local SGD and the parameter server also `agree_to_stop` and
-  `agree_on_members` in their own way (at synchronisations; at server 0), and local SGD's
-  deadline pauses its clock in `paused`.
+  non-finite update; local SGD, gossip and the parameter server also `agree_to_stop` and
+  `agree_on_members` in their own way (at synchronisations; over the survivors, replicas.py;
+  at server 0), and local SGD's deadline pauses its clock in `paused`.
 Ranks that serve instead of train (parameter servers) never reach the trainer: the layout names
 them (`layout.ServerDims`) and the launcher runs the strategy's server there (`SERVERS`).
 """

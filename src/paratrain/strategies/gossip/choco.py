@@ -44,6 +44,11 @@ class ChocoGossip:
         self.copies: dict[int, torch.Tensor] = {}  # the neighbours' public copies, by rank
         self._like: list[torch.Tensor] = []  # a payload's dtypes and sizes: every node's are the same
 
+    def reset(self) -> None:
+        """Every copy back to zero, as at the start: the neighbours changed (a lost rank routed
+        around, gossip.py), and a new neighbour's copy would have missed its earlier messages."""
+        self.x_hat, self.copies = None, {}
+
     def message(self, x: torch.Tensor) -> torch.Tensor:
         """q_i = C(x_i - x_hat_i), packed into one uint8 buffer; this node's copy moves by it."""
         if self.x_hat is None:

@@ -28,24 +28,40 @@ of that runs: the mixing above, exactly.
 
 A step's logged `loss` is this rank's own batch's: gossip has no collective in which to average
 it, and adding one (an all-reduce every step) would make every step a barrier over all ranks.
+(The stop flag is one: a one-element all-reduce after each step, so that every rank stops at the
+same step, and it is what finds a lost rank at the same step boundary on every survivor.)
 Only parameters are gossiped (buffers stay local). Evaluation, a collective anyway, averages each
 rank's own replica's loss on its shard of the held-out batches. Checkpoints store rank 0's
 replica; resuming restarts every replica from it (and CHOCO's public copies from zero), so a
 resumed run is not bit-identical to an uninterrupted one (the replicas' disagreement is reset to
 zero, the exponential graph's rounds start again from 1).
+
+A lost neighbour is routed around. The graph is drawn over the live ranks (`Replicas`,
+replicas.py, shared with local SGD), so it closes over a gap. A rank whose neighbour's message
+fails (a dead peer's connection closes at once; a hung one's after `run.timeout_s`) mixes with
+the messages it did get, then agrees on the survivors with the others through the rendezvous
+store; the ranks that were not its neighbours find the loss at the same step's stop flag (its
+group was aborted). Every survivor therefore changes graph at the same step boundary, and the
+next step's neighbours agree on who they are: no message is ever sent to a rank that does not
+expect it. The lost rank's data shard is no longer trained on; rank 0, which writes the
+checkpoints, must stay up. With CHOCO every rank's public copies restart from zero after the
+change (a new neighbour's copy of this rank would have missed its earlier messages).
 """
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
 import torch.distributed as dist
 
+from paratrain import watchdog
 from paratrain.comm import flatten, unflatten
 from paratrain.data import Batch
 from paratrain.optim import build_optimizer
-from paratrain.strategies.base import StepStats, Strategy, local_step
+from paratrain.strategies.base import StepStats, Strategy, local_eval, local_step
 from paratrain.strategies.gossip.choco import ChocoGossip
+from paratrain.strategies.replicas import Replicas
 
 
 def num_hops(n: int) -> int:
@@ -66,19 +82,30 @@ def gossip_peers(rank: int, n: int, graph: str, step: int) -> tuple[list[int], l
     return [(rank + hop) % n], [(rank - hop) % n]
 
 
-def exchange(flat: torch.Tensor, group, send_to: list[int], recv_from: list[int]) -> list[torch.Tensor]:
-    """Send `flat` to every peer in `send_to`, receive one vector from each in `recv_from`.
+def exchange(flat: torch.Tensor, group, send_to: list[int], recv_from: list[int]) -> tuple[dict, set[int]]:
+    """Send `flat` to every peer in `send_to`, receive one vector from each in `recv_from` (global
+    ranks); returns ({peer: vector received}, the peers whose message failed: lost).
 
     Every rank gossips a vector of the same length and dtype (the same model, fp32; or a packed
     CHOCO message, whose size depends only on the model and the codec), so the receive buffers
-    are exactly the size of the messages: gloo needs no size header here.
+    are exactly the size of the messages: gloo needs no size header here. Each message is waited
+    for on its own, all of them before returning, so that a failure names its peer and the live
+    neighbours get this rank's messages whatever happened to the others.
     """
-    received = [torch.empty_like(flat) for _ in recv_from]
-    ops = [dist.P2POp(dist.isend, flat, dist.get_global_rank(group, p), group) for p in send_to]
-    ops += [dist.P2POp(dist.irecv, buf, dist.get_global_rank(group, p), group) for buf, p in zip(received, recv_from)]
-    for work in dist.batch_isend_irecv(ops):
-        work.wait()
-    return received
+    received = {p: torch.empty_like(flat) for p in recv_from}
+    works, failed = [], set()
+    for peer, op, tensor in [*((p, dist.irecv, buf) for p, buf in received.items()),
+                             *((p, dist.isend, flat) for p in send_to)]:
+        try:
+            works.append((peer, op(tensor, peer, group=group)))
+        except RuntimeError:  # the connection is closed already
+            failed.add(peer)
+    for peer, work in works:
+        try:
+            work.wait()
+        except RuntimeError:  # gloo: "Connection closed by peer", or the group's timeout
+            failed.add(peer)
+    return {p: buf for p, buf in received.items() if p not in failed}, failed
 
 
 class Gossip(Strategy):
@@ -92,6 +119,9 @@ class Gossip(Strategy):
                       if c.codec != "none" else None)
         self.gossip_round = 0  # picks the exponential graph's peer; the same count on every rank
         self.optimizer = build_optimizer(cfg.optimizer, self.model.parameters())
+        self.replicas = Replicas(topo.group("dp"), self.meter, cfg.run.timeout_s,
+                                 functools.partial(watchdog.is_lost, cfg.run.dir), topo.device)
+        self.generation = 0  # the replicas' membership the public copies were built in (CHOCO)
 
     def train_step(self, batch: Batch) -> StepStats:
         stats = local_step(self, batch)  # the local step on this rank's shard (no gradient all-reduce)
@@ -99,39 +129,55 @@ class Gossip(Strategy):
         nbytes, comm_s = self.meter.take()
         stats.bytes_sent += nbytes
         stats.comm_s += comm_s
+        stats.wait_s += self.replicas.recovery_s  # agreeing on survivors after a loss
+        self.replicas.recovery_s = 0.0
         stats.extra["neighbour_distance"] = distance
         return stats
 
     @torch.no_grad()
+    def evaluate(self, batches: list[Batch]) -> float:
+        return self.replicas.mean(local_eval(self, batches).reshape(1)).item()
+
+    def agree_to_stop(self, signum: int) -> int:
+        return int(self.replicas.max(signum))  # over the survivors: a loss found here is agreed on here
+
+    def agree_on_members(self):
+        return self.replicas.agree()
+
+    @torch.no_grad()
     def mix(self) -> float:
         """Average this replica with the neighbours' (uniform weights; compressed: CHOCO's consensus
-        step); returns the distance to them."""
-        n, rank = self.topo.size("dp"), self.topo.axis_rank("dp")
-        send_to, recv_from = gossip_peers(rank, n, self.cfg.strategy.gossip.graph, self.gossip_round)
+        step); returns the distance to them. The graph is over the live ranks; a neighbour lost
+        here is left out of this step's mixing, and the survivors agree on a new graph."""
+        ranks, me = self.replicas.ranks, self.topo.rank
+        send_to, recv_from = gossip_peers(ranks.index(me), len(ranks), self.cfg.strategy.gossip.graph,
+                                          self.gossip_round)
+        send_to, recv_from = [ranks[i] for i in send_to], [ranks[i] for i in recv_from]
         self.gossip_round += 1
         if not recv_from:
             return 0.0
+        if self.choco is not None and self.generation != self.replicas.generation:
+            self.choco.reset()  # new neighbours: copies they never tracked (every rank resets at this step)
+            self.generation = self.replicas.generation
         params = list(self.model.parameters())
         # One flat fp32 vector: one message per peer, whatever the number of tensors.
         flat = flatten(p.float() for p in params)
+        message = flat if self.choco is None else self.choco.message(flat)  # CHOCO: the same size on every rank
+        t0 = time.perf_counter()
+        received, lost = exchange(message, self.replicas.group, send_to, recv_from)
+        sent = len(set(send_to) - lost)
+        self.meter.add(sent * message.numel() * message.element_size(), time.perf_counter() - t0,
+                       uncompressed=sent * flat.numel() * flat.element_size())
+        if lost:
+            self.replicas.shrink(RuntimeError(f"lost gossip neighbour(s) {sorted(lost)}"))
+        if not received:
+            return 0.0
         if self.choco is not None:
-            mixed, distance = self._choco_mix(flat, send_to, recv_from)
+            mixed, distance = self.choco.mix(flat, received)
         else:
-            t0 = time.perf_counter()
-            received = exchange(flat, self.topo.group("dp"), send_to, recv_from)
-            self.meter.add(len(send_to) * flat.numel() * flat.element_size(), time.perf_counter() - t0)
-            neighbours = torch.stack(received).sum(0)
+            neighbours = torch.stack(list(received.values())).sum(0)
             distance = (flat - neighbours / len(received)).norm().item()
             mixed = (flat + neighbours) / (1 + len(received))
         for p, value in zip(params, unflatten(mixed, params)):  # in place: the optimizer's state stays attached
             p.copy_(value)
         return distance
-
-    def _choco_mix(self, flat: torch.Tensor, send_to: list[int], recv_from: list[int]) -> tuple[torch.Tensor, float]:
-        """CHOCO-SGD: send the compressed correction of this node's public copy, mix with the copies."""
-        message = self.choco.message(flat)  # the same size on every rank: fixed k, bits or dtype
-        t0 = time.perf_counter()
-        received = exchange(message, self.topo.group("dp"), send_to, recv_from)
-        self.meter.add(len(send_to) * message.numel() * message.element_size(), time.perf_counter() - t0,
-                       uncompressed=len(send_to) * flat.numel() * flat.element_size())
-        return self.choco.mix(flat, dict(zip(recv_from, received)))

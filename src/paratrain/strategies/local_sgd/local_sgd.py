@@ -39,8 +39,9 @@ A lost worker (`[faults] kill_at_step`) is survived, compressed or not: every co
 sync goes through `Replicas` (replicas.py), which catches the failure, lets the survivors agree
 on who is alive through the rendezvous store and retries on a new process group of their own;
 the lost rank's data shard is no longer trained on. Ranks notice the loss at the next sync (or
-evaluation). The trainer's checkpoints and closing summary use that group too (`agree_on_members`).
-Agreeing takes up to `run.timeout_s`. Rank 0 cannot be lost: its process hosts the store.
+evaluation, or checkpoint). The trainer's checkpoints and closing summary use that group too
+(`agree_on_members`).
+Agreeing takes up to 2 x `run.timeout_s` + 5 s (replicas.py). Rank 0 cannot be lost (checkpoints gather on it).
 
 Checkpoints hold rank 0's replica (read by any strategy), plus under the key "local_sgd" the
 step count (where the sync cycle stands), every rank's inner optimizer state, the anchor where
@@ -69,7 +70,7 @@ from paratrain.data import Batch
 from paratrain.optim import build_optimizer
 from paratrain.strategies.base import StepStats, Strategy, load_full_state, local_eval, local_step, to_cpu
 from paratrain.strategies.local_sgd.deadline import RoundDeadline
-from paratrain.strategies.local_sgd.replicas import Replicas
+from paratrain.strategies.replicas import Replicas
 
 STATE_KEY = "local_sgd"  # extra top-level key of the strategy state; other strategies ignore it
 
@@ -87,7 +88,7 @@ class LocalSGD(Strategy):
         self.steps_done = 0
         self.stop_request = self.stop_agreed = 0  # a signal: agreed on at the next synchronisation
         self.replicas = Replicas(topo.group("dp"), self.meter, cfg.run.timeout_s,
-                                 functools.partial(watchdog.is_lost, cfg.run.dir))
+                                 functools.partial(watchdog.is_lost, cfg.run.dir), topo.device)
         self.compressor = None
         if c.codec != "none":
             from paratrain.compression import make_codec
@@ -123,8 +124,9 @@ class LocalSGD(Strategy):
         return self.stop_agreed
 
     def agree_on_members(self):
-        """The survivors found at the last collective (replicas.py); no collective of its own."""
-        return self.replicas.group if self.replicas.generation else None  # None: the whole world
+        """The survivors (replicas.py), checked by one small all-reduce: a rank lost since the last
+        synchronisation is found here, not by the checkpoint's gather."""
+        return self.replicas.agree()
 
     def train_step(self, batch: Batch) -> StepStats:
         self.steps_done += 1
