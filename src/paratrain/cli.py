@@ -130,6 +130,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "testbed":
             return _testbed_run(args, cfg, resume)
         train(cfg, resume=resume, discard_newer=args.discard_newer)
+        if os.environ.get("REPLICA_GROUP_ID") is not None:  # topology.REPLICA_ENV: a torchft replica group's worker
+            # Done, every file written and closed: leave without the interpreter's teardown. In it, C++
+            # destructors sometimes aborted a hybrid group's process after its last line of Python
+            # ("terminate called without an active exception", about 1 exit in 10 with torchft's
+            # Manager shut down first), and its agent then restarted a group that had finished.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
         return 0
     except (ConfigError, TestbedError) as e:
         if is_rank0:  # under torchrun every rank sees the same bad input; say it once
@@ -144,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"paratrain: error: {e}", file=sys.stderr)
         return NONFINITE_EXIT
     except PeerLost as e:  # a peer died or hung: named in a line above (watchdog.py); this rank's error
-        print(f"paratrain: rank {os.environ.get('RANK', '0')}: stopped on {e}", file=sys.stderr)
+        print(f"paratrain: {e}", file=sys.stderr)
         return 1
     except CheckpointWriteError as e:  # disk full: older checkpoints are intact
         print(f"paratrain: error: {e}", file=sys.stderr)

@@ -59,7 +59,8 @@ def check_update(strategy, loss: torch.Tensor, params) -> bool:
     """Before `strategy`'s update: True to take it, False to skip it (training.on_nonfinite =
     'skip'); NonFiniteError to stop. Agreed over the world where the strategy is `lockstep`."""
     topo = strategy.topo
-    bad, where = bad_ranks(loss, list(params), topo.rank, topo.world_size, strategy.lockstep)
+    bad, where = bad_ranks(loss, list(params), topo.group_rank, topo.world_size, strategy.lockstep)
+    bad = [r + topo.rank - topo.group_rank for r in bad]  # named as the job numbers them
     if bad and strategy.cfg.training.on_nonfinite == "stop":
         raise NonFiniteError(bad, where=where)
     return not bad

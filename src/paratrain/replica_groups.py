@@ -6,7 +6,8 @@ one agent per group restarts that group alone (`run.max_restarts`) while the oth
 `paratrain run` with `fault_tolerance.replica_groups = G` starts here:
 - torchft's Lighthouse, the quorum server, in this process on 127.0.0.1 (unless
   `fault_tolerance.lighthouse` names one elsewhere);
-- G torchrun jobs (`python -m torch.distributed.run`), each with its own rendezvous store hosted
+- G torchrun jobs (`python -m torch.distributed.run`) of processes / G workers each (one for
+  ddp, local SGD and DiLoCo; a pp x tp mesh for hybrid), each with its own rendezvous store hosted
   here on 127.0.0.1, as launcher.py hosts the one job's, and REPLICA_GROUP_ID / TORCHFT_LIGHTHOUSE
   in its environment. On several machines the same commands are typed by hand (README).
 

@@ -82,6 +82,12 @@ class Topology:
         return self.dims.world_size
 
     @property
+    def group_rank(self) -> int:
+        """This process's rank in its own world: `rank` without replica groups, its place in its
+        replica group with them."""
+        return self.rank - self.replica * self.world_size
+
+    @property
     def is_main(self) -> bool:
         return self.rank == 0
 

@@ -120,7 +120,8 @@ class Trainer:
             raise
         except Exception as e:  # most often a peer died or hung: say which, while SIGTERM is still ours
             if self.topo.world_size > 1 and watchdog.report(self.run_dir, self.topo.rank, self.strategy.lockstep):
-                raise watchdog.PeerLost(f"{type(e).__name__}: {str(e).partition(chr(10))[0]}") from e
+                raise watchdog.PeerLost(f"rank {self.topo.rank}: stopped on {type(e).__name__}: "
+                                        f"{str(e).partition(chr(10))[0]}") from e
             raise
         finally:
             progress.close()

@@ -4,7 +4,7 @@ current weights from a healthy group; the others never restart."""
 import json
 
 from paratrain.checkpoint import list_checkpoints, read_checkpoint
-from tests.helpers import MLP, cli, config, fit, max_param_diff, records
+from tests.helpers import MLP, TINY_GPT, cli, config, fit, max_param_diff, records
 
 STEPS, EVERY, FAULT_AT = 16, 4, 6
 FT = [*MLP, "strategy.name=ddp", "fault_tolerance.replica_groups=2", f"training.steps={STEPS}",
@@ -90,3 +90,31 @@ def test_local_sgd_a_hung_replica_is_left_out_and_the_other_trains_on(tmp_path):
     steps = [r for r in records(tmp_path / "run", 0) if r.get("committed", True)]
     assert [r["step"] for r in steps] == list(range(40)) and ended(tmp_path / "run", 0)["restarts"] == 0
     assert [r["replicas"] for r in steps if r["step"] >= 19 and "replicas" in r] == [1] * 6  # syncs 20..40 alone
+
+
+def test_hybrid_a_killed_process_restarts_its_pipeline_group_and_the_run_equals_single(tmp_path):
+    """hybrid's dp axis as 2 replica groups, each a 2-stage pipeline (4 processes): the second
+    stage of group 1 killed; its agent restarts that group (both stages), each stage loads the
+    same stage's state from group 0, and with min_replicas = 2 the run ends where one process on
+    the whole global batch does, both groups with the same weights."""
+    steps = 12
+    sets = [*TINY_GPT, "strategy.name=hybrid", "strategy.pp=2", "fault_tolerance.replica_groups=2",
+            "fault_tolerance.min_replicas=2", f"training.steps={steps}", "checkpoint.every=4", "training.eval_every=6",
+            "faults.rank=3", f"faults.kill_at_step={FAULT_AT}", "run.timeout_s=30", f"run.dir={json.dumps('run')}"]
+    out = cli(["run", "--nproc", "4", *[a for s in sets for a in ("--set", s)]], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "rank 3 (pid" in out.stderr and f"died at step {FAULT_AT}" in out.stderr  # named by its stage peer
+    assert f"replica group 0: step {FAULT_AT} not committed" in out.stderr
+    assert "replica group 1: restart 1: continuing from run/checkpoints/step-00000004.pt" in out.stderr
+    said = [line for line in out.stderr.splitlines() if "loaded a healthy group's state" in line]
+    assert said == [f"paratrain: replica group 1: at step 4, the others at {FAULT_AT}: loaded a healthy group's "
+                    "state, going on from there"], out.stderr  # once for the group, by its first process
+    groups = [ended(tmp_path / "run", g) for g in (0, 1)]
+    assert [g["restarts"] for g in groups] == [0, 1] and [g["step"] for g in groups] == [steps, steps], \
+        (groups, out.stderr)
+    assert groups[0]["params_sha256"] == groups[1]["params_sha256"]  # every stage's weights, bit for bit
+    committed = [r for r in records(tmp_path / "run", 0) if r.get("committed", True)]
+    assert [r["step"] for r in committed] == list(range(steps)) and all(r["replicas"] == 2 for r in committed)
+    oracle = fit(config(TINY_GPT, "strategy.name=single", f"training.steps={steps}", run_dir=tmp_path / "single"))
+    final = read_checkpoint(list_checkpoints(tmp_path / "run")[-1])["strategy"]["model"]
+    assert max_param_diff(final, oracle["params"]) <= 1e-5

@@ -138,7 +138,12 @@ def test_invalid_for_the_process_count(sets, nproc, message, tmp_path, capsys, m
 
 @pytest.mark.parametrize("sets,nproc,message", [
     (["strategy.name=zero3"], 2, "fault_tolerance.replica_groups = 2: per-step fault tolerance serves strategy.name = "
-     "'ddp', 'local_sgd', 'diloco'; 'zero3' restarts from its newest checkpoint"),
+     "'ddp', 'local_sgd', 'diloco', 'hybrid'; 'zero3' restarts from its newest checkpoint"),
+    (["model.name=gpt", "strategy.name=hybrid", "strategy.pp=2"], 2, "fault_tolerance.replica_groups = 2: each "
+     "replica group of hybrid is one pp x tp mesh of 2 processes; start 4 processes (--nproc 4), not 2"),
+    (["model.name=gpt", "strategy.name=hybrid", "strategy.pp=2", "strategy.dp_mode=shard"], 4,
+     "strategy.dp = 0, strategy.dp_mode = 'shard': with fault_tolerance.replica_groups the replica groups are "
+     "hybrid's dp axis"),
     ([], 4, "fault_tolerance.replica_groups = 2: each replica group of ddp is one process; start 2 processes "
      "(--nproc 2), not 4"),
     ([], 3, "fault_tolerance.replica_groups = 2: must divide the number of processes, 3"),

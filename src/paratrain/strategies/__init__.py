@@ -39,6 +39,7 @@ FAULT_TOLERANT: dict[str, str] = {
     "ddp": "paratrain.strategies.data_parallel.ft:FaultTolerantDDP",
     "local_sgd": "paratrain.strategies.local_sgd.ft:FaultTolerantLocalSGD",
     "diloco": "paratrain.strategies.local_sgd.ft:FaultTolerantDiLoCo",
+    "hybrid": "paratrain.strategies.hybrid:FaultTolerantHybrid",
 }
 
 # Strategies whose layout has ranks that serve instead of train (ServerDims): name -> "module:function",

@@ -23,7 +23,7 @@ from paratrain.topology import ParallelDims
 # Which strategies send what a codec can compress (PowerSGD: a DDP gradient hook, ddp only).
 COMPRESSING = ("ddp", "local_sgd", "diloco", "gossip", "parameter_server")
 # Which strategies run as fault-tolerant replica groups (torchft; fault_tolerance.replica_groups).
-FAULT_TOLERANT = ("ddp", "local_sgd", "diloco")
+FAULT_TOLERANT = ("ddp", "local_sgd", "diloco", "hybrid")
 
 
 @dataclass(frozen=True)
@@ -55,9 +55,18 @@ def layout(cfg: Config, world_size: int) -> ParallelDims:
     groups = cfg.fault_tolerance.groups
     if cfg.faults.rank >= world_size * groups:
         raise ConfigError(f"faults.rank = {cfg.faults.rank}: there are only ranks 0..{world_size * groups - 1}")
-    if groups > 1 and world_size != 1:  # torchft averages across groups only (data_parallel/ft.py)
-        raise ConfigError(f"fault_tolerance.replica_groups = {groups}: each replica group of {s.name} is one process; "
-                          f"start {groups} processes (--nproc {groups}), not {world_size * groups}")
+    # torchft averages across groups only (data_parallel/ft.py): ddp's and local SGD's groups are one
+    # process each; hybrid's dp axis is the groups, each one pp x tp mesh.
+    per_group = s.pp * s.tp if s.name == "hybrid" else 1
+    if groups > 1 and world_size != per_group:
+        what = f"one pp x tp mesh of {per_group} processes" if s.name == "hybrid" else "one process"
+        n = groups * per_group
+        raise ConfigError(f"fault_tolerance.replica_groups = {groups}: each replica group of {s.name} is {what}; "
+                          f"start {n} processes (--nproc {n}), not {world_size * groups}")
+    if groups > 1 and s.name == "hybrid" and (s.dp > 1 or s.dp_mode != "replicate"):
+        raise ConfigError(f"strategy.dp = {s.dp}, strategy.dp_mode = '{s.dp_mode}': with "
+                          "fault_tolerance.replica_groups the replica groups are hybrid's dp axis (replicated); "
+                          "leave strategy.dp = 0 and dp_mode = 'replicate'")
     dims = _LAYOUTS[s.name](cfg, world_size)
     dims.check(world_size)
     per_rank = dims.dp * groups * t.grad_accum_steps

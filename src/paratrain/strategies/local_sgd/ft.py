@@ -19,7 +19,13 @@ from torch.distributed import ReduceOp
 
 from paratrain.comm import ring_allgather_bytes, ring_allreduce_bytes
 from paratrain.strategies.base import local_eval
-from paratrain.strategies.data_parallel.ft import count_from, say_recovered, torchft_manager, write_replica_record
+from paratrain.strategies.data_parallel.ft import (
+    count_from,
+    say_recovered,
+    shut_down,
+    torchft_manager,
+    write_replica_record,
+)
 from paratrain.strategies.local_sgd.local_sgd import DiLoCo, LocalSGD
 
 
@@ -104,7 +110,7 @@ class _QuorumSync:
 
     def close(self, run_dir) -> object:
         write_replica_record(run_dir, self.topo, self.module, self.steps_done)
-        self.manager.shutdown(wait=False)
+        shut_down(self.manager)
         return None
 
 

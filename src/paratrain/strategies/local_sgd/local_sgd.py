@@ -232,7 +232,7 @@ class LocalSGD(Strategy):
             return
         self.steps_done = extra["step"]
         # This rank's place in the world that wrote it (replica groups: each group's own world)
-        inner, rank = extra["inner_optimizers"], self.topo.rank - self.topo.replica * self.topo.world_size
+        inner, rank = extra["inner_optimizers"], self.topo.group_rank
         same_world = len(inner) == self.topo.world_size
         if same_world and inner[rank] is not None:
             load_full_state(self.module, self.optimizer, {"model": state["model"], "optimizer": inner[rank]})

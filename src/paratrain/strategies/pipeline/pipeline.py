@@ -151,12 +151,14 @@ class Pipeline(Strategy):
                                target=batch.targets if self.has_last else None,
                                losses=losses if self.has_last else None)
         t1 = time.perf_counter()
+        self.average_gradients()
         self.clip_gradients()
         # This stage's own loss (the last stage's; others have none), on the device: NCCL reduces no CPU tensor.
         own_loss = (torch.stack([loss.detach().float() for loss in losses]).sum() if losses
                     else torch.zeros((), device=self.topo.device))
         finite = check_update(self, own_loss, (p for part in self.parts for p in part.parameters()))
-        if finite:
+        committed = self.commit()
+        if finite and committed:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         t2 = time.perf_counter()
@@ -166,7 +168,15 @@ class Pipeline(Strategy):
         nbytes += self.clock.take_bytes()
         return StepStats(loss, batch.num_samples, batch.num_tokens, compute_s=busy, comm_s=comm_s,
                          optim_s=t2 - t1, wait_s=max(0.0, t1 - t0 - busy), bytes_sent=nbytes,
-                         extra={} if finite else {"nonfinite": True})
+                         extra=({} if finite else {"nonfinite": True}) | ({} if committed else {"committed": False}))
+
+    def average_gradients(self) -> None:
+        """After the schedule's backward: nothing here (the stages' dp axis, if any, is FSDP's); torchft
+        replica groups average over the step's quorum (hybrid.FaultTolerantHybrid)."""
+
+    def commit(self) -> bool:
+        """Whether the step's update may be applied (torchft: every member of the quorum averaged)."""
+        return True
 
     def _pipeline_loss(self, losses: list[torch.Tensor]) -> float:
         """The last stage's mean micro-batch loss, shared along the pipeline, then averaged over dp."""
@@ -230,7 +240,7 @@ class Pipeline(Strategy):
         events = [list(self.events)]
         if pp > 1:
             events = messages.all_gather(list(self.events), group=self.topo.group("pp"))
-        if self.topo.is_main:
+        if self.topo.is_main and any(events):  # none: a restart at the last step trained nothing
             from paratrain.report.timeline import write_timeline
 
             schedule, v, m = self.settings
