@@ -2,7 +2,8 @@
 
 For each family (ddp, zero3, pipeline 1F1B, a dp2 x tp2 hybrid mesh, the parameter server under SSP,
 DiLoCo, gossip, ddp as torchft replica groups with min_replicas 1 and 2, DiLoCo as torchft replica
-groups) it runs the same job once without a fault and once per fault at worker rank 1, before step
+groups, hybrid as torchft replica groups) it runs the same job once without a fault and once per fault
+at worker rank 1 (hybrid torchft: rank 3, group 1's second stage), before step
 FAULT_AT of STEPS (checkpoints every EVERY steps, `run.timeout_s` = TIMEOUT):
   * kill: `faults.kill_at_step`, SIGKILL from the rank to itself (exit -9, no clean-up);
   * hang: `faults.hang_at_step`, SIGSTOP: alive, silent, its sockets open;
@@ -68,14 +69,18 @@ FAMILIES = {  # name -> (processes, config sets, synchronous: restarts bit-equal
     # DiLoCo as 2 replica groups (the most it takes): a lost replica is left out, restarts, rejoins.
     "diloco torchft": (2, [*MLP, "strategy.name=diloco", "strategy.local_sgd.sync_every=4",
                            "strategy.local_sgd.outer_lr=0.3", "fault_tolerance.replica_groups=2"], False),
+    # hybrid's dp axis as 2 replica groups, each a 2-stage pipeline; the fault at group 1's second stage.
+    "hybrid torchft min2": (4, [*GPT, "strategy.name=hybrid", "strategy.pp=2", "fault_tolerance.replica_groups=2",
+                                "fault_tolerance.min_replicas=2"], True),
 }
+FAULTED = {"hybrid torchft min2": 3}  # the rank faulted, where not rank 1
 COMMON = [f"training.steps={STEPS}", f"checkpoint.every={EVERY}", "checkpoint.keep=100",
           f"training.eval_every={STEPS}", f"run.timeout_s={TIMEOUT}", "run.progress=off"]
 FAULTS = {"kill": [f"faults.kill_at_step={FAULT_AT}"], "hang": [f"faults.hang_at_step={FAULT_AT}"],
           "slow": [f"faults.delay_s={DELAY_S}"]}
-NAMES_LOST = re.compile(r"rank 1 \(pid \d+.*(died|stopped|killed)|lost worker 1|lost rank\(s\) \[1\]|lost rank 1|"
-                        r"replica group 0: step \d+ not committed|"
-                        r"replica group 0: 1 of \d+ replica groups in the quorum")
+NAMES_LOST = (r"rank {r} \(pid \d+.*(died|stopped|killed)|lost worker {r}|lost rank\(s\) \[{r}\]|lost rank {r}|"
+              r"replica group 0: step \d+ not committed|"
+              r"replica group 0: 1 of \d+ replica groups in the quorum")  # a line naming rank r lost
 
 
 def run(nproc: int, sets: list[str], run_dir: Path) -> tuple[int, list[tuple[float, str]], float]:
@@ -110,16 +115,18 @@ def final_params(run_dir: Path) -> dict:
 def measure(name: str, fault: str, tmp: Path, clean: Path) -> dict:
     nproc, sets, synchronous = FAMILIES[name]
     run_dir = tmp / f"{name}-{fault}".replace(" ", "_")
-    code, lines, wall = run(nproc, [*sets, *COMMON, "faults.rank=1", *FAULTS[fault]], run_dir)
+    code, lines, wall = run(nproc, [*sets, *COMMON, f"faults.rank={FAULTED.get(name, 1)}", *FAULTS[fault]], run_dir)
     row = {"family": name, "fault": fault, "exit": code, "wall_s": wall}
     text = "".join(line for _, line in lines)
     if code != 0 or not list_checkpoints(run_dir):
         row["error"] = next((line.strip() for _, line in reversed(lines) if line.startswith("paratrain:")), "?")
         return row
-    fault_line = next((t, line) for t, line in lines if "faults: rank 1" in line) if fault != "slow" else None
+    faulted = FAULTED.get(name, 1)
+    fault_line = next((t, line) for t, line in lines if f"faults: rank {faulted}" in line) if fault != "slow" else None
     t_fault = float(fault_line[1].rsplit(" at ", 1)[1]) if fault_line else None
     if t_fault is not None:
-        named = [t for t, line in lines if NAMES_LOST.search(line)]
+        names_lost = re.compile(NAMES_LOST.replace("{r}", str(faulted)))
+        named = [t for t, line in lines if names_lost.search(line)]
         row["detect_s"] = named[0] - t_fault if named else None
         after = [r["time"] for r in steps(run_dir) if r["time"] > t_fault]
         gaps = [b - a for a, b in zip([t_fault, *after], after)]
@@ -142,7 +149,7 @@ def measure(name: str, fault: str, tmp: Path, clean: Path) -> dict:
     row["bit_equal"] = all(torch.equal(a[k], b[k]) for k in a) if a.keys() == b.keys() else False
     kept = {step_of(p) for p in list_checkpoints(run_dir)}
     row["ckpt_lost"] = len({step_of(p) for p in list_checkpoints(clean)} - kept)
-    healthy = {r for r in range(nproc) if r != 1}
+    healthy = {r for r in range(nproc) if r != faulted}
     server = run_dir / "metrics" / f"ps_server{nproc - 1}.json"
     lost = set(json.loads(server.read_text())["lost_workers"]) if server.exists() else set()
     gone = re.search(r"finished without \d+ lost worker\(s\): ranks \[([\d, ]+)\]", text)
@@ -174,7 +181,8 @@ def main() -> None:
         for fault in args.faults:
             print(f"[{i + 1}/{len(args.only)}] {name}: {fault} ...", file=sys.stderr, flush=True)
             rows.append(measure(name, fault, tmp, clean))
-    print(f"\n{STEPS} steps, fault at rank 1 before step {FAULT_AT}, checkpoints every {EVERY}, "
+    elsewhere = "".join(f" ({n}: rank {r})" for n, r in FAULTED.items() if n in args.only)
+    print(f"\n{STEPS} steps, fault at rank 1{elsewhere} before step {FAULT_AT}, checkpoints every {EVERY}, "
           f"run.timeout_s = {TIMEOUT}; slow = +{DELAY_S} s per step\n")
     head = ["family", "fault", "exit", "detect s", "stalled s", "repeated", "lost", "loss vs clean",
             "bit-equal", "ckpt lost", "healthy lost", "wall s"]
