@@ -309,9 +309,11 @@ def launch(cfg: Config, nproc: int | None = None, resume: str | Path | None = No
 
 
 def _failures(failures: dict, run_dir: Path) -> str:
-    """torch's record of the failed workers, with the step each was at (its heartbeat, watchdog.py)."""
+    """torch's record of the failed workers, with the step each was at (its heartbeat, watchdog.py).
+    Those a signal ended come first: the others most often exited on their own because of them (a
+    survivor's failed collective), sooner or later than the agent's SIGTERM would have come."""
     said, ended = [], []
-    for rank, f in sorted(failures.items()):
+    for rank, f in sorted(failures.items(), key=lambda item: (item[1].exitcode >= 0, item[0])):
         if f.exitcode == -signal.SIGTERM:  # the agent's: it stops the others once one has failed
             ended.append(str(rank))
             continue
