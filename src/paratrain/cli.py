@@ -130,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "testbed":
             return _testbed_run(args, cfg, resume)
         train(cfg, resume=resume, discard_newer=args.discard_newer)
-        if os.environ.get("REPLICA_GROUP_ID") is not None:  # topology.REPLICA_ENV: a torchft replica group's worker
+        from paratrain.topology import REPLICA_ENV  # loaded by train() already
+
+        if os.environ.get(REPLICA_ENV) is not None:  # a torchft replica group's worker
             # Done, every file written and closed: leave without the interpreter's teardown. In it, C++
             # destructors sometimes aborted a hybrid group's process after its last line of Python
             # ("terminate called without an active exception", about 1 exit in 10 with torchft's
