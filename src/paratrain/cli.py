@@ -130,17 +130,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "testbed":
             return _testbed_run(args, cfg, resume)
         train(cfg, resume=resume, discard_newer=args.discard_newer)
-        from paratrain.topology import REPLICA_ENV  # loaded by train() already
-
-        if os.environ.get(REPLICA_ENV) is not None:  # a torchft replica group's worker
-            # Done, every file written and closed: leave without the interpreter's teardown. In it, C++
-            # destructors sometimes aborted a hybrid group's process after its last line of Python
-            # ("terminate called without an active exception", about 1 exit in 10 with torchft's
-            # Manager shut down first), and its agent then restarted a group that had finished.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)
-        return 0
+        # A worker that finished, every file written and closed, leaves without the interpreter's
+        # teardown. In it, C++ destructors sometimes aborted the process after its last line of Python
+        # ("terminate called without an active exception": a torchft group's hybrid process about 1
+        # exit in 10, a plain zero3 rank now and then), and its agent then restarted a worker that had
+        # finished. The API's `train()` in a user's own process is left to that process.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     except (ConfigError, TestbedError) as e:
         if is_rank0:  # under torchrun every rank sees the same bad input; say it once
             print(f"paratrain: error: {e}", file=sys.stderr)

@@ -136,7 +136,11 @@ def test_a_lost_worker_does_not_end_the_asynchronous_strategies(tmp_path, name, 
         assert [r["step"] for r in steps] == list(range(ASYNC_STEPS))
         # Detected within run.timeout_s and a few seconds of heartbeats: no step waited longer.
         assert max(r["step_s"] for r in steps) < TIMEOUT + 5, max(r["step_s"] for r in steps)
-        assert sum(r["loss"] for r in steps[-5:]) < sum(r["loss"] for r in steps[:5])
+        # It kept learning: its training loss over the last 10 steps is below that over the first
+        # 10 (a window of 5 was too short for SSP's spikes of 4x near step 10; the held-out loss of
+        # this small MLP rises after step 10 under ddp too, so it cannot say it).
+        losses = [r["loss"] for r in steps]
+        assert sum(losses[-10:]) < sum(losses[:10]), losses
     if name.startswith("parameter_server"):
         assert server_report(tmp_path / "run")["lost_workers"] == [1]  # rank 0 waited at the gate, alive
         assert "parameter server: lost worker 1; going on with workers [0]" in out.stderr
