@@ -82,6 +82,25 @@ def test_diloco_a_killed_replica_rejoins_at_a_later_synchronisation(tmp_path):
     assert [r["step"] for r in syncs] == list(range(3, 40, 4)) and all(r["replicas"] == 2 for r in syncs)
 
 
+def test_diloco_three_replicas_a_hung_one_is_left_out_and_the_majority_trains_on_together(tmp_path):
+    """3 replica groups, min_replicas = 2 (a majority: two quorums cannot both form, so no replica
+    trains apart): the two survivors synchronise with each other from the next round on, the hung
+    one is ended and restarted, and all three end with the same weights."""
+    sets = [*LOCAL, "strategy.name=diloco", "fault_tolerance.replica_groups=3", "fault_tolerance.min_replicas=2",
+            "faults.hang_at_step=14", "run.timeout_s=3", "training.global_batch_size=48"]
+    out = cli(["run", "--nproc", "3", *[a for s in sets for a in ("--set", s)]], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "ended it with SIGKILL so that its agent restarts it" in out.stderr
+    for g in (0, 2):
+        assert f"replica group {g}: 2 of 3 replica groups in the quorum (was 3)" in out.stderr
+        syncs = [r for r in records(tmp_path / "run", g) if "replicas" in r]
+        assert [r["step"] for r in syncs] == list(range(3, 40, 4))
+        assert [r["replicas"] for r in syncs] == [3, 3, 3] + [2] * 7, syncs  # the survivors, together
+    groups = [ended(tmp_path / "run", g) for g in (0, 1, 2)]
+    assert [g["restarts"] for g in groups] == [0, 1, 0] and [g["step"] for g in groups] == [40, 40, 40]
+    assert len({g["params_sha256"] for g in groups}) == 1
+
+
 def test_local_sgd_a_hung_replica_is_left_out_and_the_other_trains_on(tmp_path):
     sets = [*LOCAL, "strategy.name=local_sgd", "faults.hang_at_step=14", "run.timeout_s=3"]
     out = cli(["run", "--nproc", "2", *[a for s in sets for a in ("--set", s)]], cwd=tmp_path)

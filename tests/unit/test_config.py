@@ -148,7 +148,9 @@ def test_invalid_for_the_process_count(sets, nproc, message, tmp_path, capsys, m
      "(--nproc 2), not 4"),
     ([], 3, "fault_tolerance.replica_groups = 2: must divide the number of processes, 3"),
     (["strategy.name=diloco", "fault_tolerance.replica_groups=3"], 3,
-     "fault_tolerance.replica_groups = 3: diloco runs as 2 replica groups"),
+     "fault_tolerance.min_replicas = 1: diloco as 3 replica groups needs a majority, min_replicas >= 2"),
+    (["strategy.name=local_sgd", "fault_tolerance.replica_groups=4", "fault_tolerance.min_replicas=2"], 4,
+     "fault_tolerance.min_replicas = 2: local_sgd as 4 replica groups needs a majority, min_replicas >= 3"),
     (["strategy.compression.codec=fp16"], 2, "strategy.compression.codec = 'fp16': fault_tolerance.replica_groups "
      "averages gradients through torchft, uncompressed"),
 ])

@@ -108,12 +108,14 @@ def _check_sections(cfg: Config) -> None:
         raise ConfigError(f"fault_tolerance.replica_groups = {groups}: per-step fault tolerance serves strategy.name = "
                           f"{', '.join(repr(n) for n in FAULT_TOLERANT)}; '{s.name}' restarts from its newest "
                           "checkpoint (run.max_restarts) or survives a lost worker on its own")
-    if groups > 2 and s.name in ("local_sgd", "diloco"):
-        # Measured: with 3, one replica kept forming torchft quorums alone (its Lighthouse reissues a
-        # quorum of the previous members at once) and trained apart to the end; with 2 it cannot,
-        # since a quorum needs more than half of the replicas heartbeating.
-        raise ConfigError(f"fault_tolerance.replica_groups = {groups}: {s.name} runs as 2 replica groups; "
-                          "with more, torchft's quorums can leave a replica training apart (measured)")
+    majority = groups // 2 + 1
+    if groups > 2 and s.name in ("local_sgd", "diloco") and cfg.fault_tolerance.min_replicas < majority:
+        # Measured with 3 and min_replicas = 1: one replica kept forming torchft quorums alone (its
+        # Lighthouse reissues a quorum of the previous members at once) and trained apart to the
+        # end. Two quorums with a majority each cannot both form: they would share a replica.
+        raise ConfigError(f"fault_tolerance.min_replicas = {cfg.fault_tolerance.min_replicas}: {s.name} as {groups} "
+                          f"replica groups needs a majority, min_replicas >= {majority}; with fewer, torchft's "
+                          "quorums can leave a replica training apart (measured)")
     if groups and cfg.strategy.compression.codec != "none":
         raise ConfigError(f"strategy.compression.codec = '{codec}': fault_tolerance.replica_groups averages "
                           "gradients through torchft, uncompressed; use 'none'")
