@@ -13,8 +13,14 @@ agent's store), so the store outlives any worker, rank 0 included.
 The launcher watches the workers: a lost one is named in one line (rank, pid, signal, step) and
 the others go on; once the chief (rank 0) has ended, workers that the survivors left behind
 stopped (SIGSTOP, a hang) are ended, so that the job ends. SIGTERM and Ctrl-C are forwarded once
-to every worker, which stop at a step boundary (signals.py); a second signal kills them. A lost
-worker is not restarted (it would have to rejoin the group and pull the current weights).
+to every worker, which stop at a step boundary (signals.py); a second signal kills them.
+
+A lost worker is restarted (up to `run.max_restarts` times each) where `restartable(rank)` says
+it can rejoin the running job: the parameter server's workers under SSP and ASP, which talk to the
+servers on channels of their own (parameter_server/protocol.py) and come back outside the job's
+process group (`REJOIN_ENV`: Topology.from_env's `alone`). The others' lost workers are not
+restarted: local SGD's, DiLoCo's and gossip's survivors shrink a gloo group, which cannot grow back
+(as replica groups, local SGD and DiLoCo restart a lost one: replica_groups.py).
 """
 from __future__ import annotations
 
@@ -26,13 +32,14 @@ import uuid
 from pathlib import Path
 
 from paratrain import watchdog
-from paratrain.topology import loopback_store
+from paratrain.topology import REJOIN_ENV, loopback_store
 
 SURVIVES_LOSS = ("parameter_server", "local_sgd", "diloco", "gossip")
 POLL_S = 0.1
 
 
-def run_apart(nproc: int, worker: list[str], run_dir: Path, grace_s: float) -> tuple[int, int | None]:
+def run_apart(nproc: int, worker: list[str], run_dir: Path, grace_s: float,
+              restartable=lambda rank: False, max_restarts: int = 0) -> tuple[int, int | None]:
     """Run `python worker...` as ranks 0..nproc-1, each on its own; (exit code, signal that stopped
     the job or None). Exit code 0 when rank 0 and every rank not lost finished."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, start_processes
@@ -40,24 +47,38 @@ def run_apart(nproc: int, worker: list[str], run_dir: Path, grace_s: float) -> t
 
     store = loopback_store()  # the group's store, in this process: no worker's loss takes it down
     run_id = uuid.uuid4().hex
-    contexts = {}
-    for rank in range(nproc):
+    contexts, restarts = {}, dict.fromkeys(range(nproc), 0)
+
+    def start(rank: int):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
                "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(store.port), "TORCHELASTIC_USE_AGENT_STORE": str(True),
-               "TORCHELASTIC_RUN_ID": run_id, "TORCHELASTIC_RESTART_COUNT": "0"}
-        contexts[rank] = start_processes(f"rank{rank}", sys.executable, {0: tuple(worker)}, {0: env},
-                                         DefaultLogsSpecs(log_dir=os.devnull))
-    pids = {rank: pc.pids()[0] for rank, pc in contexts.items()}
+               "TORCHELASTIC_RUN_ID": run_id, "TORCHELASTIC_RESTART_COUNT": str(restarts[rank]),
+               **({REJOIN_ENV: "1"} if restarts[rank] else {})}
+        contexts[rank] = start_processes(f"rank{rank}-{restarts[rank]}", sys.executable, {0: tuple(worker)},
+                                         {0: env}, DefaultLogsSpecs(log_dir=os.devnull))
+        pids[rank] = contexts[rank].pids()[0]
+
+    pids: dict[int, int] = {}
+    for rank in range(nproc):
+        start(rank)
     codes: dict[int, int] = {}
     try:
         while len(codes) < nproc:
-            for rank, pc in contexts.items():
+            for rank, pc in list(contexts.items()):
                 if rank in codes or (result := pc.wait(0)) is None:
                     continue
                 codes[rank] = result.failures[0].exitcode if result.is_failed() else 0
                 if codes[rank] != 0 and rank != 0 and 0 not in codes:
                     who = watchdog.describe_exit(run_dir, rank, pids[rank], codes[rank])
+                    if restartable(rank) and restarts[rank] < max_restarts:
+                        restarts[rank] += 1
+                        print(f"paratrain: lost {who}; restarting it (restart {restarts[rank]} of "
+                              f"{max_restarts}); the others go on", file=sys.stderr, flush=True)
+                        pc.close(signal.SIGKILL, timeout=1)
+                        del codes[rank]
+                        start(rank)
+                        continue
                     print(f"paratrain: lost {who}; the others go on", file=sys.stderr, flush=True)
             if 0 in codes:  # the chief has ended: nobody waits on a worker left behind stopped
                 for rank in set(contexts) - set(codes):
@@ -81,6 +102,8 @@ def run_apart(nproc: int, worker: list[str], run_dir: Path, grace_s: float) -> t
         return codes[0] if codes[0] > 0 else 1, None
     if lost:
         print(f"paratrain: finished without {len(lost)} lost worker(s): ranks {sorted(lost)}", file=sys.stderr)
+    if back := sorted(r for r, n in restarts.items() if n and r not in lost):
+        print(f"paratrain: finished with restarted worker(s) {back} back in the job", file=sys.stderr)
     return 0, None
 
 

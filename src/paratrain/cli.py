@@ -101,7 +101,7 @@ def _ended_before(args) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from paratrain.imports import add_user_paths
-    from paratrain.restarts import OWNED_ENV
+    from paratrain.restarts import OWNED_ENV, JobFinished
 
     add_user_paths(getattr(args, "config", None))  # user code imports from here and beside the config
     if args.command == "worker" and (code := _ended_before(args)) is not None:
@@ -150,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         if str(min(e.ranks, default=0)) == os.environ.get("RANK", "0"):  # said once, by the first bad rank
             print(f"paratrain: error: {e}", file=sys.stderr)
         return NONFINITE_EXIT
+    except JobFinished as e:  # restarted into a job that ended before it could rejoin
+        print(f"paratrain: {e}", file=sys.stderr)
+        return 0
     except PeerLost as e:  # a peer died or hung: named in a line above (watchdog.py); this rank's error
         print(f"paratrain: {e}", file=sys.stderr)
         return 1

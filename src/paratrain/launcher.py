@@ -34,7 +34,7 @@ from paratrain.nonfinite import NONFINITE_EXIT, NonFiniteError
 from paratrain.restarts import OWNED_ENV, attempt, job_dir, record_end
 from paratrain.rundir import Plan, claim, notes, record_config, settle
 from paratrain.signals import HANDLED, Stopped
-from paratrain.topology import REPLICA_ENV
+from paratrain.topology import REJOIN_ENV, REPLICA_ENV
 
 # On SIGTERM / Ctrl-C the workers finish their step and write a checkpoint (signals.py); torch's
 # agent waits this long for them before SIGKILL.
@@ -43,6 +43,18 @@ SHUTDOWN_GRACE_S = 120
 LAUNCH_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 # A local run's workers: gloo's pair sockets on the loopback interface, unless the user named one.
 LOCAL_ENV = {"GLOO_SOCKET_IFNAME": "lo"}
+
+
+def _rejoins(cfg: Config, nproc: int):
+    """Which ranks apart.py may restart into the running job: the parameter server's workers but
+    the chief, under SSP and ASP (parameter_server/protocol.rejoins)."""
+    if cfg.strategy.name != "parameter_server":
+        return lambda rank: False
+    from paratrain.strategies import layout
+    from paratrain.strategies.parameter_server.protocol import rejoins
+
+    dims = layout(cfg, nproc)
+    return lambda rank: rejoins(cfg) and rank != 0 and dims.trains(rank)
 
 
 @dataclass
@@ -87,7 +99,8 @@ def train(cfg: Config, *, resume: str | Path | None = None, model: nn.Module | N
     if distributed and dist.is_initialized():  # a caller's group: no rank writes there before all have looked
         dist.barrier()
     if distributed:
-        topo = Topology.from_env(cfg.run, lambda n: layout(cfg, n), cfg.fault_tolerance.groups)
+        topo = Topology.from_env(cfg.run, lambda n: layout(cfg, n), cfg.fault_tolerance.groups,
+                                 alone=os.environ.get(REJOIN_ENV) == "1")
     else:
         layout(cfg, 1)
         topo = Topology.single(cfg.run)
@@ -267,7 +280,8 @@ def launch(cfg: Config, nproc: int | None = None, resume: str | Path | None = No
 
                     code, sig = run_replica_groups(run.cfg, nproc, worker, run.run_dir, SHUTDOWN_GRACE_S)
                 else:
-                    code, sig = run_apart(nproc, worker, run.run_dir, SHUTDOWN_GRACE_S)
+                    code, sig = run_apart(nproc, worker, run.run_dir, SHUTDOWN_GRACE_S, _rejoins(run.cfg, nproc),
+                                          run.cfg.run.max_restarts)
             finally:
                 for key in local_env:
                     os.environ.pop(key, None)

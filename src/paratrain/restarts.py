@@ -43,6 +43,11 @@ def record_end(run_dir: str | Path, exit_code: int, why: str) -> None:
     os.replace(tmp, path)
 
 
+class JobFinished(Exception):
+    """A worker restarted into a running job (apart.py) found it finished meanwhile: nothing to
+    do; it exits 0."""
+
+
 def worker_run_dir(cfg_run_dir: str, run_name: str) -> Path:
     """The run directory a worker of this job writes to: the launcher's, the configured one, or the
     one derived from the torchrun job."""

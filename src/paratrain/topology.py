@@ -99,7 +99,17 @@ class Topology:
         return getattr(self.dims, axis)
 
     def axis_rank(self, axis: str) -> int:
-        return 0 if self.mesh is None else self.mesh.get_local_rank(axis)
+        if self.mesh is not None:
+            return self.mesh.get_local_rank(axis)
+        # No mesh: one process alone, or a rank that rejoined a job outside its group (`from_env`'s
+        # `alone`): its place in the mesh's (dp, dp_shard, pp, tp) order, from its rank.
+        shape = {"dp": self.dims.dp, "dp_shard": 1, "pp": self.dims.pp, "tp": self.dims.tp}
+        place = self.rank - self.replica * self.world_size
+        for name in reversed(MESH_AXES):
+            if name == axis:
+                return place % shape[name]
+            place //= shape[name]
+        raise KeyError(axis)
 
     def group(self, axis: str):
         """The process group of one mesh axis (None in a one-process run)."""
@@ -121,9 +131,12 @@ class Topology:
         return cls(ParallelDims(), rank=0, local_rank=0, device=resolve_device(run, 0))
 
     @classmethod
-    def from_env(cls, run: RunConfig, dims_for_world, replicas: int = 1) -> "Topology":
+    def from_env(cls, run: RunConfig, dims_for_world, replicas: int = 1, alone: bool = False) -> "Topology":
         """Join the job that torchrun (or `paratrain run`) started; `dims_for_world(n)` -> ParallelDims.
-        `replicas` > 1: this process is in one of that many replica groups (REPLICA_GROUP_ID)."""
+        `replicas` > 1: this process is in one of that many replica groups (REPLICA_GROUP_ID).
+        `alone`: a worker restarted into a running job whose group cannot take it back (a gloo
+        group's members are fixed): its rank and place in the job, and a process group of its own
+        (the parameter server's rejoining worker, which talks to the servers on channels of its own)."""
         _set_threads(run)
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         replica = replica_group(replicas)
@@ -133,6 +146,12 @@ class Topology:
         dims.check(world)
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        if alone:
+            dist.init_process_group(backend=backend_for(device), store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timedelta(seconds=run.timeout_s))
+            topo = cls(dims, replica * world + rank, local_rank, device, None, replica, replicas)
+            topo.owns_group = True
+            return topo
         owns_group = not dist.is_initialized()  # a caller's own group is reused, and left to the caller
         if owns_group:
             # A job on one machine (MASTER_ADDR a loopback address, as `paratrain run` sets it): rank 0's
@@ -171,6 +190,7 @@ class Topology:
 
 
 REPLICA_ENV = "REPLICA_GROUP_ID"  # torchft's name: which replica group this torchrun job is
+REJOIN_ENV = "PARATRAIN_REJOIN"  # set by apart.py on a worker it restarted into a running job: `alone`
 LIGHTHOUSE_ENV = "TORCHFT_LIGHTHOUSE"  # torchft's: the Lighthouse's address, http://host:port
 
 

@@ -113,7 +113,8 @@ def test_plain_torchrun_restarts_continue_from_the_newest_checkpoint(tmp_path):
 
 ASYNC_STEPS, ASYNC_AT, TIMEOUT = 40, 15, 5
 ASYNC = {  # (processes, sets): 2 workers and a server; 3 replicas; a ring of 4
-    "parameter_server-ssp": (3, [*MLP, "strategy.name=parameter_server", "strategy.ps.mode=ssp"]),
+    # run.max_restarts = 0: the lost worker is dropped (restarted, it rejoins: the test after this one)
+    "parameter_server-ssp": (3, [*MLP, "strategy.name=parameter_server", "strategy.ps.mode=ssp", "run.max_restarts=0"]),
     "diloco": (3, [*MLP, "strategy.name=diloco", "strategy.local_sgd.sync_every=4", "training.global_batch_size=48"]),
     "gossip": (4, [*MLP, "strategy.name=gossip", "training.global_batch_size=48"]),
 }
@@ -155,3 +156,36 @@ def test_a_lost_worker_does_not_end_the_asynchronous_strategies(tmp_path, name, 
     if fault == "kill":
         assert "lost rank 1 (pid" in out.stderr and f"killed by SIGKILL at step {ASYNC_AT}" in out.stderr
     assert (tmp_path / "run" / "checkpoints" / f"step-{ASYNC_STEPS:08d}.pt").exists()
+
+
+REJOIN_STEPS = 400  # long enough that the job is still running when the restarted worker is back (~7 s)
+
+
+@pytest.mark.parametrize("fault", ["kill", "hang"])
+def test_a_lost_parameter_server_worker_is_restarted_and_rejoins(tmp_path, fault):
+    """SSP: the killed (or hung, then ended) worker is restarted by the launcher, outside the job's
+    process group; it connects to the server afresh, pulls the current parameters, and goes on
+    from the slowest live worker's step; the steps in between of its data shard are missed."""
+    sets = [*TINY_GPT, "strategy.name=parameter_server", "strategy.ps.mode=ssp", "optimizer.lr=1e-3",
+            f"training.steps={REJOIN_STEPS}", "training.eval_every=100", "checkpoint.every=100",
+            f"run.timeout_s={TIMEOUT}", "faults.rank=1", f"faults.{fault}_at_step={ASYNC_AT}",
+            f"run.dir={json.dumps('run')}"]
+    out = cli(["run", "--nproc", "3", *[a for s in sets for a in ("--set", s)]], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "lost rank 1 (pid" in out.stderr and "restarting it (restart 1 of 3)" in out.stderr
+    back = re.search(r"parameter server: worker 1 rejoined at step (\d+); workers \[0, 1\]", out.stderr)
+    assert back, out.stderr
+    at = int(back.group(1))
+    report = server_report(tmp_path / "run")
+    assert report["lost_workers"] == [1] and report["rejoined_workers"] == [1]
+    assert report["missed_steps"] == [0, at - ASYNC_AT]  # its steps while it was away, and no others
+    assert report["max_staleness"] <= report["staleness_bound"]
+    chief = records(tmp_path / "run", 0)
+    assert [r["step"] for r in chief] == list(range(REJOIN_STEPS))
+    assert max(r["step_s"] for r in chief) < TIMEOUT + 5
+    rejoined = records(tmp_path / "run", 1)
+    assert [r["step"] for r in rejoined] == list(range(ASYNC_AT)) + list(range(at, REJOIN_STEPS))
+    # It came back with the current parameters and their versions: its first gradient was as fresh
+    # as SSP allows (from the initial ones, a version hundreds of updates old).
+    assert rejoined[ASYNC_AT]["staleness"] <= report["staleness_bound"], rejoined[ASYNC_AT]
+    assert "finished with restarted worker(s) [1]" in out.stderr

@@ -4,7 +4,10 @@ Shards: whole tensors, balanced by size with the greedy rule (largest tensor fir
 holding the fewest elements so far), as in Li et al.'s key ranges but per tensor. Every rank
 computes the same layout from the same model, so no message carries sizes or names.
 
-Messages travel over gloo point-to-point on three tags. A request is a fixed-size float64
+Messages travel over gloo point-to-point on three tags, each worker-server pair on a `Channel`
+of its own: a gloo group of the two, made on the job's store under both ends' incarnations, so
+that a worker restarted into the running job (apart.py) connects again where a group of the whole
+job could not take it back. A request is a fixed-size float64
 header (float64 so that it can carry the learning rate; the integers in it are exact), possibly
 followed by a payload whose size the receiver knows already (gloo aborts the receiving process
 when a buffer is smaller than the message, so nothing is ever sized by guess): a shard's flat
@@ -15,10 +18,12 @@ the shard fix (codec.py):
                       [BARRIER, worker, 0,     0,       0]    server 0 only
                       [STATE,   worker, 0,     0,       0]    the chief only, at checkpoints
                       [DONE,    worker, 0,     0,       0]    every server, after the last step
-    server -> worker  PUSH:  [version, staleness, next clock, applied]
+                      [JOIN,    worker, 0,     0,       0]    every server, from a restarted worker
+    server -> worker  PUSH, JOIN: [version, staleness, next clock, applied]
                                                                + the shard's parameters (flat, or
                                                                  a packed difference: codec.py)
-                      BARRIER, DONE:   live mask, one entry per worker (server 0)
+                      BARRIER, DONE:   live mask, one entry per worker (server 0): 1 a worker
+                                       of the job's group, 2 one that rejoined (alone), 0 lost
                       STATE:           [nbytes] (int64)        + the shard's state (paratrain.messages)
 
 Headers are read and written through named records (`Message.header` / `Message.from_header`,
@@ -29,6 +34,7 @@ when the server discarded the gradient as too stale (drop_behind only).
 """
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -36,6 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import IntEnum
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -54,6 +61,79 @@ class Kind(IntEnum):
     STATE = 3
     DONE = 4
     DEAD = 5  # never sent: what a receiving thread reports when its worker's connection closes
+    JOIN = 6
+
+
+MEMBER, REJOINED = 1, 2  # a live worker's entry in a membership mask
+
+
+def rejoins(cfg) -> bool:
+    """Whether a lost worker is restarted into the running job (apart.py, `run.max_restarts`): under
+    SSP and ASP, where a worker that comes back at the slowest one's step fits at once, and without
+    a codec (its copies and residuals would start over on both ends). BSP's rounds, one per step,
+    would have to agree across servers on the round it joins: its lost worker is dropped."""
+    return (cfg.strategy.ps.mode in ("ssp", "asp") and cfg.strategy.compression.codec == "none"
+            and cfg.run.max_restarts > 0)
+
+
+def job_store(run_dir) -> dist.Store:
+    """A client of the job's store (MASTER_ADDR:MASTER_PORT: under `paratrain run`, the launcher's,
+    which outlives every worker), where channels meet and incarnations are registered; its keys
+    under the run directory's name (one store can serve several runs' processes, as in tests)."""
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timedelta(seconds=60))
+    return dist.PrefixStore(f"parameter_server/{Path(run_dir).resolve()}/", store)
+
+
+def register(store: dist.Store, rank: int, incarnation: int) -> None:
+    store.set(f"ps/incarnation/{rank}", str(incarnation))
+
+
+def incarnation(store: dist.Store, rank: int, newer_than: int = -1, closing=lambda: False) -> int | None:
+    """`rank`'s registered incarnation once it is newer than `newer_than`; None once `closing()`."""
+    key = f"ps/incarnation/{rank}"
+    while not closing():
+        if store.check([key]) and (n := int(store.get(key))) > newer_than:
+            return n
+        time.sleep(0.2)
+    return None
+
+
+class Channel:
+    """One worker and one server, alone in a gloo group of two: made on the job's store under a
+    prefix naming both ends' incarnations, so each start of either end meets the other afresh.
+    Written by hand because torch's groups are made from its world group, whose members are fixed.
+    Both ends block in the constructor until the other arrives (up to `timeout_s`)."""
+
+    def __init__(self, store: dist.Store, worker: int, server: int, incarnations: tuple[int, int], side: int,
+                 timeout_s: float):
+        prefix = f"ps/channel/{worker}-{server}/{incarnations[0]}-{incarnations[1]}/"
+        self.pg = dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), side, 2, timedelta(seconds=timeout_s))
+        self.peer = 1 - side
+
+    def isend(self, tensor: torch.Tensor, tag: int):
+        return self.pg.send([tensor], self.peer, tag)
+
+    def irecv(self, tensor: torch.Tensor, tag: int):
+        return self.pg.recv([tensor], self.peer, tag)
+
+    def send(self, tensor: torch.Tensor, tag: int) -> None:
+        self.isend(tensor, tag).wait()
+
+    def send_object(self, obj) -> int:
+        """A variable-size tree of tensors and plain values: its byte count, then its bytes
+        (paratrain.messages: no pickle). Returns the bytes sent."""
+        payload = messages.encode(obj)
+        self.send(torch.tensor([payload.numel()], dtype=torch.int64), REPLY)
+        self.send(payload, PAYLOAD)
+        return 8 + payload.numel()
+
+    def recv_object(self, timeout_s: float):
+        size = torch.empty(1, dtype=torch.int64)
+        wait_patiently(self.irecv(size, REPLY), timeout_s)
+        buf = torch.empty(int(size.item()), dtype=torch.uint8)
+        wait_patiently(self.irecv(buf, PAYLOAD), timeout_s)
+        return messages.decode(buf)
 
 
 def partition(sizes: dict[str, int], num_servers: int) -> list[list[str]]:
@@ -71,16 +151,6 @@ def shard_layout(model: torch.nn.Module, num_servers: int) -> list[list[str]]:
     if len({p.dtype for p in params.values()}) > 1:
         raise ConfigError("strategy.name = 'parameter_server': the model's parameters must share one dtype")
     return partition({n: p.numel() for n, p in params.items()}, num_servers)
-
-
-def send_object(obj, dst: int) -> int:
-    """A variable-size tree of tensors and plain values: its byte count first, then its bytes
-    (paratrain.messages: no pickle). Returns the bytes sent, both messages."""
-    return messages.send(obj, dst, size_tag=REPLY, payload_tag=PAYLOAD)
-
-
-def recv_object(src: int):
-    return messages.recv(src, size_tag=REPLY, payload_tag=PAYLOAD)
 
 
 @dataclass
@@ -138,14 +208,17 @@ SERVER_PATIENCE_S = 24 * 3600.0  # a server waits on a worker until it says DONE
 
 
 class Inbox:
-    """The server's incoming messages, from one receiving thread per worker, in one queue.
+    """The server's incoming messages, from one receiving thread per worker, in one queue; and the
+    server's channel to each worker (`channels`), which that thread opens.
 
     Why threads: gloo's any-source `recv` never notices a dead sender (measured, torch 2.13: it
     goes on waiting for the others, up to the process-group timeout), while a `recv` from one
-    named rank fails at once when that rank's process is gone: RuntimeError "[.../gloo/transport/
-    tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:PORT". So each worker's connection
+    named peer fails at once when that peer's process is gone: RuntimeError "[.../gloo/transport/
+    tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:PORT". So each worker's channel
     gets a thread blocked on it; a failure there is that worker's death (Kind.DEAD), reported
-    after everything it sent before dying. A thread ends after its worker's DONE or death.
+    after everything it sent before dying. With `rejoins`, the thread then waits for the worker's
+    next incarnation (restarted by apart.py), opens a channel to it, and goes on: its first
+    message is a JOIN. A thread ends after its worker's DONE, or its death without `rejoins`.
 
     A hung worker (stopped, its connection open) is found by `alive(worker)`, asked every second:
     the worker's heartbeat (watchdog.py) silent for longer than the process-group timeout; `end`
@@ -154,12 +227,20 @@ class Inbox:
     so it is never lost for waiting; its receiving thread waits as long as it takes.
     """
 
-    def __init__(self, workers: list[int], empty_payload: Callable[[], torch.Tensor],
-                 alive: Callable[[int], bool] | None = None, end: Callable[[int], bool] = lambda w: False):
+    def __init__(self, workers: list[int], empty_payload: Callable[[], torch.Tensor], connect: Callable,
+                 alive: Callable[[int], bool] | None = None, end: Callable[[int], bool] = lambda w: False,
+                 rejoins: Callable[[int], int | None] | None = None):
         self.queue: queue.Queue[Message] = queue.Queue()
         self.empty_payload = empty_payload  # a push's buffer, of exactly its size
+        # connect(worker, its previous incarnation or None) -> (its next incarnation, Channel, or None
+        # if it never connected); None once the server is closing
+        self.connect = connect
+        self.rejoins = rejoins is not None
         self.alive, self.end, self.ended = alive, end, set()  # ended: DONE or DEAD reported
+        self.finished: set[int] = set()  # DONE reported
         self.hung: set[int] = set()  # found hung and not ended: their receiving threads stay blocked
+        self.closing = False
+        self.channels: dict[int, Channel] = {}
         self._lock = threading.Lock()
         self.threads = {w: threading.Thread(target=self._receive, args=(w,), daemon=True) for w in workers}
         for t in self.threads.values():
@@ -170,11 +251,12 @@ class Inbox:
     def get(self) -> Message:
         return self.queue.get()
 
-    def join(self) -> None:
-        """Wait for the receiving threads of the workers that said DONE or whose connection closed
-        (a hung worker's thread stays blocked on its open connection; it is a daemon)."""
+    def close(self) -> None:
+        """Wait for the receiving threads of the workers that said DONE (one waiting for a lost
+        worker's next incarnation, or blocked on a hung one's open connection, is a daemon)."""
+        self.closing = True
         for w, t in self.threads.items():
-            if w not in self.hung:
+            if w not in self.hung and (not self.rejoins or w in self.finished):
                 t.join()
 
     def _end(self, msg: Message) -> None:
@@ -182,31 +264,48 @@ class Inbox:
             if msg.worker in self.ended:
                 return
             self.ended.add(msg.worker)
+            if msg.kind == Kind.DONE:
+                self.finished.add(msg.worker)
         self.queue.put(msg)
 
     def _receive(self, worker: int) -> None:
-        try:
-            while True:
-                h = torch.zeros(HEADER_NUMEL, dtype=torch.float64)
-                wait_patiently(dist.irecv(h, src=worker, tag=HEADER), SERVER_PATIENCE_S)
-                if worker in self.ended:  # woke up after it was found hung: no longer a member
+        previous = None
+        while (found := self.connect(worker, previous)) is not None:
+            previous, channel = found
+            if channel is None:  # it never came (died first, or hung): lost as if it had died here
+                self._end(Message(Kind.DEAD, worker))
+                if not self.rejoins:
                     return
-                msg = Message.from_header(h)
-                if msg.kind == Kind.PUSH:
-                    msg.payload = self.empty_payload()
-                    wait_patiently(dist.irecv(msg.payload, src=worker, tag=PAYLOAD), SERVER_PATIENCE_S)
-                if msg.kind == Kind.DONE:
-                    self._end(msg)
-                    return
-                self.queue.put(msg)
-        except RuntimeError:  # the connection closed: the worker is gone
-            self._end(Message(Kind.DEAD, worker))
+                continue
+            with self._lock:
+                self.channels[worker] = channel
+                if worker in self.ended:  # a new incarnation: a member again once its JOIN is handled
+                    self.ended.discard(worker)
+                    self.hung.discard(worker)
+            try:
+                while True:
+                    h = torch.zeros(HEADER_NUMEL, dtype=torch.float64)
+                    wait_patiently(channel.irecv(h, HEADER), SERVER_PATIENCE_S)
+                    if worker in self.ended:  # woke up after it was found hung: no longer a member
+                        break
+                    msg = Message.from_header(h)
+                    if msg.kind == Kind.PUSH:
+                        msg.payload = self.empty_payload()
+                        wait_patiently(channel.irecv(msg.payload, PAYLOAD), SERVER_PATIENCE_S)
+                    if msg.kind == Kind.DONE:
+                        self._end(msg)
+                        return
+                    self.queue.put(msg)
+            except RuntimeError:  # the connection closed: the worker is gone
+                self._end(Message(Kind.DEAD, worker))
+            if not self.rejoins:
+                return
 
     def _watch(self, workers: list[int]) -> None:
-        while len(self.ended) < len(workers):
+        while not self.closing:
             time.sleep(1.0)
             for w in workers:
-                if w not in self.ended and not self.alive(w):
+                if w not in self.ended and w in self.channels and not self.alive(w):
                     # Ended if it is stopped on this host: its connection closes, and its receiving thread
                     # ends (a receive still posted at exit makes gloo terminate the process).
                     if not self.end(w):

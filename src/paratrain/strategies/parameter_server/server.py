@@ -18,18 +18,18 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from paratrain import watchdog
 from paratrain.comm import flatten, unflatten
 from paratrain.config import Config
 from paratrain.optim import build_optimizer
+from paratrain.restarts import attempt, record_end
 from paratrain.strategies.base import named_optimizer_state
 from paratrain.strategies.layout import needs_gloo
 from paratrain.strategies.parameter_server import protocol as wire
 from paratrain.strategies.parameter_server.codec import ServerLinks
-from paratrain.strategies.parameter_server.protocol import Kind, Message
+from paratrain.strategies.parameter_server.protocol import Kind, Message, rejoins
 from paratrain.topology import Topology
 
 STATE_KEY = "parameter_server"  # a checkpoint's codec state (residuals, copies); other strategies ignore it
@@ -62,10 +62,25 @@ def serve(cfg: Config, topo: Topology, run_dir: Path, ckpt: dict | None, model: 
     server = Server(cfg, index, num_workers, names, shard, optimizer, links)
     heartbeat = watchdog.Heartbeat(run_dir, topo.rank).start(topo.world_size)
     heartbeat.at(0, "serving")
+    store = wire.job_store(run_dir)
+    wire.register(store, topo.rank, attempt())
+
+    def connect(worker: int, previous: int | None):
+        """The channel to `worker`'s first incarnation, or (`previous` given: it was lost) its next."""
+        if (n := wire.incarnation(store, worker, -1 if previous is None else previous,
+                                  closing=lambda: server.closing)) is None:
+            return None
+        try:
+            return n, wire.Channel(store, worker, topo.rank, (n, attempt()), 1, cfg.run.timeout_s)
+        except RuntimeError:
+            return n, None
     try:
-        server.run(_alive_by_heartbeat(run_dir, cfg.run.timeout_s), functools.partial(watchdog.end_if_stopped, run_dir))
+        server.run(connect, _alive_by_heartbeat(run_dir, cfg.run.timeout_s),
+                   functools.partial(watchdog.end_if_stopped, run_dir), rejoins=rejoins(cfg))
     finally:
         heartbeat.close("finished")
+    # A worker restarted from here on (apart.py) exits at once: nothing is left to rejoin (restarts.py).
+    record_end(run_dir, 0, "the parameter servers finished")
     report = server.report()
     path = Path(run_dir) / "metrics" / f"ps_server{topo.rank}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,38 +123,50 @@ class Server:
         # SSP's clocks: steps of each worker accounted for, pushed or (drop_behind) dropped
         self.clock = [0] * num_workers
         self.pushes = [0] * num_workers
+        self.first: dict[int, int] = {}  # each worker's first pushed step
+        self.missed = [0] * num_workers  # steps skipped by a worker that rejoined (its data not trained on)
         self.discarded = 0  # drop_behind: gradients that arrived staler than the bound
         self.version = 0  # updates applied to this shard
         self.round: dict[int, Message] = {}  # BSP: the open round's gradients, by worker
         self.held: dict[int, tuple[int, bool]] = {}  # SSP: worker -> (staleness, applied), reply held back
         self.held_replies = 0  # SSP: replies not sent at once because the gate was closed (a worker waited)
         self.waiting: set[int] = set()  # the workers whose reply is held now
-        self.at_barrier: set[int] = set()
+        self.at_barrier: dict[int, int] = {}  # worker -> the step boundary it waits at
+        self.joined_at: dict[int, int] = {}  # a worker that rejoined -> the step it rejoined at
+        self.rejoined: list[int] = []
         self.final_sent = False
         self.staleness: Counter[int] = Counter()
         self.push_bytes = self.pull_bytes = self.checkpoint_bytes = 0  # gradients in, parameters out, state out
 
-    def run(self, alive=None, end=lambda worker: False) -> None:
-        """Serve until every worker is done or lost (dead, or hung: not `alive(worker)`, then `end`ed)."""
+    def run(self, connect, alive=None, end=lambda worker: False, rejoins: bool = False) -> None:
+        """Serve until every worker is done or lost (dead, or hung: not `alive(worker)`, then `end`ed).
+        `connect`: protocol.Inbox's; `rejoins`: a lost worker may come back (JOIN)."""
         self.links.start(self.params)
-        inbox = wire.Inbox(list(range(self.num_workers)), self.links.push.empty, alive, end)
+        inbox = self.inbox = wire.Inbox(list(range(self.num_workers)), self.links.push.empty, connect, alive, end,
+                                        rejoins)
         handlers = {Kind.PUSH: self._push, Kind.BARRIER: self._barrier, Kind.STATE: self._state,
-                    Kind.DONE: self._done, Kind.DEAD: self._lose}
-        while self.live - self.done:
-            msg = inbox.get()
-            handlers[msg.kind](msg)
-            if self.mode == "bsp":
-                self._close_round()
-            if self.mode == "ssp":
-                self._open_gate()
-            if self.index == 0:
-                self._release_barrier()
-        inbox.join()
+                    Kind.DONE: self._done, Kind.DEAD: self._lose, Kind.JOIN: self._join}
+        try:
+            while self.live - self.done:
+                msg = inbox.get()
+                handlers[msg.kind](msg)
+                if self.mode == "bsp":
+                    self._close_round()
+                if self.mode == "ssp":
+                    self._open_gate()
+                if self.index == 0:
+                    self._release_barrier()
+        finally:
+            self.closing = True
+            inbox.close()
+
+    closing = False
 
     # -- gradients
     def _push(self, msg: Message) -> None:
         self.push_bytes += wire.HEADER_BYTES + msg.payload.numel() * msg.payload.element_size()
         self.pushes[msg.worker] += 1
+        self.first.setdefault(msg.worker, msg.clock)  # a resumed run's workers start at its step
         # max: under drop_behind the clock may be past this step already (dropped while it was
         # computed), or a worker may come with a later step than this server knew (another server
         # dropped steps for it); otherwise it is clock + 1.
@@ -210,34 +237,39 @@ class Server:
         head = wire.PushReply(self.version, stale, self.clock[worker], applied).to_tensor()
         payload = self.links.encode_pull(worker, flat)
         try:
-            dist.send(head, dst=worker, tag=wire.REPLY)
-            dist.send(payload, dst=worker, tag=wire.PAYLOAD)
+            self.inbox.channels[worker].send(head, wire.REPLY)
+            self.inbox.channels[worker].send(payload, wire.PAYLOAD)
         except RuntimeError:  # gone: its receiving thread reports the death, and _lose acts on it
             return
         self.pull_bytes += head.numel() * 8 + payload.numel() * payload.element_size()
 
     # -- membership (server 0 coordinates), lost workers, checkpoints
     def _barrier(self, msg: Message) -> None:
-        self.at_barrier.add(msg.worker)
+        self.at_barrier[msg.worker] = msg.clock  # the step boundary it is at
 
     def _done(self, msg: Message) -> None:
         self.done.add(msg.worker)
 
     def _release_barrier(self) -> None:
-        """Answer a barrier (or, once all are done, the final one) with the live workers."""
-        if self.at_barrier and self.live <= self.at_barrier:
-            self._send_members(sorted(self.at_barrier))
-            self.at_barrier.clear()
+        """Answer a barrier (or, once all are done, the final one) with the live workers. A worker
+        that rejoined at step j takes part in the barriers after it only (boundaries > j)."""
+        if self.at_barrier:
+            boundary = max(self.at_barrier.values())
+            expected = {w for w in self.live - self.done if self.joined_at.get(w, -1) < boundary}
+            if expected <= self.at_barrier.keys():
+                self._send_members(sorted(self.at_barrier))
+                self.at_barrier.clear()
         if self.live and self.live <= self.done and not self.final_sent:
             self._send_members(sorted(self.live))
             self.final_sent = True
 
     def _send_members(self, workers: list[int]) -> None:
         mask = torch.zeros(self.num_workers, dtype=torch.float64)
-        mask[sorted(self.live)] = 1
+        for w in self.live:
+            mask[w] = wire.REJOINED if w in self.joined_at else wire.MEMBER
         for w in workers:
             try:
-                dist.send(mask, dst=w, tag=wire.REPLY)
+                self.inbox.channels[w].send(mask, wire.REPLY)
             except RuntimeError:  # lost in between: its thread reports it
                 pass
 
@@ -250,14 +282,37 @@ class Server:
                   file=sys.stderr, flush=True)
         for pending in (self.round, self.held):
             pending.pop(worker, None)  # its data shard is no longer trained on
-        self.at_barrier.discard(worker)
+        self.at_barrier.pop(worker, None)
+
+    def _join(self, msg: Message) -> None:
+        """A lost worker restarted (apart.py): a member again from the slowest live worker's step
+        on (it would hold SSP's gate shut for the steps it missed otherwise; those of its data
+        shard are not trained on), with the current parameters."""
+        worker, others = msg.worker, [self.clock[w] for w in self.live - self.done if w != msg.worker]
+        at = max(self.clock[worker], min(others, default=self.clock[worker]))
+        self.missed[worker] += at - self.clock[worker]
+        self.clock[worker] = at
+        self.live.add(worker)
+        self.joined_at[worker] = self.clock[worker]
+        self.rejoined.append(worker)
+        if self.index == 0:
+            print(f"paratrain: parameter server: worker {worker} rejoined at step {self.clock[worker]}; "
+                  f"workers {sorted(self.live)}", file=sys.stderr, flush=True)
+        head = wire.PushReply(self.version, 0, self.clock[worker], True).to_tensor()
+        flat = flatten(self.params)
+        try:
+            self.inbox.channels[worker].send(head, wire.REPLY)
+            self.inbox.channels[worker].send(flat, wire.PAYLOAD)
+        except RuntimeError:  # lost again: its thread reports it
+            return
+        self.pull_bytes += head.numel() * 8 + flat.numel() * flat.element_size()
 
     def _state(self, msg: Message) -> None:
         state = {"model": {n: p.detach().cpu().clone() for n, p in zip(self.names, self.params)},
                  "optimizer": named_optimizer_state(self.optimizer, self.names)}
         if self.links.compressed:  # what each worker holds, and the pull's generators (codec.py)
             state["pull"] = self.links.state()
-        self.checkpoint_bytes += wire.send_object(state, msg.worker)
+        self.checkpoint_bytes += self.inbox.channels[msg.worker].send_object(state)
 
     def report(self) -> dict:
         return {"server": self.index, "mode": self.mode, "parameters": sum(p.numel() for p in self.params),
@@ -267,8 +322,11 @@ class Server:
                 "drop_behind": self.drop_behind, "discarded_gradients": self.discarded,
                 "held_replies": self.held_replies,
                 # per worker: steps the clock counted but no push brought (dropped for it)
-                "dropped_steps": [c - n for c, n in zip(self.clock, self.pushes)],
-                "lost_workers": self.lost, "push_bytes": self.push_bytes, "pull_bytes": self.pull_bytes,
+                "dropped_steps": [c - self.first.get(w, c) - n - m
+                                  for w, (c, n, m) in enumerate(zip(self.clock, self.pushes, self.missed))],
+                "missed_steps": self.missed,
+                "lost_workers": self.lost, "rejoined_workers": self.rejoined,
+                "push_bytes": self.push_bytes, "pull_bytes": self.pull_bytes,
                 "checkpoint_bytes": self.checkpoint_bytes}
 
 

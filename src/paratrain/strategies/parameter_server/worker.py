@@ -67,7 +67,9 @@ servers to talk to each other.
 """
 from __future__ import annotations
 
+import os
 import time
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -78,12 +80,14 @@ from paratrain.comm import flatten, unflatten
 from paratrain.data import Batch
 from paratrain.metrics import StepStats
 from paratrain.nonfinite import check_update
+from paratrain.restarts import JobFinished, attempt, previous_end
 from paratrain.strategies.base import Strategy, local_eval, to_cpu
 from paratrain.strategies.layout import needs_gloo
 from paratrain.strategies.parameter_server import protocol as wire
 from paratrain.strategies.parameter_server.codec import WorkerLinks
 from paratrain.strategies.parameter_server.protocol import Kind, Message, PushReply
 from paratrain.strategies.parameter_server.server import STATE_KEY
+from paratrain.topology import REJOIN_ENV
 
 
 class ParameterServer(Strategy):
@@ -113,6 +117,25 @@ class ParameterServer(Strategy):
         numels = [sum(p.numel() for p in shard) for shard in self.shards]
         self.links = WorkerLinks(cfg.strategy.compression, topo.rank, numels, next(iter(params.values())).dtype)
         self._groups: dict[tuple, object] = {}
+        # One channel to each server (protocol.Channel), under this start's incarnation: a worker
+        # restarted into the running job (`alone`: outside the job's group) connects again.
+        self.alone = os.environ.get(REJOIN_ENV) == "1"
+        store, me = wire.job_store(cfg.run.dir), attempt()
+        wire.register(store, topo.rank, me)
+        with self._unless_finished():
+            self.channels = [wire.Channel(store, topo.rank, rank, (me, wire.incarnation(store, rank)), 0,
+                                          cfg.run.timeout_s) for rank in self.server_ranks]
+        self.started = False
+
+    @contextmanager
+    def _unless_finished(self):
+        """A restarted worker whose servers finished before it reached them: JobFinished, exit 0."""
+        try:
+            yield
+        except RuntimeError:
+            if self.alone and previous_end(self.cfg.run.dir) == 0:
+                raise JobFinished(f"rank {self.topo.rank}: the job finished before it could rejoin") from None
+            raise
 
     def set_lr(self, lr: float) -> None:
         self.lr = lr  # sent with the next push; the server applies it
@@ -123,6 +146,32 @@ class ParameterServer(Strategy):
 
     def _busy_servers(self) -> list[int]:
         return [s for s, names in enumerate(self.shard_names) if names]  # more servers than tensors: idle ones
+
+    def begin_step(self, step: int) -> int:
+        """The first step: this worker's clock is the trainer's step from here on (a resumed run's
+        too); one restarted into the running job first pulls the current parameters and the step
+        to go on from (the slowest live worker's: protocol `JOIN`)."""
+        if not self.started:
+            self.started, self.clock = True, step
+            if self.alone:
+                with self._unless_finished():
+                    self.clock = max(step, self._join())
+        return self.clock
+
+    def _join(self) -> int:
+        replies = []
+        for s, channel in enumerate(self.channels):
+            channel.send(Message(Kind.JOIN, self.topo.rank).header(), wire.HEADER)
+            head, flat = torch.zeros(PushReply.NUMEL, dtype=torch.float64), self.links.reply_buffer(s)
+            for t, tag in ((head, wire.REPLY), (flat, wire.PAYLOAD)):
+                wire.wait_patiently(channel.irecv(t, tag), self.patience_s)
+            reply = PushReply.from_tensor(head)
+            with torch.no_grad():
+                for p, value in zip(self.shards[s], unflatten(flat, self.shards[s])):
+                    p.copy_(value)
+            self.versions[s] = reply.version
+            replies.append(reply.next_clock)
+        return max(replies)
 
     # -- a worker's step
     def train_step(self, batch: Batch) -> StepStats:
@@ -140,15 +189,14 @@ class ParameterServer(Strategy):
         busy = self._busy_servers()
         replies = {s: (torch.zeros(PushReply.NUMEL, dtype=torch.float64), self.links.reply_buffer(s))
                    for s in busy}
-        pending = [dist.irecv(t, src=self.server_ranks[s], tag=tag) for s, (h, flat) in replies.items()
+        pending = [self.channels[s].irecv(t, tag) for s, (h, flat) in replies.items()
                    for t, tag in ((h, wire.REPLY), (flat, wire.PAYLOAD))]  # posted first: the reply never waits
         sends, nbytes, plain = [], 0, 0
         for s in busy:
             grad = self.links.encode_push(s, flatten(p.grad if p.grad is not None else torch.zeros_like(p)
                                                     for p in self.shards[s]))
             head = Message(Kind.PUSH, self.topo.rank, self.clock, self.versions[s], self.lr).header()
-            sends += [dist.isend(head, dst=self.server_ranks[s], tag=wire.HEADER),
-                      dist.isend(grad, dst=self.server_ranks[s], tag=wire.PAYLOAD)]
+            sends += [self.channels[s].isend(head, wire.HEADER), self.channels[s].isend(grad, wire.PAYLOAD)]
             nbytes += wire.HEADER_BYTES + grad.numel() * grad.element_size()
             plain += wire.HEADER_BYTES + sum(p.numel() * p.element_size() for p in self.shards[s])  # as is
         for w in sends:
@@ -187,11 +235,15 @@ class ParameterServer(Strategy):
         return StepStats(float("nan"), 0, 0, skipped=True, extra={"skipped_total": self.skipped})
 
     # -- membership: who is still in the job, agreed on at server 0
-    def _members(self, kind: Kind) -> tuple[int, ...]:
+    def _members(self, kind: Kind):
+        """Server 0's barrier at this step boundary; the group of the live workers of the job's
+        group, or None (this process's own world) for a worker that rejoined: it is alone."""
         mask = torch.zeros(self.num_workers, dtype=torch.float64)
-        dist.send(Message(kind, self.topo.rank).header(), dst=self.server_ranks[0], tag=wire.HEADER)
-        wire.wait_patiently(dist.irecv(mask, src=self.server_ranks[0], tag=wire.REPLY), self.patience_s)
-        return tuple(w for w in range(self.num_workers) if mask[w] > 0)
+        self.channels[0].send(Message(kind, self.topo.rank, self.clock).header(), wire.HEADER)
+        wire.wait_patiently(self.channels[0].irecv(mask, wire.REPLY), self.patience_s)
+        if self.alone:
+            return None
+        return self._group_of(tuple(w for w in range(self.num_workers) if mask[w] == wire.MEMBER))
 
     def _group_of(self, ranks: tuple[int, ...]):
         if ranks == tuple(range(self.num_workers)):
@@ -207,7 +259,7 @@ class ParameterServer(Strategy):
     def agree_on_members(self):
         """A barrier at server 0 (asynchronous workers meet there); its reply lists the live
         workers, and this returns their group."""
-        return self._group_of(self._members(Kind.BARRIER))
+        return self._members(Kind.BARRIER)
 
     @torch.no_grad()
     def evaluate(self, batches: list[Batch]) -> float:
@@ -216,9 +268,9 @@ class ParameterServer(Strategy):
     def close(self, run_dir):
         """Tell every server this worker is done; server 0's reply is the final barrier, whose
         members are the workers that finished."""
-        for rank in self.server_ranks[1:]:
-            dist.send(Message(Kind.DONE, self.topo.rank).header(), dst=rank, tag=wire.HEADER)
-        return self._group_of(self._members(Kind.DONE))
+        for channel in self.channels[1:]:
+            channel.send(Message(Kind.DONE, self.topo.rank).header(), wire.HEADER)
+        return self._members(Kind.DONE)
 
     # -- checkpoints: one ordinary name-keyed checkpoint, the servers' shards fetched by the chief
     def state_dict(self, group=None) -> dict:
@@ -229,8 +281,8 @@ class ParameterServer(Strategy):
             return {"model": model, "optimizer": {"state": {}, "param_groups": []}}
         parts, pulls = [{"model": model, "optimizer": {"state": {}, "param_groups": []}}], {}
         for s in self._busy_servers():
-            dist.send(Message(Kind.STATE, self.topo.rank).header(), dst=self.server_ranks[s], tag=wire.HEADER)
-            parts.append(wire.recv_object(self.server_ranks[s]))
+            self.channels[s].send(Message(Kind.STATE, self.topo.rank).header(), wire.HEADER)
+            parts.append(self.channels[s].recv_object(self.patience_s))
             pulls[s] = parts[-1].pop("pull", None)
         state = merge_states(parts)  # later parts win: the servers' parameters over the replica's
         canonical = {id(p): n for n, p in self.module.named_parameters()}
