@@ -1,6 +1,7 @@
 """Real faults, family by family: what a killed, hung or slow worker costs, as `paratrain run` meets it.
 
-For each family (ddp, zero3, pipeline 1F1B, a dp2 x tp2 hybrid mesh, the parameter server under SSP,
+For each family (ddp, zero3, pipeline 1F1B, a dp2 x tp2 hybrid mesh, the parameter server under SSP
+(and on a tiny GPT for LONGER steps, where its restarted worker is back before the job ends),
 DiLoCo, gossip, ddp as torchft replica groups with min_replicas 1 and 2, DiLoCo as torchft replica
 groups, hybrid as torchft replica groups) it runs the same job once without a fault and once per fault
 at worker rank 1 (hybrid torchft: rank 3, group 1's second stage), before step
@@ -16,7 +17,8 @@ From the run's stderr, each line time-stamped as it arrives, and its metrics it 
     synchronous families: detection, the group's restart and its start-up);
   * repeated: steps trained twice (the fault's step minus the checkpoint the restart continued from;
     replica groups: the survivor's steps that were not committed and taken again);
-    lost: steps the lost worker never trained (asynchronous families: it is dropped, not restarted;
+    lost: steps the lost worker never trained (asynchronous families: it is dropped, or for the
+    parameter server restarted, and then the steps it missed until it rejoined;
     replica groups: the survivor's steps, or DiLoCo's synchronisations, without every group);
   * loss vs clean: rank 0's final eval loss over the fault-free run's; bit-equal: the final
     parameters equal the fault-free run's (the synchronous families' promise);
@@ -58,6 +60,9 @@ FAMILIES = {  # name -> (processes, config sets, synchronous: restarts bit-equal
     "hybrid dp2xtp2": (4, [*GPT, "strategy.name=hybrid", "strategy.dp=2", "strategy.tp=2"], True),
     "ps ssp": (3, [*MLP, "strategy.name=parameter_server", "strategy.ps.mode=ssp",
                    "training.global_batch_size=32", "optimizer.lr=0.025"], False),
+    # the same on a tiny GPT for longer (LONGER): the restarted worker is back while the job runs
+    "ps ssp rejoin": (3, [*GPT, "strategy.name=parameter_server", "strategy.ps.mode=ssp", "optimizer.lr=1e-3"],
+                      False),
     "diloco": (3, [*MLP, "strategy.name=diloco", "strategy.local_sgd.sync_every=4",
                    "strategy.local_sgd.outer_lr=0.3"], False),
     "gossip": (4, [*MLP, "strategy.name=gossip"], False),  # a ring of 4: rank 1's neighbours pair up
@@ -74,6 +79,7 @@ FAMILIES = {  # name -> (processes, config sets, synchronous: restarts bit-equal
                                 "fault_tolerance.min_replicas=2"], True),
 }
 FAULTED = {"hybrid torchft min2": 3}  # the rank faulted, where not rank 1
+LONGER = {"ps ssp rejoin": 600}  # steps, where not STEPS: a restart's start-up (about 7 s) fits in
 COMMON = [f"training.steps={STEPS}", f"checkpoint.every={EVERY}", "checkpoint.keep=100",
           f"training.eval_every={STEPS}", f"run.timeout_s={TIMEOUT}", "run.progress=off"]
 FAULTS = {"kill": [f"faults.kill_at_step={FAULT_AT}"], "hang": [f"faults.hang_at_step={FAULT_AT}"],
@@ -81,6 +87,11 @@ FAULTS = {"kill": [f"faults.kill_at_step={FAULT_AT}"], "hang": [f"faults.hang_at
 NAMES_LOST = (r"rank {r} \(pid \d+.*(died|stopped|killed)|lost worker {r}|lost rank\(s\) \[{r}\]|lost rank {r}|"
               r"replica group 0: step \d+ not committed|"
               r"replica group 0: 1 of \d+ replica groups in the quorum")  # a line naming rank r lost
+
+
+def common(name: str) -> list[str]:
+    n = LONGER.get(name, STEPS)
+    return [*COMMON, f"training.steps={n}", f"training.eval_every={n}"]
 
 
 def run(nproc: int, sets: list[str], run_dir: Path) -> tuple[int, list[tuple[float, str]], float]:
@@ -115,7 +126,8 @@ def final_params(run_dir: Path) -> dict:
 def measure(name: str, fault: str, tmp: Path, clean: Path) -> dict:
     nproc, sets, synchronous = FAMILIES[name]
     run_dir = tmp / f"{name}-{fault}".replace(" ", "_")
-    code, lines, wall = run(nproc, [*sets, *COMMON, f"faults.rank={FAULTED.get(name, 1)}", *FAULTS[fault]], run_dir)
+    code, lines, wall = run(nproc, [*sets, *common(name), f"faults.rank={FAULTED.get(name, 1)}", *FAULTS[fault]],
+                            run_dir)
     row = {"family": name, "fault": fault, "exit": code, "wall_s": wall}
     text = "".join(line for _, line in lines)
     if code != 0 or not list_checkpoints(run_dir):
@@ -137,7 +149,7 @@ def measure(name: str, fault: str, tmp: Path, clean: Path) -> dict:
     if restarted_from_zero:
         row["repeated"] = FAULT_AT
     lost_worker = fault != "slow" and not resumed and not restarted_from_zero
-    row["lost"] = STEPS - FAULT_AT if lost_worker else 0
+    row["lost"] = LONGER.get(name, STEPS) - FAULT_AT if lost_worker else 0
     if any(s.startswith("fault_tolerance.replica_groups") for s in sets):  # replica groups: rank 0 never restarts
         records = steps(run_dir)
         row["repeated"] = sum(not r.get("committed", True) for r in records)  # steps it took again
@@ -151,7 +163,10 @@ def measure(name: str, fault: str, tmp: Path, clean: Path) -> dict:
     row["ckpt_lost"] = len({step_of(p) for p in list_checkpoints(clean)} - kept)
     healthy = {r for r in range(nproc) if r != faulted}
     server = run_dir / "metrics" / f"ps_server{nproc - 1}.json"
-    lost = set(json.loads(server.read_text())["lost_workers"]) if server.exists() else set()
+    report = json.loads(server.read_text()) if server.exists() else {}
+    lost = set(report.get("lost_workers", [])) - set(report.get("rejoined_workers", []))
+    if faulted in report.get("rejoined_workers", []):  # restarted and back: the steps it missed meanwhile
+        row["lost"] = report["missed_steps"][faulted]
     gone = re.search(r"finished without \d+ lost worker\(s\): ranks \[([\d, ]+)\]", text)
     lost |= {int(r) for r in gone.group(1).split(",")} if gone else set()
     row["healthy_lost"] = len(lost & healthy)
@@ -174,7 +189,7 @@ def main() -> None:
     for i, name in enumerate(args.only):
         nproc, sets, _ = FAMILIES[name]
         clean = tmp / f"{name}-clean".replace(" ", "_")
-        code, lines, wall = run(nproc, [*sets, *COMMON], clean)
+        code, lines, wall = run(nproc, [*sets, *common(name)], clean)
         if code != 0:
             print(f"{name}: the fault-free run failed: {lines[-1][1].strip() if lines else code}")
             continue

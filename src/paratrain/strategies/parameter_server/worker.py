@@ -54,8 +54,13 @@ Evaluation (mean over live workers), checkpoints and the end of the run go throu
 `agree_on_members`: a membership barrier at server 0 (asynchronous workers meet there), whose reply
 lists the live workers, then a group of exactly those. A lost worker (its connection closes: see
 protocol.Inbox) is dropped by every server; BSP rounds and SSP's slowest clock then count only the
-live ones and training goes on. Rank 0 cannot be lost (the checkpoints' collectives gather on it),
-nor can a server (a worker's receive from it fails with gloo's error). Checkpoints hold the servers'
+live ones and training goes on. Under SSP and ASP without a codec, `paratrain run` restarts a lost
+worker (apart.py, `run.max_restarts`): it talks to the servers on channels of its own (protocol.
+Channel), so it connects afresh outside the job's process group, sends each server a JOIN, pulls
+the current parameters and goes on from the slowest live worker's step (`begin_step`). It is alone
+in the barriers' groups from then on: its evaluation is its own, and checkpoints hold rank 0's
+random state for it. Rank 0 cannot be lost (the checkpoints' collectives gather on it), nor can a
+server (a worker's receive from it fails with gloo's error). Checkpoints hold the servers'
 state: the chief asks each server for its shard and optimizer state at each checkpoint and writes
 one ordinary, name-keyed checkpoint (any strategy can resume it, and this one any other's); on
 resume every server loads its shard from it. With a codec the checkpoint also holds, under the key
