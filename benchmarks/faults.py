@@ -197,7 +197,8 @@ def main() -> None:
             print(f"[{i + 1}/{len(args.only)}] {name}: {fault} ...", file=sys.stderr, flush=True)
             rows.append(measure(name, fault, tmp, clean))
     elsewhere = "".join(f" ({n}: rank {r})" for n, r in FAULTED.items() if n in args.only)
-    print(f"\n{STEPS} steps, fault at rank 1{elsewhere} before step {FAULT_AT}, checkpoints every {EVERY}, "
+    longer = "".join(f" ({n}: {k})" for n, k in LONGER.items() if n in args.only)
+    print(f"\n{STEPS} steps{longer}, fault at rank 1{elsewhere} before step {FAULT_AT}, checkpoints every {EVERY}, "
           f"run.timeout_s = {TIMEOUT}; slow = +{DELAY_S} s per step\n")
     head = ["family", "fault", "exit", "detect s", "stalled s", "repeated", "lost", "loss vs clean",
             "bit-equal", "ckpt lost", "healthy lost", "wall s"]

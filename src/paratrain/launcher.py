@@ -45,16 +45,14 @@ LAUNCH_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 LOCAL_ENV = {"GLOO_SOCKET_IFNAME": "lo"}
 
 
-def _rejoins(cfg: Config, nproc: int):
+def _rejoins(cfg: Config):
     """Which ranks apart.py may restart into the running job: the parameter server's workers but
-    the chief, under SSP and ASP (parameter_server/protocol.rejoins)."""
+    the chief, and its servers, under SSP and ASP (parameter_server/protocol.rejoins)."""
     if cfg.strategy.name != "parameter_server":
         return lambda rank: False
-    from paratrain.strategies import layout
     from paratrain.strategies.parameter_server.protocol import rejoins
 
-    dims = layout(cfg, nproc)
-    return lambda rank: rejoins(cfg) and rank != 0 and dims.trains(rank)
+    return lambda rank: rejoins(cfg) and rank != 0
 
 
 @dataclass
@@ -280,7 +278,7 @@ def launch(cfg: Config, nproc: int | None = None, resume: str | Path | None = No
 
                     code, sig = run_replica_groups(run.cfg, nproc, worker, run.run_dir, SHUTDOWN_GRACE_S)
                 else:
-                    code, sig = run_apart(nproc, worker, run.run_dir, SHUTDOWN_GRACE_S, _rejoins(run.cfg, nproc),
+                    code, sig = run_apart(nproc, worker, run.run_dir, SHUTDOWN_GRACE_S, _rejoins(run.cfg),
                                           run.cfg.run.max_restarts)
             finally:
                 for key in local_env:

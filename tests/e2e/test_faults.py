@@ -2,14 +2,29 @@
 mid-run; the group restarts from the newest checkpoint to the uninterrupted run's parameters, bit for
 bit, and the messages name the rank, its pid, the signal and the step."""
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from paratrain.checkpoint import list_checkpoints, read_checkpoint
-from tests.helpers import ENV, MLP, TINY_GPT, cli, config, fit, max_param_diff, records, run_jobs, server_report
+from tests.helpers import (
+    ENV,
+    MLP,
+    PARATRAIN,
+    TINY_GPT,
+    cli,
+    config,
+    fit,
+    max_param_diff,
+    records,
+    run_jobs,
+    server_report,
+)
 
 # The fault strikes as step 6 begins: the heartbeat (written by a thread every 0.1 s) says
 # "train_step" if it caught the step's start, else still the step boundary's "agree_to_stop".
@@ -189,3 +204,37 @@ def test_a_lost_parameter_server_worker_is_restarted_and_rejoins(tmp_path, fault
     # as SSP allows (from the initial ones, a version hundreds of updates old).
     assert rejoined[ASYNC_AT]["staleness"] <= report["staleness_bound"], rejoined[ASYNC_AT]
     assert "finished with restarted worker(s) [1]" in out.stderr
+
+
+@pytest.mark.parametrize("fault", ["kill", "hang"])
+def test_a_lost_parameter_server_restarts_from_its_checkpoint_and_the_workers_reconnect(tmp_path, fault):
+    """SSP: the server process, killed (SIGKILL) or stopped (SIGSTOP) from outside after the
+    checkpoint of step 100, is restarted by the launcher from that checkpoint; each worker's next
+    message to it fails (a stopped one is then ended by the worker), and each reconnects to the new
+    incarnation and pulls its parameters: both train every step to the end, no worker lost."""
+    sets = [*TINY_GPT, "strategy.name=parameter_server", "strategy.ps.mode=ssp", "optimizer.lr=1e-3",
+            f"training.steps={REJOIN_STEPS}", "training.eval_every=100", "checkpoint.every=100",
+            f"run.timeout_s={TIMEOUT}", f"run.dir={json.dumps('run')}"]
+    job = subprocess.Popen([*PARATRAIN, "run", "--nproc", "3", *[a for s in sets for a in ("--set", s)]],
+                           cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    beats, deadline = tmp_path / "run" / "heartbeats", time.monotonic() + 120
+    while time.monotonic() < deadline:  # past the checkpoint of step 100 (written at the boundary)
+        try:
+            if json.loads((beats / "rank0.json").read_text())["step"] >= 120:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
+    server = json.loads((beats / "rank2.json").read_text())["pid"]
+    os.kill(server, signal.SIGKILL if fault == "kill" else signal.SIGSTOP)  # a real fault, from outside
+    err = job.communicate(timeout=240)[1]
+    assert job.returncode == 0, err
+    assert f"lost rank 2 (pid {server}) killed by SIGKILL" in err and "restarting it (restart 1 of 3)" in err
+    assert "parameter server 0 (rank 2): restart 1: serving from the checkpoint of step 100" in err
+    for rank in (0, 1):
+        assert f"rank {rank}: parameter server 0 (rank 2) restarted; reconnected at step" in err
+        assert [r["step"] for r in records(tmp_path / "run", rank)] == list(range(REJOIN_STEPS))
+    report = server_report(tmp_path / "run")  # the restarted server's
+    assert report["incarnation"] == 1 and sorted(report["reconnected_workers"]) == [0, 1]
+    assert report["lost_workers"] == [] and report["max_staleness"] <= report["staleness_bound"]
+    assert (tmp_path / "run" / "checkpoints" / f"step-{REJOIN_STEPS:08d}.pt").exists()

@@ -19,7 +19,8 @@ the shard fix (codec.py):
                       [STATE,   worker, 0,     0,       0]    the chief only, at checkpoints
                       [DONE,    worker, 0,     0,       0]    every server, after the last step
                       [JOIN,    worker, 0,     0,       0]    every server, from a restarted worker
-    server -> worker  PUSH, JOIN: [version, staleness, next clock, applied]
+                      [RECONNECT, worker, clock, 0,     0]    to a restarted server, from each worker
+    server -> worker  PUSH, JOIN, RECONNECT: [version, staleness, next clock, applied]
                                                                + the shard's parameters (flat, or
                                                                  a packed difference: codec.py)
                       BARRIER, DONE:   live mask, one entry per worker (server 0): 1 a worker
@@ -62,6 +63,7 @@ class Kind(IntEnum):
     DONE = 4
     DEAD = 5  # never sent: what a receiving thread reports when its worker's connection closes
     JOIN = 6
+    RECONNECT = 7
 
 
 MEMBER, REJOINED = 1, 2  # a live worker's entry in a membership mask

@@ -62,6 +62,10 @@ def serve(cfg: Config, topo: Topology, run_dir: Path, ckpt: dict | None, model: 
     server = Server(cfg, index, num_workers, names, shard, optimizer, links)
     heartbeat = watchdog.Heartbeat(run_dir, topo.rank).start(topo.world_size)
     heartbeat.at(0, "serving")
+    if attempt() > 0:  # restarted by apart.py (protocol.rejoins): from the checkpoint train() found
+        where = "its initial parameters" if ckpt is None else f"the checkpoint of step {ckpt['step']}"
+        print(f"paratrain: parameter server {index} (rank {topo.rank}): restart {attempt()}: serving from {where}; "
+              "its workers reconnect", file=sys.stderr, flush=True)
     store = wire.job_store(run_dir)
     wire.register(store, topo.rank, attempt())
 
@@ -134,6 +138,7 @@ class Server:
         self.at_barrier: dict[int, int] = {}  # worker -> the step boundary it waits at
         self.joined_at: dict[int, int] = {}  # a worker that rejoined -> the step it rejoined at
         self.rejoined: list[int] = []
+        self.reconnected: list[int] = []  # workers that reconnected to this (restarted) server
         self.final_sent = False
         self.staleness: Counter[int] = Counter()
         self.push_bytes = self.pull_bytes = self.checkpoint_bytes = 0  # gradients in, parameters out, state out
@@ -145,7 +150,8 @@ class Server:
         inbox = self.inbox = wire.Inbox(list(range(self.num_workers)), self.links.push.empty, connect, alive, end,
                                         rejoins)
         handlers = {Kind.PUSH: self._push, Kind.BARRIER: self._barrier, Kind.STATE: self._state,
-                    Kind.DONE: self._done, Kind.DEAD: self._lose, Kind.JOIN: self._join}
+                    Kind.DONE: self._done, Kind.DEAD: self._lose, Kind.JOIN: self._join,
+                    Kind.RECONNECT: self._reconnect}
         try:
             while self.live - self.done:
                 msg = inbox.get()
@@ -298,6 +304,18 @@ class Server:
         if self.index == 0:
             print(f"paratrain: parameter server: worker {worker} rejoined at step {self.clock[worker]}; "
                   f"workers {sorted(self.live)}", file=sys.stderr, flush=True)
+        self._send_current(worker)
+
+    def _reconnect(self, msg: Message) -> None:
+        """A worker whose channel to this server's previous incarnation failed: this server was
+        restarted (apart.py) from the newest checkpoint. Its clock goes on from the worker's."""
+        self.clock[msg.worker] = max(self.clock[msg.worker], msg.clock)
+        self.first.setdefault(msg.worker, msg.clock)
+        self.reconnected.append(msg.worker)
+        self._send_current(msg.worker)
+
+    def _send_current(self, worker: int) -> None:
+        """The shard's version and parameters as they are, in full (no codec where workers rejoin)."""
         head = wire.PushReply(self.version, 0, self.clock[worker], True).to_tensor()
         flat = flatten(self.params)
         try:
@@ -326,6 +344,7 @@ class Server:
                                   for w, (c, n, m) in enumerate(zip(self.clock, self.pushes, self.missed))],
                 "missed_steps": self.missed,
                 "lost_workers": self.lost, "rejoined_workers": self.rejoined,
+                "reconnected_workers": self.reconnected, "incarnation": attempt(),
                 "push_bytes": self.push_bytes, "pull_bytes": self.pull_bytes,
                 "checkpoint_bytes": self.checkpoint_bytes}
 

@@ -73,13 +73,15 @@ servers to talk to each other.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from paratrain import messages
+from paratrain import messages, watchdog
 from paratrain.checkpoint import merge_states
 from paratrain.comm import flatten, unflatten
 from paratrain.data import Batch
@@ -125,12 +127,17 @@ class ParameterServer(Strategy):
         # One channel to each server (protocol.Channel), under this start's incarnation: a worker
         # restarted into the running job (`alone`: outside the job's group) connects again.
         self.alone = os.environ.get(REJOIN_ENV) == "1"
-        store, me = wire.job_store(cfg.run.dir), attempt()
-        wire.register(store, topo.rank, me)
+        self.store, self.incarnation = wire.job_store(cfg.run.dir), attempt()
+        wire.register(self.store, topo.rank, self.incarnation)
+        self.server_incarnations = [wire.incarnation(self.store, rank) for rank in self.server_ranks]
         with self._unless_finished():
-            self.channels = [wire.Channel(store, topo.rank, rank, (me, wire.incarnation(store, rank)), 0,
-                                          cfg.run.timeout_s) for rank in self.server_ranks]
+            self.channels = [self._channel(s) for s in range(len(self.server_ranks))]
+        self._failed: list = []  # channels to a server's earlier incarnation: kept, with receives still posted
         self.started = False
+
+    def _channel(self, s: int) -> wire.Channel:
+        return wire.Channel(self.store, self.topo.rank, self.server_ranks[s],
+                            (self.incarnation, self.server_incarnations[s]), 0, self.cfg.run.timeout_s)
 
     @contextmanager
     def _unless_finished(self):
@@ -164,19 +171,50 @@ class ParameterServer(Strategy):
         return self.clock
 
     def _join(self) -> int:
-        replies = []
-        for s, channel in enumerate(self.channels):
-            channel.send(Message(Kind.JOIN, self.topo.rank).header(), wire.HEADER)
-            head, flat = torch.zeros(PushReply.NUMEL, dtype=torch.float64), self.links.reply_buffer(s)
-            for t, tag in ((head, wire.REPLY), (flat, wire.PAYLOAD)):
-                wire.wait_patiently(channel.irecv(t, tag), self.patience_s)
-            reply = PushReply.from_tensor(head)
-            with torch.no_grad():
-                for p, value in zip(self.shards[s], unflatten(flat, self.shards[s])):
-                    p.copy_(value)
-            self.versions[s] = reply.version
-            replies.append(reply.next_clock)
-        return max(replies)
+        return max(self._pull(s, Kind.JOIN, 0).next_clock for s in range(len(self.channels)))
+
+    def _pull(self, s: int, kind: Kind, clock: int) -> PushReply:
+        """JOIN or RECONNECT: server s's current shard and its version, copied into the model."""
+        channel = self.channels[s]
+        channel.send(Message(kind, self.topo.rank, clock).header(), wire.HEADER)
+        head, flat = torch.zeros(PushReply.NUMEL, dtype=torch.float64), self.links.reply_buffer(s)
+        for t, tag in ((head, wire.REPLY), (flat, wire.PAYLOAD)):
+            wire.wait_patiently(channel.irecv(t, tag), self.patience_s)
+        reply = PushReply.from_tensor(head)
+        with torch.no_grad():
+            for p, value in zip(self.shards[s], unflatten(flat, self.shards[s])):
+                p.copy_(value)
+        self.versions[s] = reply.version
+        return reply
+
+    def _reconnect(self, s: int, error: RuntimeError, clock: int) -> None:
+        """Server s's channel failed (its process died, or stopped past our patience). Where lost
+        workers rejoin (protocol.rejoins), apart.py restarts a lost server too, from the newest
+        checkpoint: wait for its next incarnation (a stopped one on this host is ended first, so
+        that it restarts), connect, and pull its shard (RECONNECT). Else, or if it does not come
+        back within the patience, `error`."""
+        rank = self.server_ranks[s]
+        if not wire.rejoins(self.cfg):
+            raise error
+        watchdog.end_if_stopped(Path(self.cfg.run.dir), rank)
+        deadline = time.monotonic() + self.patience_s
+        n = wire.incarnation(self.store, rank, self.server_incarnations[s], closing=lambda: time.monotonic() > deadline)
+        if n is None:
+            raise error
+        self._failed.append(self.channels[s])
+        self.server_incarnations[s] = n
+        self.channels[s] = self._channel(s)
+        self._pull(s, Kind.RECONNECT, clock)
+        print(f"paratrain: rank {self.topo.rank}: parameter server {s} (rank {rank}) restarted; reconnected at "
+              f"step {clock}, its parameters pulled", file=sys.stderr, flush=True)
+
+    def _ask(self, s: int, exchange, clock: int):
+        """`exchange(channel)` with server s, once more after reconnecting if its channel failed."""
+        try:
+            return exchange(self.channels[s])
+        except RuntimeError as e:
+            self._reconnect(s, e, clock)
+            return exchange(self.channels[s])
 
     # -- a worker's step
     def train_step(self, batch: Batch) -> StepStats:
@@ -194,22 +232,34 @@ class ParameterServer(Strategy):
         busy = self._busy_servers()
         replies = {s: (torch.zeros(PushReply.NUMEL, dtype=torch.float64), self.links.reply_buffer(s))
                    for s in busy}
-        pending = [self.channels[s].irecv(t, tag) for s, (h, flat) in replies.items()
-                   for t, tag in ((h, wire.REPLY), (flat, wire.PAYLOAD))]  # posted first: the reply never waits
-        sends, nbytes, plain = [], 0, 0
+        pending = {s: [self.channels[s].irecv(t, tag) for t, tag in ((h, wire.REPLY), (flat, wire.PAYLOAD))]
+                   for s, (h, flat) in replies.items()}  # posted first: the reply never waits
+        sends, nbytes, plain = {}, 0, 0
         for s in busy:
             grad = self.links.encode_push(s, flatten(p.grad if p.grad is not None else torch.zeros_like(p)
                                                     for p in self.shards[s]))
             head = Message(Kind.PUSH, self.topo.rank, self.clock, self.versions[s], self.lr).header()
-            sends += [self.channels[s].isend(head, wire.HEADER), self.channels[s].isend(grad, wire.PAYLOAD)]
+            sends[s] = [self.channels[s].isend(head, wire.HEADER), self.channels[s].isend(grad, wire.PAYLOAD)]
             nbytes += wire.HEADER_BYTES + grad.numel() * grad.element_size()
             plain += wire.HEADER_BYTES + sum(p.numel() * p.element_size() for p in self.shards[s])  # as is
-        for w in sends:
-            w.wait()
+        failed = {}  # server -> its channel's error: restarted, its reply is the shard pulled on reconnecting
+        for s in busy:
+            try:
+                for w in sends[s]:
+                    w.wait()
+            except RuntimeError as e:
+                failed[s] = e
         t2 = time.perf_counter()
         self.meter.add(nbytes, t2 - t1, uncompressed=plain)
-        for w in pending:
-            wire.wait_patiently(w, self.patience_s)  # held at the SSP gate: longer than the group timeout
+        for s in set(busy) - failed.keys():
+            try:
+                for w in pending[s]:
+                    wire.wait_patiently(w, self.patience_s)  # held at the SSP gate: longer than the group timeout
+            except RuntimeError as e:
+                failed[s] = e
+        for s, error in failed.items():  # this step's gradient for that shard is lost with the server
+            self._reconnect(s, error, self.clock + 1)
+            del replies[s]
         t3 = time.perf_counter()
         staleness, received, discarded, self.clock = 0, 0, 0, self.clock + 1
         with torch.no_grad():
@@ -244,8 +294,11 @@ class ParameterServer(Strategy):
         """Server 0's barrier at this step boundary; the group of the live workers of the job's
         group, or None (this process's own world) for a worker that rejoined: it is alone."""
         mask = torch.zeros(self.num_workers, dtype=torch.float64)
-        self.channels[0].send(Message(kind, self.topo.rank, self.clock).header(), wire.HEADER)
-        wire.wait_patiently(self.channels[0].irecv(mask, wire.REPLY), self.patience_s)
+
+        def barrier(channel):
+            channel.send(Message(kind, self.topo.rank, self.clock).header(), wire.HEADER)
+            wire.wait_patiently(channel.irecv(mask, wire.REPLY), self.patience_s)
+        self._ask(0, barrier, self.clock)
         if self.alone:
             return None
         return self._group_of(tuple(w for w in range(self.num_workers) if mask[w] == wire.MEMBER))
@@ -273,8 +326,9 @@ class ParameterServer(Strategy):
     def close(self, run_dir):
         """Tell every server this worker is done; server 0's reply is the final barrier, whose
         members are the workers that finished."""
-        for channel in self.channels[1:]:
-            channel.send(Message(Kind.DONE, self.topo.rank).header(), wire.HEADER)
+        for s in range(1, len(self.channels)):
+            self._ask(s, lambda channel: channel.send(Message(Kind.DONE, self.topo.rank).header(), wire.HEADER),
+                      self.clock)
         return self._members(Kind.DONE)
 
     # -- checkpoints: one ordinary name-keyed checkpoint, the servers' shards fetched by the chief
@@ -286,8 +340,10 @@ class ParameterServer(Strategy):
             return {"model": model, "optimizer": {"state": {}, "param_groups": []}}
         parts, pulls = [{"model": model, "optimizer": {"state": {}, "param_groups": []}}], {}
         for s in self._busy_servers():
-            self.channels[s].send(Message(Kind.STATE, self.topo.rank).header(), wire.HEADER)
-            parts.append(self.channels[s].recv_object(self.patience_s))
+            def fetch(channel):
+                channel.send(Message(Kind.STATE, self.topo.rank).header(), wire.HEADER)
+                return channel.recv_object(self.patience_s)
+            parts.append(self._ask(s, fetch, self.clock))
             pulls[s] = parts[-1].pop("pull", None)
         state = merge_states(parts)  # later parts win: the servers' parameters over the replica's
         canonical = {id(p): n for n, p in self.module.named_parameters()}
