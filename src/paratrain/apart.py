@@ -16,8 +16,8 @@ stopped (SIGSTOP, a hang) are ended, so that the job ends. SIGTERM and Ctrl-C ar
 to every worker, which stop at a step boundary (signals.py); a second signal kills them.
 
 A lost worker is restarted (up to `run.max_restarts` times each) where `restartable(rank)` says
-it can rejoin the running job: the parameter server's workers under SSP and ASP, which talk to the
-servers on channels of their own (parameter_server/protocol.py) and come back outside the job's
+it can rejoin the running job: the parameter server's workers and servers under SSP and ASP, which
+talk on channels of their own (parameter_server/protocol.py) and come back outside the job's
 process group (`REJOIN_ENV`: Topology.from_env's `alone`). The others' lost workers are not
 restarted: local SGD's, DiLoCo's and gossip's survivors shrink a gloo group, which cannot grow back
 (as replica groups, local SGD and DiLoCo restart a lost one: replica_groups.py).

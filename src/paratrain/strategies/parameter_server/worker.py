@@ -59,8 +59,12 @@ worker (apart.py, `run.max_restarts`): it talks to the servers on channels of it
 Channel), so it connects afresh outside the job's process group, sends each server a JOIN, pulls
 the current parameters and goes on from the slowest live worker's step (`begin_step`). It is alone
 in the barriers' groups from then on: its evaluation is its own, and checkpoints hold rank 0's
-random state for it. Rank 0 cannot be lost (the checkpoints' collectives gather on it), nor can a
-server (a worker's receive from it fails with gloo's error). Checkpoints hold the servers'
+random state for it. A lost server is restarted too, from the newest checkpoint: each worker's
+next send or receive to it fails (a stopped one's once run.timeout_s or the patience has passed;
+the worker then ends it if it is on this host), and the worker waits for its next incarnation,
+connects and pulls its shard (RECONNECT); that step's gradient for the shard is lost, and the
+shard goes back to the checkpoint. Rank 0 cannot be lost (the checkpoints' collectives gather on
+it); where lost workers do not rejoin (BSP, a codec), neither can a server. Checkpoints hold the servers'
 state: the chief asks each server for its shard and optimizer state at each checkpoint and writes
 one ordinary, name-keyed checkpoint (any strategy can resume it, and this one any other's); on
 resume every server loads its shard from it. With a codec the checkpoint also holds, under the key
