@@ -151,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"paratrain: error: {e}", file=sys.stderr)
         return NONFINITE_EXIT
     except JobFinished as e:  # restarted into a job that ended before it could rejoin
-        print(f"paratrain: {e}", file=sys.stderr)
-        return 0
+        print(f"paratrain: {e}", file=sys.stderr, flush=True)
+        os._exit(0)  # as a finished worker leaves (above)
     except PeerLost as e:  # a peer died or hung: named in a line above (watchdog.py); this rank's error
         print(f"paratrain: {e}", file=sys.stderr)
         return 1

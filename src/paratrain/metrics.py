@@ -31,7 +31,7 @@ class StepStats:
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, rank: int, start_step: int = 0):
+    def __init__(self, run_dir: Path, rank: int, start_step: int = 0, keep_all: bool = False):
         self.path = Path(run_dir) / "metrics" / f"rank{rank}.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.step_times: list[float] = []
@@ -42,12 +42,14 @@ class MetricsLog:
         self.last_eval: float | None = None
         self.nonfinite_skipped = 0  # updates skipped under training.on_nonfinite = "skip"
         self.steps_this_start = 0  # the summary counts the whole run; this, the steps since the resume
-        kept = records_before(self.path, start_step) if start_step and self.path.exists() else ""
-        if start_step:  # resume: the records before the checkpoint stay, and count in the summary
+        resumed = start_step or keep_all
+        until = float("inf") if keep_all else start_step
+        kept = records_before(self.path, until) if resumed and self.path.exists() else ""
+        if resumed:  # resume: the records before the checkpoint stay, and count in the summary
             self.path.write_text(kept)
             for rec in map(json.loads, kept.splitlines()):
                 self._count(rec)
-        self.file = open(self.path, "a" if start_step else "w", buffering=1)  # a line per step survives a crash
+        self.file = open(self.path, "a" if resumed else "w", buffering=1)  # a line per step survives a crash
 
     def log_step(self, step: int, stats: StepStats, lr: float, data_s: float, step_s: float,
                  global_samples: int, tokens_per_sample: int) -> dict:

@@ -150,7 +150,7 @@ class Topology:
             dist.init_process_group(backend=backend_for(device), store=dist.HashStore(), rank=0, world_size=1,
                                     timeout=timedelta(seconds=run.timeout_s))
             topo = cls(dims, replica * world + rank, local_rank, device, None, replica, replicas)
-            topo.owns_group = True
+            topo.owns_group = topo.alone = True
             return topo
         owns_group = not dist.is_initialized()  # a caller's own group is reused, and left to the caller
         if owns_group:
@@ -178,6 +178,7 @@ class Topology:
         return topo
 
     owns_group = False
+    alone = False  # from_env(alone=True): restarted into a running job, in a process group of its own
 
     def destroy(self) -> None:
         """Tear down the process groups if this topology started them.

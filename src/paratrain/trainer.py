@@ -42,6 +42,9 @@ class Trainer:
             check_compatible(ckpt, cfg, resume, model)
         self.faults = FaultInjector(cfg.faults, topo.rank)
         loss_fn = self.faults.wrap_loss(loss_fn or build_loss(cfg))
+        # Beating before the strategy is made: a parameter-server worker restarted into the job (apart.py)
+        # registers there, and its servers judge it by this file (not the previous process's).
+        self.heartbeat = watchdog.Heartbeat(self.run_dir, topo.rank).start(topo.processes)  # watchdog.py
         self.strategy = get_strategy(cfg.strategy.name, topo.replicas > 1)(cfg, topo, model, loss_fn)
         dp_rank, dp_size = topo.data_shard()  # this rank's share of each batch
         self.batches = ShardedBatches(datasets.train, t.global_batch_size, dp_rank, dp_size, t.seed)
@@ -52,8 +55,8 @@ class Trainer:
         self.step_num = 0
         if ckpt is not None:
             self.step_num = self.checkpointer.restore(ckpt, self.strategy)
-        self.metrics = MetricsLog(self.run_dir, topo.rank, self.step_num)
-        self.heartbeat = watchdog.Heartbeat(self.run_dir, topo.rank).start(topo.processes)  # watchdog.py
+        # A worker restarted into the running job keeps its earlier records: it does not train those steps again.
+        self.metrics = MetricsLog(self.run_dir, topo.rank, self.step_num, keep_all=topo.alone)
 
     def step(self) -> tuple[dict, float | None]:
         """One optimizer step on one global batch, then evaluation and checkpoint when due."""

@@ -50,6 +50,8 @@ import torch.distributed as dist
 
 from paratrain import messages
 from paratrain.config import ConfigError
+from paratrain.restarts import attempt
+from paratrain.topology import REJOIN_ENV
 
 HEADER, REPLY, PAYLOAD = 1, 2, 3  # tags
 HEADER_NUMEL = 5
@@ -91,13 +93,20 @@ def register(store: dist.Store, rank: int, incarnation: int) -> None:
     store.set(f"ps/incarnation/{rank}", str(incarnation))
 
 
+def first_incarnation() -> int:
+    """The lowest incarnation of a peer this process may meet: any, for a process restarted alone
+    into a running job (apart.py) and its first start; this attempt's, after torch's agent restarted
+    the whole group (the store keeps the keys of the attempt before)."""
+    return 0 if os.environ.get(REJOIN_ENV) == "1" else attempt()
+
+
 def incarnation(store: dist.Store, rank: int, newer_than: int = -1, closing=lambda: False) -> int | None:
     """`rank`'s registered incarnation once it is newer than `newer_than`; None once `closing()`."""
     key = f"ps/incarnation/{rank}"
     while not closing():
         if store.check([key]) and (n := int(store.get(key))) > newer_than:
             return n
-        time.sleep(0.2)
+        time.sleep(0.02)
     return None
 
 
@@ -105,13 +114,50 @@ class Channel:
     """One worker and one server, alone in a gloo group of two: made on the job's store under a
     prefix naming both ends' incarnations, so each start of either end meets the other afresh.
     Written by hand because torch's groups are made from its world group, whose members are fixed.
-    Both ends block in the constructor until the other arrives (up to `timeout_s`)."""
 
-    def __init__(self, store: dist.Store, worker: int, server: int, incarnations: tuple[int, int], side: int,
-                 timeout_s: float):
-        prefix = f"ps/channel/{worker}-{server}/{incarnations[0]}-{incarnations[1]}/"
+    The worker dials (`dial`): it says "hello k" in the store, then both ends make the group under
+    a prefix ending in k, each blocking until the other arrives (up to `timeout_s`). The server
+    answers each hello (`answer`), as late as the worker comes: a restarted server's workers come
+    when their next message to it fails. A failed try is never made again under the same prefix
+    (gloo would read the addresses the failed try left in the store): the worker dials k + 1."""
+
+    TRIES = 3  # a worker's dials before its error stands
+
+    def __init__(self, store: dist.Store, prefix: str, side: int, timeout_s: float):
         self.pg = dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), side, 2, timedelta(seconds=timeout_s))
         self.peer = 1 - side
+
+    @staticmethod
+    def _key(worker: int, server: int, incarnations: tuple[int, int]) -> str:
+        return f"ps/channel/{worker}-{server}/{incarnations[0]}-{incarnations[1]}/"
+
+    @classmethod
+    def dial(cls, store: dist.Store, worker: int, server: int, incarnations: tuple[int, int],
+             timeout_s: float) -> "Channel":
+        key = cls._key(worker, server, incarnations)
+        for k in range(cls.TRIES):
+            store.set(key + "hello", str(k))
+            try:
+                return cls(store, f"{key}{k}/", 0, timeout_s)
+            except RuntimeError:
+                if k == cls.TRIES - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def answer(cls, store: dist.Store, worker: int, server: int, incarnations: tuple[int, int], timeout_s: float,
+               closing) -> "Channel | None":
+        """The channel of the worker's next hello; None once `closing()`."""
+        key, last = cls._key(worker, server, incarnations) + "hello", -1
+        while not closing():
+            if store.check([key]) and (k := int(store.get(key))) > last:
+                try:
+                    return cls(store, f"{key[:-len('hello')]}{k}/", 1, timeout_s)
+                except RuntimeError:
+                    last = k
+                    continue
+            time.sleep(0.02)
+        return None
 
     def isend(self, tensor: torch.Tensor, tag: int):
         return self.pg.send([tensor], self.peer, tag)
@@ -164,6 +210,7 @@ class Message:
     version: int = 0
     lr: float = 0.0
     payload: torch.Tensor | None = None
+    channel: "Channel | None" = None  # a later incarnation's, with its first message (Inbox)
 
     def header(self) -> torch.Tensor:
         return torch.tensor([self.kind, self.worker, self.clock, self.version, self.lr], dtype=torch.float64)
@@ -230,19 +277,20 @@ class Inbox:
     """
 
     def __init__(self, workers: list[int], empty_payload: Callable[[], torch.Tensor], connect: Callable,
-                 alive: Callable[[int], bool] | None = None, end: Callable[[int], bool] = lambda w: False,
-                 rejoins: Callable[[int], int | None] | None = None):
+                 alive: Callable[..., bool] | None = None, end: Callable[[int], bool] = lambda w: False,
+                 rejoins: bool = False):
         self.queue: queue.Queue[Message] = queue.Queue()
         self.empty_payload = empty_payload  # a push's buffer, of exactly its size
         # connect(worker, its previous incarnation or None) -> (its next incarnation, Channel, or None
         # if it never connected); None once the server is closing
         self.connect = connect
-        self.rejoins = rejoins is not None
+        self.rejoins = rejoins
         self.alive, self.end, self.ended = alive, end, set()  # ended: DONE or DEAD reported
         self.finished: set[int] = set()  # DONE reported
         self.hung: set[int] = set()  # found hung and not ended: their receiving threads stay blocked
         self.closing = False
         self.channels: dict[int, Channel] = {}
+        self.connected_at: dict[int, float] = {}  # when each worker's channel opened: silence counts from there
         self._lock = threading.Lock()
         self.threads = {w: threading.Thread(target=self._receive, args=(w,), daemon=True) for w in workers}
         for t in self.threads.values():
@@ -279,8 +327,11 @@ class Inbox:
                 if not self.rejoins:
                     return
                 continue
+            later = worker in self.channels  # a later incarnation: its channel goes in with its JOIN
             with self._lock:
-                self.channels[worker] = channel
+                if not later:
+                    self.channels[worker] = channel
+                self.connected_at[worker] = time.time()
                 if worker in self.ended:  # a new incarnation: a member again once its JOIN is handled
                     self.ended.discard(worker)
                     self.hung.discard(worker)
@@ -291,6 +342,8 @@ class Inbox:
                     if worker in self.ended:  # woke up after it was found hung: no longer a member
                         break
                     msg = Message.from_header(h)
+                    if later:  # the server's main thread swaps channels as it handles this (JOIN):
+                        msg.channel, later = channel, False  # its replies to the lost one go there until then
                     if msg.kind == Kind.PUSH:
                         msg.payload = self.empty_payload()
                         wait_patiently(channel.irecv(msg.payload, PAYLOAD), SERVER_PATIENCE_S)
@@ -307,7 +360,7 @@ class Inbox:
         while not self.closing:
             time.sleep(1.0)
             for w in workers:
-                if w not in self.ended and w in self.channels and not self.alive(w):
+                if w not in self.ended and w in self.channels and not self.alive(w, self.connected_at[w]):
                     # Ended if it is stopped on this host: its connection closes, and its receiving thread
                     # ends (a receive still posted at exit makes gloo terminate the process).
                     if not self.end(w):

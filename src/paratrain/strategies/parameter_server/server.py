@@ -69,22 +69,28 @@ def serve(cfg: Config, topo: Topology, run_dir: Path, ckpt: dict | None, model: 
     store = wire.job_store(run_dir)
     wire.register(store, topo.rank, attempt())
 
+    alive = _alive_by_heartbeat(run_dir, cfg.run.timeout_s)
+
     def connect(worker: int, previous: int | None):
-        """The channel to `worker`'s first incarnation, or (`previous` given: it was lost) its next."""
-        if (n := wire.incarnation(store, worker, -1 if previous is None else previous,
-                                  closing=lambda: server.closing)) is None:
-            return None
-        try:
-            return n, wire.Channel(store, worker, topo.rank, (n, attempt()), 1, cfg.run.timeout_s)
-        except RuntimeError:
-            return n, None
+        """The channel to `worker`'s first incarnation, or (`previous` given: it was lost) its next:
+        (incarnation, Channel), or (incarnation, None) if it is lost before or while connecting (a
+        first one that never registers: -1); None once the server is closing. A live worker that
+        has not come to this channel yet (a restarted server's: it reconnects at its next message
+        here, maybe after a wait elsewhere) is met again."""
+        first = previous is None
+        n = wire.incarnation(store, worker, wire.first_incarnation() - 1 if first else previous,
+                             closing=lambda: server.closing or (first and not alive(worker)))
+        if n is None:
+            return None if server.closing else (-1, None)
+        channel = wire.Channel.answer(store, worker, topo.rank, (n, attempt()), cfg.run.timeout_s,
+                                      closing=lambda: server.closing or not alive(worker))
+        return None if server.closing else (n, channel)
     try:
-        server.run(connect, _alive_by_heartbeat(run_dir, cfg.run.timeout_s),
-                   functools.partial(watchdog.end_if_stopped, run_dir), rejoins=rejoins(cfg))
+        server.run(connect, alive, functools.partial(watchdog.end_if_stopped, run_dir), rejoins=rejoins(cfg))
     finally:
         heartbeat.close("finished")
-    # A worker restarted from here on (apart.py) exits at once: nothing is left to rejoin (restarts.py).
-    record_end(run_dir, 0, "the parameter servers finished")
+    if index == 0:  # a worker restarted from here on (apart.py) exits at once: nothing is left to join
+        record_end(run_dir, 0, "the parameter servers finished")
     report = server.report()
     path = Path(run_dir) / "metrics" / f"ps_server{topo.rank}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,10 +102,11 @@ def _alive_by_heartbeat(run_dir: Path, timeout_s: float):
     """alive(worker): its process is there and its heartbeat (watchdog.py) is not silent for longer
     than `run.timeout_s`. A heartbeat older than this server's start is an earlier start's (a resumed
     run's directory holds them): until the worker's first one, silence counts from our start."""
-    started = time.time()
+    start = time.time()
 
-    def alive(worker: int) -> bool:
-        now = time.time()
+    def alive(worker: int, since: float | None = None) -> bool:
+        """`since`: when this incarnation's channel opened; a heartbeat before it is the previous one's."""
+        now, started = time.time(), max(start, since or 0.0)
         peer = watchdog.read_peer(watchdog.heartbeat_path(run_dir, worker), now)
         fresh = peer is not None and now - peer.silent_s >= started
         if fresh and (peer.state == "gone" or peer.doing in ("failed", "stopped")):
@@ -294,8 +301,12 @@ class Server:
         """A lost worker restarted (apart.py): a member again from the slowest live worker's step
         on (it would hold SSP's gate shut for the steps it missed otherwise; those of its data
         shard are not trained on), with the current parameters."""
+        if msg.channel is not None:
+            self.inbox.channels[msg.worker] = msg.channel
+        # Server 0 is asked last, with the others' answer in `clock`: the step it expects the worker
+        # at (`joined_at`) is the one the worker starts from, the largest.
         worker, others = msg.worker, [self.clock[w] for w in self.live - self.done if w != msg.worker]
-        at = max(self.clock[worker], min(others, default=self.clock[worker]))
+        at = max(self.clock[worker], min(others, default=self.clock[worker]), msg.clock)
         self.missed[worker] += at - self.clock[worker]
         self.clock[worker] = at
         self.live.add(worker)
@@ -308,7 +319,12 @@ class Server:
 
     def _reconnect(self, msg: Message) -> None:
         """A worker whose channel to this server's previous incarnation failed: this server was
-        restarted (apart.py) from the newest checkpoint. Its clock goes on from the worker's."""
+        restarted (apart.py) from the newest checkpoint. Its clock goes on from the worker's; one
+        that had rejoined before (alone: `version` 1) stays alone in the barriers' groups."""
+        if msg.channel is not None:
+            self.inbox.channels[msg.worker] = msg.channel
+        if msg.version == 1:
+            self.joined_at.setdefault(msg.worker, -1)  # expected at every boundary from here on
         self.clock[msg.worker] = max(self.clock[msg.worker], msg.clock)
         self.first.setdefault(msg.worker, msg.clock)
         self.reconnected.append(msg.worker)

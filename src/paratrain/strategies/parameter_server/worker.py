@@ -133,15 +133,21 @@ class ParameterServer(Strategy):
         self.alone = os.environ.get(REJOIN_ENV) == "1"
         self.store, self.incarnation = wire.job_store(cfg.run.dir), attempt()
         wire.register(self.store, topo.rank, self.incarnation)
-        self.server_incarnations = [wire.incarnation(self.store, rank) for rank in self.server_ranks]
+        deadline = time.monotonic() + self.patience_s
+        self.server_incarnations = [wire.incarnation(self.store, rank, wire.first_incarnation() - 1,
+                                                     closing=lambda: time.monotonic() > deadline)
+                                    for rank in self.server_ranks]
+        if None in self.server_incarnations:
+            raise RuntimeError(f"parameter server rank {self.server_ranks[self.server_incarnations.index(None)]} "
+                               f"did not start within {self.patience_s:.0f} s")
         with self._unless_finished():
             self.channels = [self._channel(s) for s in range(len(self.server_ranks))]
         self._failed: list = []  # channels to a server's earlier incarnation: kept, with receives still posted
         self.started = False
 
     def _channel(self, s: int) -> wire.Channel:
-        return wire.Channel(self.store, self.topo.rank, self.server_ranks[s],
-                            (self.incarnation, self.server_incarnations[s]), 0, self.cfg.run.timeout_s)
+        return wire.Channel.dial(self.store, self.topo.rank, self.server_ranks[s],
+                                 (self.incarnation, self.server_incarnations[s]), self.cfg.run.timeout_s)
 
     @contextmanager
     def _unless_finished(self):
@@ -172,15 +178,19 @@ class ParameterServer(Strategy):
             if self.alone:
                 with self._unless_finished():
                     self.clock = max(step, self._join())
+            else:  # the workers start together (each connected on its own), as SSP's clocks assume
+                self.agree_on_members()
         return self.clock
 
     def _join(self) -> int:
-        return max(self._pull(s, Kind.JOIN, 0).next_clock for s in range(len(self.channels)))
+        """Servers 1.. first; server 0, which keeps the barriers, last with their answer."""
+        at = max((self._pull(s, Kind.JOIN, 0).next_clock for s in range(1, len(self.channels))), default=0)
+        return max(at, self._pull(0, Kind.JOIN, at).next_clock)
 
     def _pull(self, s: int, kind: Kind, clock: int) -> PushReply:
         """JOIN or RECONNECT: server s's current shard and its version, copied into the model."""
         channel = self.channels[s]
-        channel.send(Message(kind, self.topo.rank, clock).header(), wire.HEADER)
+        channel.send(Message(kind, self.topo.rank, clock, int(self.alone)).header(), wire.HEADER)
         head, flat = torch.zeros(PushReply.NUMEL, dtype=torch.float64), self.links.reply_buffer(s)
         for t, tag in ((head, wire.REPLY), (flat, wire.PAYLOAD)):
             wire.wait_patiently(channel.irecv(t, tag), self.patience_s)
@@ -236,18 +246,25 @@ class ParameterServer(Strategy):
         busy = self._busy_servers()
         replies = {s: (torch.zeros(PushReply.NUMEL, dtype=torch.float64), self.links.reply_buffer(s))
                    for s in busy}
-        pending = {s: [self.channels[s].irecv(t, tag) for t, tag in ((h, wire.REPLY), (flat, wire.PAYLOAD))]
-                   for s, (h, flat) in replies.items()}  # posted first: the reply never waits
-        sends, nbytes, plain = {}, 0, 0
+        failed: dict[int, RuntimeError] = {}  # server -> its channel's error (a closed one fails as the op is posted)
+        pending, sends, nbytes, plain = {}, {}, 0, 0
+        for s, (h, flat) in replies.items():  # posted first: the reply never waits
+            try:
+                pending[s] = [self.channels[s].irecv(t, tag) for t, tag in ((h, wire.REPLY), (flat, wire.PAYLOAD))]
+            except RuntimeError as e:
+                failed[s] = e
         for s in busy:
             grad = self.links.encode_push(s, flatten(p.grad if p.grad is not None else torch.zeros_like(p)
                                                     for p in self.shards[s]))
             head = Message(Kind.PUSH, self.topo.rank, self.clock, self.versions[s], self.lr).header()
-            sends[s] = [self.channels[s].isend(head, wire.HEADER), self.channels[s].isend(grad, wire.PAYLOAD)]
             nbytes += wire.HEADER_BYTES + grad.numel() * grad.element_size()
             plain += wire.HEADER_BYTES + sum(p.numel() * p.element_size() for p in self.shards[s])  # as is
-        failed = {}  # server -> its channel's error: restarted, its reply is the shard pulled on reconnecting
-        for s in busy:
+            if s not in failed:
+                try:
+                    sends[s] = [self.channels[s].isend(head, wire.HEADER), self.channels[s].isend(grad, wire.PAYLOAD)]
+                except RuntimeError as e:
+                    failed[s] = e
+        for s in sends:
             try:
                 for w in sends[s]:
                     w.wait()
@@ -255,7 +272,7 @@ class ParameterServer(Strategy):
                 failed[s] = e
         t2 = time.perf_counter()
         self.meter.add(nbytes, t2 - t1, uncompressed=plain)
-        for s in set(busy) - failed.keys():
+        for s in pending.keys() - failed.keys():
             try:
                 for w in pending[s]:
                     wire.wait_patiently(w, self.patience_s)  # held at the SSP gate: longer than the group timeout
