@@ -15,6 +15,9 @@ the others go on; once the chief (rank 0) has ended, workers that the survivors 
 stopped (SIGSTOP, a hang) are ended, so that the job ends. SIGTERM and Ctrl-C are forwarded once
 to every worker, which stop at a step boundary (signals.py); a second signal kills them.
 
+On several machines (`--nnodes`, nodes.py) every node's launcher runs its workers this way, all
+of them clients of node 0's store: a lost worker, or a whole lost node, ends no other node's.
+
 A lost worker is restarted (up to `run.max_restarts` times each) where `restartable(rank)` says
 it can rejoin the running job: the parameter server's workers and servers under SSP and ASP, which
 talk on channels of their own (parameter_server/protocol.py) and come back outside the job's
@@ -32,6 +35,7 @@ import uuid
 from pathlib import Path
 
 from paratrain import watchdog
+from paratrain.nodes import CHIEF_DONE, NODE_DONE, Nodes, chief_done, mark, wait_nodes
 from paratrain.topology import REJOIN_ENV, loopback_store
 
 SURVIVES_LOSS = ("parameter_server", "local_sgd", "diloco", "gossip")
@@ -39,20 +43,27 @@ POLL_S = 0.1
 
 
 def run_apart(nproc: int, worker: list[str], run_dir: Path, grace_s: float,
-              restartable=lambda rank: False, max_restarts: int = 0) -> tuple[int, int | None]:
-    """Run `python worker...` as ranks 0..nproc-1, each on its own; (exit code, signal that stopped
-    the job or None). Exit code 0 when rank 0 and every rank not lost finished."""
+              restartable=lambda rank: False, max_restarts: int = 0, nodes: Nodes = Nodes(), store=None,
+              run_id: str | None = None, timeout_s: float = 0) -> tuple[int, int | None]:
+    """Run `python worker...` as this node's nproc ranks, each on its own; (exit code, signal that
+    stopped the job or None). Exit code 0 when rank 0 and every rank not lost finished.
+    Several machines (nodes.py): node R runs ranks R * nproc.., all of them clients of `store`,
+    node 0's; node 0 waits up to `timeout_s` for the other nodes' workers once its own have ended."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, start_processes
     from torch.distributed.elastic.multiprocessing.api import SignalException
 
-    store = loopback_store()  # the group's store, in this process: no worker's loss takes it down
-    run_id = uuid.uuid4().hex
-    contexts, restarts = {}, dict.fromkeys(range(nproc), 0)
+    # The group's store, in this process (node 0's on several machines): no worker's loss takes it down.
+    store = store if store is not None else loopback_store()
+    run_id = run_id or uuid.uuid4().hex
+    ranks = range(nodes.rank * nproc, (nodes.rank + 1) * nproc)
+    contexts, restarts = {}, dict.fromkeys(ranks, 0)
+    chief_here = 0 in ranks
 
     def start(rank: int):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
-               "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(store.port), "TORCHELASTIC_USE_AGENT_STORE": str(True),
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank - ranks[0]),
+               "WORLD_SIZE": str(nodes.count * nproc), "LOCAL_WORLD_SIZE": str(nproc),
+               "GROUP_RANK": str(nodes.rank), "MASTER_ADDR": nodes.host if nodes.many else "127.0.0.1",
+               "MASTER_PORT": str(nodes.port if nodes.many else store.port), "TORCHELASTIC_USE_AGENT_STORE": str(True),
                "TORCHELASTIC_RUN_ID": run_id, "TORCHELASTIC_RESTART_COUNT": str(restarts[rank]),
                **({REJOIN_ENV: "1"} if restarts[rank] else {})}
         contexts[rank] = start_processes(f"rank{rank}-{restarts[rank]}", sys.executable, {0: tuple(worker)},
@@ -60,16 +71,18 @@ def run_apart(nproc: int, worker: list[str], run_dir: Path, grace_s: float,
         pids[rank] = contexts[rank].pids()[0]
 
     pids: dict[int, int] = {}
-    for rank in range(nproc):
+    for rank in ranks:
         start(rank)
     codes: dict[int, int] = {}
+    chief_ended = (lambda: 0 in codes) if chief_here else (lambda: chief_done(store))
+    said_chief = False
     try:
         while len(codes) < nproc:
             for rank, pc in list(contexts.items()):
                 if rank in codes or (result := pc.wait(0)) is None:
                     continue
                 codes[rank] = result.failures[0].exitcode if result.is_failed() else 0
-                if codes[rank] != 0 and rank != 0 and 0 not in codes:
+                if codes[rank] != 0 and rank != 0 and not chief_ended():
                     who = watchdog.describe_exit(run_dir, rank, pids[rank], codes[rank])
                     if restartable(rank) and restarts[rank] < max_restarts:
                         restarts[rank] += 1
@@ -80,7 +93,10 @@ def run_apart(nproc: int, worker: list[str], run_dir: Path, grace_s: float,
                         start(rank)
                         continue
                     print(f"paratrain: lost {who}; the others go on", file=sys.stderr, flush=True)
-            if 0 in codes:  # the chief has ended: nobody waits on a worker left behind stopped
+            if chief_here and 0 in codes and nodes.many and not said_chief:
+                mark(store, CHIEF_DONE)  # the other nodes' launchers end their stopped workers too
+                said_chief = True
+            if chief_ended():  # the chief has ended: nobody waits on a worker left behind stopped
                 for rank in set(contexts) - set(codes):
                     if watchdog.process_state(pids[rank]) == "stopped":
                         os.kill(pids[rank], signal.SIGKILL)
@@ -96,6 +112,17 @@ def run_apart(nproc: int, worker: list[str], run_dir: Path, grace_s: float,
         for pc in contexts.values():
             pc.close(signal.SIGKILL, timeout=1)
     lost = {r: c for r, c in codes.items() if c != 0 and r != 0}
+    if nodes.many and not chief_here:  # this node's part is done; rank 0's node says how the job ended
+        mark(store, f"{NODE_DONE}{nodes.rank}")
+        how = f"without {len(lost)} lost worker(s): ranks {sorted(lost)}" if lost else "with every worker"
+        print(f"paratrain: node {nodes.rank}: finished {how}", file=sys.stderr)
+        return 0, None
+    if nodes.many:
+        mark(store, CHIEF_DONE)
+        silent = lambda node: all(watchdog.is_lost(run_dir, r) for r in range(node * nproc, (node + 1) * nproc))
+        if late := wait_nodes(store, nodes, timeout_s, silent):
+            print(f"paratrain: node(s) {late} did not finish (their workers lost, or late by {timeout_s:.0f} s); "
+                  "not waiting for them", file=sys.stderr)
     if codes[0] != 0:
         print(f"paratrain: {watchdog.describe_exit(run_dir, 0, pids[0], codes[0])}; the run needs rank 0",
               file=sys.stderr)

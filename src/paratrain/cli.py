@@ -32,6 +32,12 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="train on N local processes (torch's elastic launcher)")
     common(run)
     run.add_argument("--nproc", type=int, default=None, help="local worker processes (default: run.nproc)")
+    run.add_argument("--nnodes", type=int, default=1, help="machines in the job, each running this command "
+                     "(default 1)")
+    run.add_argument("--node-rank", type=int, default=0, help="this machine's place, 0..nnodes-1; node 0 checks "
+                     "the config, owns the run directory and hosts the job's store")
+    run.add_argument("--master", default=None, metavar="HOST:PORT",
+                     help="node 0's address and a free port there, the same on every node (with --nnodes >= 2)")
     worker = sub.add_parser("worker", help="one rank; the entry point for torchrun (-m paratrain worker)")
     common(worker)
 
@@ -126,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             if args.nproc is not None and args.nproc < 1:
                 raise ConfigError(f"--nproc {args.nproc}: must be an integer >= 1")
-            return launch(cfg, args.nproc, resume, discard_newer=args.discard_newer)
+            from paratrain.nodes import Nodes
+
+            nodes = Nodes.parse(args.nnodes, args.node_rank, args.master)
+            return launch(cfg, args.nproc, resume, discard_newer=args.discard_newer, nodes=nodes)
         if args.command == "testbed":
             return _testbed_run(args, cfg, resume)
         train(cfg, resume=resume, discard_newer=args.discard_newer)

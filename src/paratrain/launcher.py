@@ -3,11 +3,11 @@
 `paratrain run` checks the whole config against the process count, settles the run directory
 and the checkpoint to resume from, and only then starts workers, through the same code path as
 `torchrun ... -m paratrain worker CONFIG` (torch.distributed.run), so one machine and many
-behave alike. No cluster layer of our own: multi-node is torchrun's rendezvous. A failed group
-is restarted by torch's agent up to `run.max_restarts` times and continues from its newest
-checkpoint (restarts.py); the strategies that survive a lost worker run each worker in its own
-failure domain instead (apart.py), and fault-tolerant ddp one torchrun job per replica group
-(replica_groups.py).
+behave alike. Multi-node is torchrun's rendezvous, in a store that node 0's launcher hosts
+(`--nnodes`, nodes.py). A failed group is restarted by torch's agent up to `run.max_restarts`
+times and continues from its newest checkpoint (restarts.py); the strategies that survive a lost
+worker run each worker in its own failure domain instead (apart.py), and fault-tolerant ddp one
+torchrun job per replica group (replica_groups.py).
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from paratrain.checkpoint import check_compatible, list_checkpoints, newest_veri
 from paratrain.config import Config, ConfigError
 from paratrain.data import Datasets, ShardedBatches, build_datasets
 from paratrain.imports import import_callable
+from paratrain.nodes import Nodes, await_job, publish
 from paratrain.nonfinite import NONFINITE_EXIT, NonFiniteError
 from paratrain.restarts import OWNED_ENV, attempt, job_dir, record_end
 from paratrain.rundir import Plan, claim, notes, record_config, settle
@@ -77,23 +79,30 @@ def train(cfg: Config, *, resume: str | Path | None = None, model: nn.Module | N
     if not distributed and cfg.strategy.name != "single":
         raise ConfigError(f"strategy.name = '{cfg.strategy.name}': needs worker processes; start it with "
                           "'paratrain run CONFIG --nproc N' or torchrun")
-    if distributed and not cfg.run.dir:  # under torchrun every rank, on every node, derives this one
+    derived = distributed and not cfg.run.dir
+    if derived:  # under torchrun every rank, on every node, derives this one
         cfg = cfg.replace(f"run.dir={json.dumps(str(job_dir(cfg.run.name)))}")
-    # Restarted by torch's agent after a failure: continue from the newest checkpoint (restarts.py).
-    newest = newest_verified(Path(cfg.run.dir)) if attempt() > 0 else None
     owned = os.environ.get(OWNED_ENV)
+    owned = bool(owned) and Path(owned) == Path(cfg.run.dir)  # a worker of `paratrain run`: its launcher settled it
+    # Restarted by torch's agent: continue from the newest checkpoint (restarts.py). A directory
+    # that only this job writes to (its launcher's, or the one derived from the torchrun job) is
+    # looked at on every start: on several nodes an agent restarts its workers for a peer node's
+    # failure with TORCHELASTIC_RESTART_COUNT unchanged (torch counts a membership change as no
+    # restart), and those workers must continue from where the others do.
+    newest = newest_verified(Path(cfg.run.dir)) if attempt() > 0 or owned or derived else None
+    restarted = attempt() > 0 or (newest is not None and (resume is None or Path(resume) != newest[0]))
     plan = None
-    if owned and Path(owned) == Path(cfg.run.dir):  # a worker of `paratrain run`: the launcher settled it all
+    if owned:
         ckpt_path, ckpt = (Path(resume), None) if resume is not None else (None, None)
         if newest is not None:
             ckpt_path, ckpt = newest[0], newest[1]
     else:
         cfg, plan = settle(cfg, cfg.run.dir if newest is not None else resume, discard_newer=discard_newer)
         ckpt_path, ckpt = plan.ckpt_path, plan.ckpt
-    if attempt() > 0 and os.environ.get("RANK", "0") == "0":
+    if restarted and os.environ.get("RANK", "0") == "0":
         where = f"from {ckpt_path}" if ckpt_path is not None else "from step 0 (no checkpoint yet)"
         group = f"replica group {os.environ.get(REPLICA_ENV)}: " if cfg.fault_tolerance.replica_groups else ""
-        print(f"paratrain: {group}restart {attempt()}: continuing {where}", file=sys.stderr)
+        print(f"paratrain: {group}restart {max(attempt(), 1)}: continuing {where}", file=sys.stderr)
     if distributed and dist.is_initialized():  # a caller's group: no rank writes there before all have looked
         dist.barrier()
     if distributed:
@@ -240,8 +249,21 @@ def owned_run(cfg: Config, world_size: int, resume, discard_newer: bool):
 
 
 def launch(cfg: Config, nproc: int | None = None, resume: str | Path | None = None,
-           discard_newer: bool = False) -> int:
-    """Check everything, then train on `nproc` local processes (default: run.nproc). Exit code."""
+           discard_newer: bool = False, nodes: Nodes = Nodes()) -> int:
+    """Check everything, then train on `nproc` local processes (default: run.nproc); exit code.
+    On several machines (`nodes`, nodes.py) node 0 does all of this and the others join it."""
+    if nodes.many:
+        if cfg.strategy.name == "single":
+            raise ConfigError("strategy.name = 'single': one process; --nnodes needs a distributed strategy")
+        if cfg.fault_tolerance.replica_groups:
+            raise ConfigError("fault_tolerance.replica_groups: on several machines each group is a torchrun job "
+                              "of its own, typed on its machine (README: 'More than one machine'); not --nnodes")
+        if nodes.rank > 0:
+            return _join(nproc, nodes)
+        if not cfg.run.dir:
+            raise ConfigError("--nnodes: set run.dir to a directory every node sees (shared storage); "
+                              "node 0 writes checkpoints there and every node its ranks' metrics")
+        cfg = cfg.replace(f"run.dir={json.dumps(str(Path(cfg.run.dir).resolve()))}")
     nproc = nproc or cfg.run.nproc
     if cfg.strategy.name == "single":
         # In this process, but bad input is still refused before train() writes a run directory.
@@ -249,75 +271,107 @@ def launch(cfg: Config, nproc: int | None = None, resume: str | Path | None = No
         preflight(cfg, nproc, None)
         train(cfg, resume=resume, discard_newer=discard_newer)
         return 0
-    with owned_run(cfg, nproc, resume, discard_newer) as run:
-        import uuid
-
-        from torch.distributed.elastic.multiprocessing.api import SignalException
-        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-        from torch.distributed.run import get_args_parser
-        from torch.distributed.run import run as torchrun
-
-        from paratrain.topology import loopback_store
-
-        os.environ.update(LAUNCH_ENV)
-        local_env = {k: v for k, v in LOCAL_ENV.items() if k not in os.environ}
-        os.environ.update(local_env)
-        # torch's agent logs each signal it forwards and each worker it stops; paratrain says it in one line.
-        for name in list(logging.root.manager.loggerDict):  # torch sets a level on each of its loggers
-            if name.startswith("torch.distributed"):
-                logging.getLogger(name).setLevel(logging.CRITICAL)
-        os.environ.setdefault("OMP_NUM_THREADS", str(run.cfg.run.threads_per_rank))
+    with owned_run(cfg, nproc * nodes.count, resume, discard_newer) as run:
         ckpt = run.plan.ckpt_path
         worker = ["-m", "paratrain", "worker", str(run.config_path)] + (["--resume", str(ckpt)] if ckpt else [])
-        # Failure domains of their own: a torchrun job per replica group (torchft, replica_groups.py), or
-        # each worker alone for the strategies that go on without a lost one (apart.py).
-        if run.cfg.fault_tolerance.replica_groups or run.cfg.strategy.name in SURVIVES_LOSS:
-            try:
-                if run.cfg.fault_tolerance.replica_groups:
-                    from paratrain.replica_groups import run_replica_groups
+        store, run_id = (nodes.host_store(), uuid.uuid4().hex) if nodes.many else (None, None)
+        if nodes.many:  # the other nodes start what this one settled
+            publish(store, {"worker": [*worker[:3], str(run.config_path.resolve()),
+                                       *(["--resume", str(ckpt.resolve())] if ckpt else [])],
+                            "config": str(run.config_path.resolve()), "nproc": nproc, "id": run_id})
+        code, run.status = _start(run.cfg, nproc, worker, run.run_dir, nodes, store, run_id)
+        return code
 
-                    code, sig = run_replica_groups(run.cfg, nproc, worker, run.run_dir, SHUTDOWN_GRACE_S)
-                else:
-                    code, sig = run_apart(nproc, worker, run.run_dir, SHUTDOWN_GRACE_S, _rejoins(run.cfg),
-                                          run.cfg.run.max_restarts)
-            finally:
-                for key in local_env:
-                    os.environ.pop(key, None)
-            run.status = "interrupted" if sig else "finished" if code == 0 else "failed"
-            return _stopped(signal.Signals(sig), run.run_dir, killed=False) if sig else code
+
+def _join(nproc: int | None, nodes: Nodes) -> int:
+    """Node R > 0: wait for node 0's settled job, then start this node's part of it."""
+    from paratrain.config import load_config
+
+    store = nodes.join_store()
+    job = await_job(store)
+    if nproc is not None and nproc != job["nproc"]:
+        raise ConfigError(f"--nproc {nproc}: node 0 runs {job['nproc']} processes; every node runs as many")
+    cfg = load_config(job["config"])
+    print(f"paratrain: node {nodes.rank}: joining the job of {nodes.host}:{nodes.port}, run directory {cfg.run.dir}",
+          file=sys.stderr)
+    os.environ[OWNED_ENV] = cfg.run.dir  # node 0 settled and owns it
+    try:
+        return _start(cfg, job["nproc"], job["worker"], Path(cfg.run.dir), nodes, store, job["id"])[0]
+    finally:
+        os.environ.pop(OWNED_ENV, None)
+
+
+def _start(cfg: Config, nproc: int, worker: list[str], run_dir: Path, nodes: Nodes, store,
+           run_id: str | None) -> tuple[int, str]:
+    """This node's workers: each apart, one torchrun job per replica group, or torch's agent; (exit
+    code, how the run ended: finished, failed or interrupted)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser
+    from torch.distributed.run import run as torchrun
+
+    from paratrain.topology import loopback_store
+
+    os.environ.update(LAUNCH_ENV)
+    local_env = {k: v for k, v in LOCAL_ENV.items() if k not in os.environ and (not nodes.many or nodes.loopback)}
+    os.environ.update(local_env)
+    # torch's agent logs each signal it forwards and each worker it stops; paratrain says it in one line.
+    for name in list(logging.root.manager.loggerDict):  # torch sets a level on each of its loggers
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    os.environ.setdefault("OMP_NUM_THREADS", str(cfg.run.threads_per_rank))
+    # Failure domains of their own: a torchrun job per replica group (torchft, replica_groups.py), or
+    # each worker alone for the strategies that go on without a lost one (apart.py).
+    if cfg.fault_tolerance.replica_groups or cfg.strategy.name in SURVIVES_LOSS:
+        try:
+            if cfg.fault_tolerance.replica_groups:
+                from paratrain.replica_groups import run_replica_groups
+
+                code, sig = run_replica_groups(cfg, nproc, worker, run_dir, SHUTDOWN_GRACE_S)
+            else:
+                code, sig = run_apart(nproc, worker, run_dir, SHUTDOWN_GRACE_S, _rejoins(cfg), cfg.run.max_restarts,
+                                      nodes, store, run_id, cfg.run.timeout_s + 5)
+        finally:
+            for key in local_env:
+                os.environ.pop(key, None)
+        status = "interrupted" if sig else "finished" if code == 0 else "failed"
+        return (_stopped(signal.Signals(sig), run_dir, killed=False) if sig else code), status
+    if nodes.many:  # torch's agents meet in node 0's store: c10d rendezvous over machines
+        rdzv = [f"--rdzv-endpoint={nodes.host}:{nodes.port}", f"--rdzv-id={run_id}", f"--nnodes={nodes.count}",
+                *(["--local-addr=127.0.0.1"] if nodes.loopback else [])]
+    else:
         # Not --standalone, whose stores listen on every interface: the rendezvous store is hosted
         # here on 127.0.0.1 (loopback_store), torch's agent joins it as a client (is_host=false), and
         # --local-addr makes the workers' MASTER_ADDR 127.0.0.1, where rank 0's process-group store
         # then listens (Topology.from_env).
-        rdzv_store = loopback_store()
-        local = ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{rdzv_store.port}", f"--rdzv-id={uuid.uuid4()}",
-                 "--rdzv-conf=is_host=false", "--nnodes=1", "--local-addr=127.0.0.1"]
-        restarts = f"--max-restarts={run.cfg.run.max_restarts}"  # each continues from the newest checkpoint
-        args = get_args_parser().parse_args([*local, f"--nproc-per-node={nproc}", restarts,
-                                             f"--shutdown-timeout={SHUTDOWN_GRACE_S}", *worker])
-        try:
-            torchrun(args)
-        except SignalException as e:  # torch's agent forwarded it to every worker and waited for them
-            run.status = "interrupted"
-            return _stopped(e.sigval, run.run_dir, killed=_kill_children())
-        except ChildFailedError as e:
-            codes = sorted({f.exitcode for f in e.failures.values()})
-            # A signal sent to the workers themselves: they stopped at a step (128 + N), or the agent
-            # ended the last ones with the same signal once the first had exited.
-            stopped = [c - 128 if c > 0 else -c for c in codes if (c - 128 if c > 0 else -c) in HANDLED]
-            if stopped and len(stopped) == len(codes) and any(c > 128 for c in codes):
-                run.status = "interrupted"
-                return _stopped(signal.Signals(stopped[0]), run.run_dir, killed=False)
-            tried = f" after {run.cfg.run.max_restarts} restart(s)" if run.cfg.run.max_restarts else ""
-            print(f"paratrain: {len(e.failures)} of {nproc} workers failed{tried}: "
-                  f"{_failures(e.failures, run.run_dir)}; see their messages above; run directory {run.run_dir}",
-                  file=sys.stderr)
-            return next((c for c in (2, NONFINITE_EXIT) if c in codes), 1)  # bad input; a non-finite step
-        finally:
-            for key in local_env:
-                os.environ.pop(key, None)
-        run.status = "finished"
-        return 0
+        store = loopback_store()
+        rdzv = [f"--rdzv-endpoint=127.0.0.1:{store.port}", f"--rdzv-id={uuid.uuid4()}", "--nnodes=1",
+                "--local-addr=127.0.0.1"]
+    restarts = f"--max-restarts={cfg.run.max_restarts}"  # each continues from the newest checkpoint
+    args = get_args_parser().parse_args(["--rdzv-backend=c10d", "--rdzv-conf=is_host=false", *rdzv,
+                                         f"--nproc-per-node={nproc}", restarts,
+                                         f"--shutdown-timeout={SHUTDOWN_GRACE_S}", *worker])
+    try:
+        torchrun(args)
+    except SignalException as e:  # torch's agent forwarded it to every worker and waited for them
+        return _stopped(e.sigval, run_dir, killed=_kill_children()), "interrupted"
+    except ChildFailedError as e:
+        codes = sorted({f.exitcode for f in e.failures.values()})
+        # A signal sent to the workers themselves: they stopped at a step (128 + N), or the agent
+        # ended the last ones with the same signal once the first had exited.
+        stopped = [c - 128 if c > 0 else -c for c in codes if (c - 128 if c > 0 else -c) in HANDLED]
+        if stopped and len(stopped) == len(codes) and any(c > 128 for c in codes):
+            return _stopped(signal.Signals(stopped[0]), run_dir, killed=False), "interrupted"
+        tried = f" after {cfg.run.max_restarts} restart(s)" if cfg.run.max_restarts else ""
+        where = f" on node {nodes.rank}" if nodes.many else ""
+        print(f"paratrain: {len(e.failures)} of {nproc} workers{where} failed{tried}: "
+              f"{_failures(e.failures, run_dir)}; see their messages above; run directory {run_dir}",
+              file=sys.stderr)
+        return next((c for c in (2, NONFINITE_EXIT) if c in codes), 1), "failed"  # bad input; a non-finite step
+    finally:
+        for key in local_env:
+            os.environ.pop(key, None)
+    return 0, "finished"
 
 
 def _failures(failures: dict, run_dir: Path) -> str:

@@ -4,7 +4,9 @@ When a worker fails (a crash, a kill, a peer that timed out on a hung one), torc
 the whole group and starts it again with TORCHELASTIC_RESTART_COUNT one higher. A restarted worker
 continues from the newest checkpoint of the same run directory that verifies, or from step 0 if
 there is none, without `--resume` (launcher.train); training is deterministic from a checkpoint,
-so the final parameters equal an uninterrupted run's.
+so the final parameters equal an uninterrupted run's. On several nodes the other nodes' agents
+restart their workers for a membership change with the count unchanged, so a directory only this
+job writes to is looked at on every start (launcher.train), not only where the count says so.
 
 A deliberate end is not a failure to retry: a stop on SIGTERM or Ctrl-C at a step boundary
 (exit 128 + N) and a non-finite step under `on_nonfinite = "stop"` (exit 3) record `ended.json`

@@ -103,7 +103,10 @@ def test_without_restarts_a_kill_fails_the_job_naming_rank_signal_and_step(tmp_p
     assert out.returncode == 1
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("paratrain: 2 of 2 workers failed: rank 1 (pid "), last
-    assert re.search(f"killed by SIGKILL at step {FAULT_AT} in {BOUNDARY}; rank 0 stopped by the launcher", last), last
+    # The survivor is named after the dead rank: ended by the agent's SIGTERM, or, when its failed
+    # collective came first, by its own exit code (both seen under the suite's load).
+    survivor = r"rank 0 (stopped by the launcher|\(pid \d+\) exit code 1)"
+    assert re.search(f"killed by SIGKILL at step {FAULT_AT} in {BOUNDARY}; {survivor}", last), last
     assert "Traceback" not in out.stderr, out.stderr  # the survivor said it in one line
     assert [p.name for p in list_checkpoints(tmp_path / "once")] == ["step-00000004.pt"]  # nothing lost
 
