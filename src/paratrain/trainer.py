@@ -46,10 +46,10 @@ class Trainer:
         # registers there, and its servers judge it by this file (not the previous process's).
         self.heartbeat = watchdog.Heartbeat(self.run_dir, topo.rank).start(topo.processes)  # watchdog.py
         self.strategy = get_strategy(cfg.strategy.name, topo.replicas > 1)(cfg, topo, model, loss_fn)
-        dp_rank, dp_size = topo.data_shard()  # this rank's share of each batch
-        self.batches = ShardedBatches(datasets.train, t.global_batch_size, dp_rank, dp_size, t.seed)
-        held_out = ShardedBatches(datasets.eval, t.global_batch_size, dp_rank, dp_size, t.seed, split="eval")
-        self.eval_batches = [held_out.batch(i).to(topo.device) for i in range(t.eval_batches)]
+        self.shard = topo.data_shard()  # this rank's share of each batch: (which, of how many)
+        self.batches = ShardedBatches(datasets.train, t.global_batch_size, *self.shard, t.seed)
+        self.held_out = ShardedBatches(datasets.eval, t.global_batch_size, *self.shard, t.seed, split="eval")
+        self.eval_batches = [self.held_out.batch(i).to(topo.device) for i in range(t.eval_batches)]
         self.checkpointer = Checkpointer(self.run_dir, cfg, topo)
         torch.manual_seed(t.seed + 1 + topo.rank)  # dropout streams differ across ranks
         self.step_num = 0
@@ -64,6 +64,8 @@ class Trainer:
         step = self.step_num = self.strategy.begin_step(self.step_num)
         self.heartbeat.at(step, "train_step")
         self.faults.before_step(step)
+        if (shard := self.strategy.data_shard()) != self.shard:  # survivors take over a lost replica's share
+            self._reshard(shard)
         t0 = time.perf_counter()
         batch = self.batches.batch(step).to(self.topo.device)
         data_s = time.perf_counter() - t0
@@ -93,6 +95,12 @@ class Trainer:
                 self.heartbeat.at(step, "checkpoint")
                 self.checkpointer.save(self.step_num, self.strategy, self.batches.position(self.step_num))
         return rec, eval_loss
+
+    def _reshard(self, shard: tuple[int, int]) -> None:
+        self.shard = shard
+        self.batches.reshard(*shard)
+        self.held_out.reshard(*shard)
+        self.eval_batches = [self.held_out.batch(i).to(self.topo.device) for i in range(self.cfg.training.eval_batches)]
 
     def _checkpoint_now(self) -> Path | None:
         """The checkpoint of the step just done, written now unless the step wrote it."""

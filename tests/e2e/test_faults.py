@@ -162,6 +162,8 @@ def test_a_lost_worker_does_not_end_the_asynchronous_strategies(tmp_path, name, 
         # this small MLP rises after step 10 under ddp too, so it cannot say it).
         losses = [r["loss"] for r in steps]
         assert sum(losses[-10:]) < sum(losses[:10]), losses
+        if not name.startswith("parameter_server"):  # the survivors take over the lost rank's share of a batch
+            assert steps[0]["samples"] == 48 // nproc and steps[-1]["samples"] == 48 // len(survivors), steps
     if name.startswith("parameter_server"):
         assert server_report(tmp_path / "run")["lost_workers"] == [1]  # rank 0 waited at the gate, alive
         assert "parameter server: lost worker 1; going on with workers [0]" in out.stderr
@@ -206,7 +208,9 @@ def signal_at(tmp_path, after_step: int, victim: int, fault: str) -> tuple[str, 
     return err, pid
 
 
-@pytest.mark.parametrize("fault", ["kill", "hang"])
+# Each role with one fault (a worker killed, a server stopped): both faults and both roles are
+# covered, and each of these tests takes a 400-step job (about 35 s under the suite's load).
+@pytest.mark.parametrize("fault", ["kill"])
 def test_a_lost_parameter_server_worker_is_restarted_and_rejoins(tmp_path, fault):
     """SSP: the killed (or stopped, then ended) worker is restarted by the launcher, outside the
     job's process group; it connects to the server afresh, pulls the current parameters, and goes
@@ -233,7 +237,7 @@ def test_a_lost_parameter_server_worker_is_restarted_and_rejoins(tmp_path, fault
     assert "finished with restarted worker(s) [1]" in err
 
 
-@pytest.mark.parametrize("fault", ["kill", "hang"])
+@pytest.mark.parametrize("fault", ["hang"])
 def test_a_lost_parameter_server_restarts_from_its_checkpoint_and_the_workers_reconnect(tmp_path, fault):
     """SSP: the server process, killed (SIGKILL) or stopped (SIGSTOP) from outside after the
     checkpoint of step 100, is restarted by the launcher from that checkpoint; each worker's next

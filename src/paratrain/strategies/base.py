@@ -90,6 +90,11 @@ class Strategy:
         """One rank per pipeline stage contributes to a checkpoint (dp and tp copies are equal once full)."""
         return self.topo.axis_rank("dp") == 0 and self.topo.axis_rank("tp") == 0
 
+    def data_shard(self) -> tuple[int, int]:
+        """(which, of how many): this rank's slice of each global batch now. Strategies that go on
+        without a lost replica split the batch over the survivors."""
+        return self.topo.data_shard()
+
     def begin_step(self, step: int) -> int:
         """Before each step: the step this rank takes now, `step` itself unless the strategy's
         members agree on another (a replica group that rejoined and loaded a peer's state)."""

@@ -81,6 +81,13 @@ class Replicas:
 
         return self.run(all_reduce, lambda: float(value))
 
+    def shard(self) -> tuple[int, int] | None:
+        """This rank's slice of each global batch among the survivors once a replica is lost
+        (None while none is): they take over its share, so no sample of a batch goes untrained."""
+        if self.generation == 0:
+            return None
+        return (self.ranks.index(dist.get_rank()) if len(self.ranks) > 1 else 0), len(self.ranks)
+
     def agree(self):
         """Who is still here, found now by one small all-reduce rather than at the next
         collective: the survivors' group, or None while nobody was lost (the whole world). The

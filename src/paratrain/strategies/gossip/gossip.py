@@ -43,7 +43,7 @@ the messages it did get, then agrees on the survivors with the others through th
 store; the ranks that were not its neighbours find the loss at the same step's stop flag (its
 group was aborted). Every survivor therefore changes graph at the same step boundary, and the
 next step's neighbours agree on who they are: no message is ever sent to a rank that does not
-expect it. The lost rank's data shard is no longer trained on; rank 0, which writes the
+expect it. The survivors split each global batch among themselves from then on (`data_shard`); rank 0, which writes the
 checkpoints, must stay up. With CHOCO every rank's public copies restart from zero after the
 change (a new neighbour's copy of this rank would have missed its earlier messages).
 """
@@ -133,6 +133,9 @@ class Gossip(Strategy):
         self.replicas.recovery_s = 0.0
         stats.extra["neighbour_distance"] = distance
         return stats
+
+    def data_shard(self) -> tuple[int, int]:
+        return self.replicas.shard() or super().data_shard()  # after a loss: split over the survivors
 
     @torch.no_grad()
     def evaluate(self, batches: list[Batch]) -> float:

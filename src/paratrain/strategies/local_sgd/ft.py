@@ -63,6 +63,9 @@ class QuorumReplicas:
     def gather_to_first(self, obj) -> dict:
         return {0: obj}  # each replica group is its own world of one; group 0 writes the checkpoints
 
+    def shard(self) -> None:
+        return None  # each group keeps its own share of a batch, as torchft's sampler does
+
 
 class _QuorumSync:
     """The replica-group parts of FaultTolerantLocalSGD and FaultTolerantDiLoCo."""

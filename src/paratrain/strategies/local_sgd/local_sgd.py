@@ -38,7 +38,8 @@ dropped steps contributes its smaller update.
 A lost worker (`[faults] kill_at_step`) is survived, compressed or not: every collective of a
 sync goes through `Replicas` (replicas.py), which catches the failure, lets the survivors agree
 on who is alive through the rendezvous store and retries on a new process group of their own;
-the lost rank's data shard is no longer trained on. Ranks notice the loss at the next sync (or
+from the next step on the survivors split each global batch among themselves (`data_shard`), so
+the lost rank's share is trained on by them. Ranks notice the loss at the next sync (or
 evaluation, or checkpoint). The trainer's checkpoints and closing summary use that group too
 (`agree_on_members`).
 Agreeing takes up to 2 x `run.timeout_s` + 5 s (replicas.py). Rank 0 cannot be lost (checkpoints gather on it).
@@ -100,6 +101,9 @@ class LocalSGD(Strategy):
         anchored = self.anchored or self.compressor is not None
         self.anchor = [p.detach().clone() for p in self.module.parameters()] if anchored else None
         self.deadline = RoundDeadline(o.deadline_slack) if o.deadline == "auto" else None
+
+    def data_shard(self) -> tuple[int, int]:
+        return self.replicas.shard() or super().data_shard()  # after a loss: split over the survivors
 
     @torch.no_grad()
     def evaluate(self, batches: list[Batch]) -> float:
