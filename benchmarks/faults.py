@@ -69,7 +69,7 @@ FAMILIES = {  # name -> (processes, config sets, synchronous: restarts bit-equal
     "gossip": (4, [*GPT_ASYNC, "strategy.name=gossip"], False),  # a ring of 4: rank 1's neighbours pair up
     # ddp as 2 replica groups (torchft): a lost group restarts alone and recovers from the other.
     # min 1: the survivor trains on alone meanwhile; min 2: it waits, and no step is lost.
-    "ddp torchft": (2, [*MLP, "strategy.name=ddp", "fault_tolerance.replica_groups=2"], False),
+    "ddp torchft": (2, [*GPT_ASYNC, "strategy.name=ddp", "fault_tolerance.replica_groups=2"], False),
     "ddp torchft min2": (2, [*MLP, "strategy.name=ddp", "fault_tolerance.replica_groups=2",
                              "fault_tolerance.min_replicas=2"], True),
     # DiLoCo as 2 replica groups (the most it takes): a lost replica is left out, restarts, rejoins;
@@ -86,7 +86,8 @@ FAMILIES = {  # name -> (processes, config sets, synchronous: restarts bit-equal
 FAULTED = {"hybrid torchft min2": 3}  # the rank faulted, where not rank 1
 # Steps, where not STEPS: the asynchronous runs train longer, so that the GPT's loss has flattened
 # and a restarted worker (its start-up about 7 s) is back while the job runs.
-LONGER = {"ps ssp": 1500, "diloco": 600, "gossip": 600, "diloco torchft": 600, "diloco torchft min2": 600}
+LONGER = {"ps ssp": 1500, "diloco": 600, "gossip": 600, "ddp torchft": 600, "diloco torchft": 600,
+          "diloco torchft min2": 600}
 COMMON = [f"training.steps={STEPS}", f"checkpoint.every={EVERY}", "checkpoint.keep=100",
           f"training.eval_every={STEPS}", f"run.timeout_s={TIMEOUT}", "run.progress=off"]
 FAULTS = {"kill": [f"faults.kill_at_step={FAULT_AT}"], "hang": [f"faults.hang_at_step={FAULT_AT}"],
