@@ -57,6 +57,8 @@ def test_a_hung_group_is_ended_and_the_other_trains_on_alone(tmp_path):
     steps = [r for r in records(run_dir, 0) if r.get("committed", True)]
     assert [r["step"] for r in steps] == list(range(60))
     assert {r["replicas"] for r in steps[FAULT_AT + 1:]} >= {1}  # steps taken alone while group 1 was away
+    # alone, it trains on the whole global batch; with both, on half of it
+    assert {r["samples"] for r in steps if r["replicas"] == 1} == {2 * steps[0]["samples"]}
     assert ended(run_dir, 0)["restarts"] == 0
     assert (run_dir / "checkpoints" / "step-00000060.pt").exists()
 

@@ -10,7 +10,8 @@ member's all-reduce succeeded (`should_commit`). A killed group is restarted by 
 its first quorum it is behind, and the Manager loads a healthy peer's model and optimizer state
 over HTTP (`_live_state`) and hands it the quorum's step (`begin_step`), so it rejoins where the
 others are. The others never stop: while a group is missing they average over fewer replicas
-and its share of each global batch is not trained on (as torchft's own sampler does).
+and split the whole global batch among themselves (`QuorumStep.data_shard`; torchft's own sampler
+leaves the missing group's share out).
 
 Each ddp replica group is one process, as in torchft's own DDP example: torchft's DDP averages
 across groups only, and a group of several processes would need its own all-reduce inside
@@ -167,6 +168,16 @@ class QuorumStep:
         if now > step:  # behind: restarted, or cut off for a while
             say_recovered(self.topo, step, now)
         return now
+
+    def data_shard(self) -> tuple[int, int]:
+        """After the step's quorum: while groups are missing, the groups in it split the whole
+        global batch among themselves, so the missing ones' share is still trained on (torchft's
+        own sampler leaves it out); with every group present, the usual layout."""
+        rank, n = self.manager.participating_rank(), self.manager.num_participants()
+        if rank is None or not 0 < n < self.topo.replicas:
+            return super().data_shard()
+        dp_rank, dp_size = self.topo.axis_rank("dp"), self.topo.size("dp")  # hybrid's groups: dp 1
+        return rank * dp_size + dp_rank, n * dp_size
 
     def voted(self, stats: StepStats) -> StepStats:
         """The step's record with the groups it averaged over; a step not committed said in one line."""

@@ -63,8 +63,10 @@ class QuorumReplicas:
     def gather_to_first(self, obj) -> dict:
         return {0: obj}  # each replica group is its own world of one; group 0 writes the checkpoints
 
-    def shard(self) -> None:
-        return None  # each group keeps its own share of a batch, as torchft's sampler does
+    def shard(self) -> tuple[int, int] | None:
+        """While replicas are missing from the quorum, the ones in it split each global batch."""
+        rank = self.manager.participating_rank()
+        return None if rank is None or len(self.ranks) >= self.count else (rank, len(self.ranks))
 
 
 class _QuorumSync:
