@@ -34,10 +34,11 @@ import os
 import statistics
 import tempfile
 import time
-import weakref
 
 import torch
 import torch.distributed as dist
+
+from paratrain.memory import SavedBytes
 
 P = 2  # pipeline ranks = processes
 SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("interleaved_zb", 2), ("zbv", 2)]
@@ -65,45 +66,6 @@ def _trainer(sets: list[str], data, run_dir: str):
     cfg = paratrain.load_config(None, sets)
     topo = Topology.from_env(cfg.run, lambda n: layout(cfg, n))
     return Trainer(cfg, topo, run_dir, datasets=data)
-
-
-class SavedBytes:
-    """Live and peak bytes of the storages autograd holds for backward (parameters excluded)."""
-
-    class Handle:
-        __slots__ = ("tensor", "__weakref__")
-
-        def __init__(self, tensor):
-            self.tensor = tensor
-
-    def __init__(self, params):
-        self.skip = {p.untyped_storage().data_ptr() for p in params}
-        self.refs: dict[int, list[int]] = {}  # storage address -> [handles alive, bytes]
-        self.live = self.peak = 0
-
-    def pack(self, t: torch.Tensor):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in self.skip:
-            return t
-        entry = self.refs.setdefault(ptr, [0, t.untyped_storage().nbytes()])
-        if entry[0] == 0:  # the same storage saved twice (x in two ops, or a view) counts once
-            self.live += entry[1]
-            self.peak = max(self.peak, self.live)
-        entry[0] += 1
-        handle = SavedBytes.Handle(t)
-        weakref.finalize(handle, self._release, ptr)
-        return handle
-
-    def _release(self, ptr: int) -> None:
-        entry = self.refs[ptr]
-        entry[0] -= 1
-        if entry[0] == 0:
-            self.live -= entry[1]
-            del self.refs[ptr]
-
-    @staticmethod
-    def unpack(h):
-        return h.tensor if isinstance(h, SavedBytes.Handle) else h
 
 
 def bubble_events(sets, data, run_dir, warmup: int, steps: int) -> list[list[tuple]] | str:

@@ -1,4 +1,4 @@
-"""`paratrain run | worker | testbed`: the command line. Bad input: one line on stderr, exit code 2."""
+"""`paratrain run | worker | plan | calibrate | testbed`: the command line. Bad input: one line, exit code 2."""
 from __future__ import annotations
 
 import argparse
@@ -40,6 +40,32 @@ def _parser() -> argparse.ArgumentParser:
                      help="node 0's address and a free port there, the same on every node (with --nnodes >= 2)")
     worker = sub.add_parser("worker", help="one rank; the entry point for torchrun (-m paratrain worker)")
     common(worker)
+
+    plan = sub.add_parser("plan", help="predict every plan's step time and memory; rank them and explain the best")
+    plan.add_argument("config", nargs="?", help="TOML config whose model to plan (built-in defaults when omitted)")
+    plan.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+    plan.add_argument("--transformer", metavar="layers=..,hidden=..,heads=..,vocab=..,seq=..",
+                      help="a GPT described by its sizes alone, instead of a config's model")
+    plan.add_argument("--global-batch", type=int, default=0, help="samples per step (default: the config's)")
+    plan.add_argument("--devices", type=int, default=2, help="how many devices (default 2)")
+    plan.add_argument("--device", default="local",
+                      help="'local' (this machine, calibrated) or presets: a100-40gb, a100-80gb, h100, h200; "
+                           "several, comma-separated, with --sweep-devices")
+    plan.add_argument("--per-node", type=int, default=None, help="devices per node of a preset (default 8)")
+    plan.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on presets, fp32 locally")
+    plan.add_argument("--runnable", action="store_true", help="only plans paratrain runs (no recomputation)")
+    plan.add_argument("--slowdown", type=float, default=1.0, help="one device this many times slower (a straggler)")
+    plan.add_argument("--top", type=int, default=5, help="plans to show (default 5)")
+    plan.add_argument("--json", action="store_true", help="JSON instead of tables")
+    plan.add_argument("--sweep-devices", default="", metavar="8,16,..", help="the best plan at each device count")
+    plan.add_argument("--tokens", type=float, default=0.0, help="with --sweep-devices: a token budget, for hours "
+                      "and cost")
+    plan.add_argument("--price", default="", metavar="h100=3.5,..", help="price per device-hour, for the cost")
+    plan.add_argument("--out", default="", metavar="PNG", help="with --sweep-devices: draw it here")
+    calib = sub.add_parser("calibrate", help="measure this machine's FLOP/s, memory bandwidth and links for 'plan'")
+    calib.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    calib.add_argument("--out", default="", metavar="TOML", help="where to write (default: $PARATRAIN_CALIBRATION "
+                       "or ~/.config/paratrain/machine.toml)")
 
     testbed = sub.add_parser("testbed", help="several hosts on this machine: network namespaces, limited links")
     tb = testbed.add_subparsers(dest="testbed_command", required=True, parser_class=_Parser)
@@ -123,6 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "testbed" and args.testbed_command != "run":
             return _testbed(args)
+        if args.command == "calibrate":
+            from paratrain.planner.commands import calibrate_command
+
+            return calibrate_command(args)
+        if args.command == "plan":
+            from paratrain.planner.commands import plan_command
+
+            return plan_command(args, None if args.transformer else load_config(args.config, args.set))
         cfg = load_config(args.config, args.set)
         resume = args.resume
         if resume == "":  # bare --resume: the configured run directory

@@ -141,8 +141,9 @@ class CompressionConfig:
 
 @dataclass(frozen=True)
 class StrategyConfig:
+    # "auto": the planner's fastest synchronous plan for the process count on the calibrated machine
     name: Literal["single", "ddp", "zero1", "zero2", "zero3", "model_parallel", "pipeline", "tensor",
-                  "hybrid", "local_sgd", "diloco", "gossip", "hogwild", "parameter_server"] = "ddp"
+                  "hybrid", "local_sgd", "diloco", "gossip", "hogwild", "parameter_server", "auto"] = "ddp"
     # Degrees for `hybrid` (dp = 0: whatever the world size leaves after pp x tp).
     dp: int = field(default=0, metadata=NON_NEGATIVE)
     pp: int = field(default=1, metadata=AT_LEAST_1)

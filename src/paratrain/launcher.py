@@ -265,6 +265,13 @@ def launch(cfg: Config, nproc: int | None = None, resume: str | Path | None = No
                               "node 0 writes checkpoints there and every node its ranks' metrics")
         cfg = cfg.replace(f"run.dir={json.dumps(str(Path(cfg.run.dir).resolve()))}")
     nproc = nproc or cfg.run.nproc
+    choice = None
+    if cfg.strategy.name == "auto":  # the planner's fastest synchronous plan here (planner/commands.py)
+        from paratrain.planner.commands import resolve_auto
+
+        cfg, choice = resolve_auto(cfg, nproc * nodes.count)
+        print(f"paratrain: auto: {choice.plan.describe()} ({cfg.strategy.name}), predicted "
+              f"{choice.estimate.step_s * 1e3:.1f} ms a step: {choice.reason}", file=sys.stderr)
     if cfg.strategy.name == "single":
         # In this process, but bad input is still refused before train() writes a run directory.
         # The checkpoint is settled inside train() and checked by the Trainer, not here.
@@ -272,6 +279,10 @@ def launch(cfg: Config, nproc: int | None = None, resume: str | Path | None = No
         train(cfg, resume=resume, discard_newer=discard_newer)
         return 0
     with owned_run(cfg, nproc * nodes.count, resume, discard_newer) as run:
+        if choice is not None:  # what was chosen and why, beside the config that runs it
+            (run.run_dir / "plan.json").write_text(json.dumps(
+                {"chosen": choice.plan.describe(), "sets": choice.plan.config_sets(), "why": choice.reason,
+                 "considered": choice.considered, "predicted": choice.estimate.to_dict()}, indent=1))
         ckpt = run.plan.ckpt_path
         worker = ["-m", "paratrain", "worker", str(run.config_path)] + (["--resume", str(ckpt)] if ckpt else [])
         store, run_id = (nodes.host_store(), uuid.uuid4().hex) if nodes.many else (None, None)

@@ -97,7 +97,8 @@ class MetricsLog:
         out = {"steps": len(self.step_times), "steps_this_start": self.steps_this_start,
                "final_loss": self.last.get("loss"), "eval_loss": self.last_eval,
                "nonfinite_skipped": self.nonfinite_skipped,
-               "step_s_mean": statistics.fmean(t), "step_s_p90": t[int(0.9 * (len(t) - 1))],
+               "step_s_mean": statistics.fmean(t), "step_s_median": t[(len(t) - 1) // 2],
+               "step_s_p90": t[int(0.9 * (len(t) - 1))],
                "samples_per_s": self.samples / total if total else 0.0,
                "bytes_sent_per_step": self.bytes_sent / max(1, len(self.step_times)),
                "compression_ratio": self.uncompressed / self.bytes_sent if self.bytes_sent else None}
@@ -154,6 +155,27 @@ class Progress:
             self.bar.stop()
 
 
+def predicted(cfg, processes: int, summary: dict) -> dict:
+    """The planner's step time and memory for this run beside the measured ones, with the relative
+    errors, and the model FLOP utilisation (achieved model FLOP/s over the calibrated peak, as
+    torchtitan and Megatron report MFU). Empty without a calibration (`paratrain calibrate`)."""
+    from paratrain.planner.commands import predict
+
+    try:
+        p = predict(cfg, processes)
+    except Exception as e:  # noqa: BLE001 - a prediction must not fail a run that has trained
+        print(f"paratrain: planner: no prediction for this run ({type(e).__name__}: {e})", file=sys.stderr)
+        return {}
+    if p is None:
+        return {}
+    step, memory = summary["step_s_median"], max((m for m in summary["memory_bytes_per_rank"] if m), default=None)
+    out = {"predicted_step_s": p["step_s"], "step_error": p["step_s"] / step - 1 if step else None,
+           "predicted_memory_bytes": p["memory_bytes"], "measured_memory_bytes": memory,
+           "memory_error": p["memory_bytes"] / memory - 1 if memory else None,
+           "mfu": p["model_flops"] / step / p["peak_flops"] if step else None, "predicted_plan": p["plan"]}
+    return out
+
+
 def print_summary(summary: dict, bytes_per_rank: list[float], run_dir: Path, title: str) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -172,6 +194,14 @@ def print_summary(summary: dict, bytes_per_rank: list[float], run_dir: Path, tit
     rows.append(("bytes sent / step, per rank", ", ".join(_human_bytes(b) for b in bytes_per_rank)))
     if summary.get("compression_ratio") not in (None, 1.0):
         rows.append(("compression (rank 0)", f"{summary['compression_ratio']:.1f}x fewer bytes than uncompressed"))
+    if "predicted_step_s" in summary:
+        rows.append(("step time: planner / measured median",
+                     f"{1000 * summary['predicted_step_s']:.1f} / {1000 * summary['step_s_median']:.1f} ms "
+                     f"({summary['step_error']:+.0%})"))
+        if summary.get("measured_memory_bytes"):
+            rows.append(("memory per rank: planner / measured", f"{_human_bytes(summary['predicted_memory_bytes'])} / "
+                         f"{_human_bytes(summary['measured_memory_bytes'])} ({summary['memory_error']:+.0%})"))
+        rows.append(("model FLOP utilisation (MFU)", f"{summary['mfu']:.1%} of the calibrated peak"))
     if summary.get("nonfinite_skipped"):
         rows.append(("non-finite steps skipped", f"{summary['nonfinite_skipped']}"))
     rows.append(("run directory", str(run_dir)))

@@ -195,7 +195,7 @@ class RunLock:
     def finish(self, status: str) -> None:
         """Record how the run ended ("finished", "failed", "interrupted") and let the directory go."""
         owner = read_owner(self.run_dir)
-        _write_json(self.run_dir / OWNER, {**owner, "status": status, "ended": _now()})
+        write_json(self.run_dir / OWNER, {**owner, "status": status, "ended": _now()})
         self.lock.release()
 
 
@@ -226,7 +226,7 @@ def claim(cfg: Config, plan: Plan) -> tuple[Config, RunLock]:
             path.rename(path.with_name(path.name + ".corrupt"))
         if plan.fork_of is not None and plan.fork_of != run_dir:
             _carry_metrics(plan.fork_of, run_dir, plan.start_step)
-        _write_json(run_dir / OWNER, {"pid": os.getpid(), "host": socket.gethostname(), "started": _now(),
+        write_json(run_dir / OWNER, {"pid": os.getpid(), "host": socket.gethostname(), "started": _now(),
                                       "status": "running", "command": " ".join(sys.argv),
                                       "resumed_from": str(plan.ckpt_path) if plan.ckpt_path else None})
     except BaseException:
@@ -256,7 +256,7 @@ def record_config(run_dir: Path, cfg: Config) -> Path:
         except ValueError:
             pass
     path = run_dir / ("config.json" if not existing else f"config-{_config_number(existing[-1]) + 1}.json")
-    _write_json(path, now)
+    write_json(path, now)
     return path
 
 
@@ -291,7 +291,7 @@ def _carry_metrics(src: Path, dst: Path, step: int) -> None:
         (dst / "metrics" / path.name).write_text(records_before(path, step))
 
 
-def _write_json(path: Path, obj: dict) -> None:
+def write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -13,10 +14,12 @@ from paratrain.checkpoint import Checkpointer, check_compatible, read_checkpoint
 from paratrain.config import Config
 from paratrain.data import Datasets, ShardedBatches, build_datasets
 from paratrain.faults import FaultInjector
-from paratrain.metrics import MetricsLog, Progress, print_summary
+from paratrain.memory import held, measured
+from paratrain.metrics import MetricsLog, Progress, predicted, print_summary
 from paratrain.models import build_loss, build_model
 from paratrain.nonfinite import NonFiniteError
 from paratrain.optim import lr_at
+from paratrain.rundir import write_json
 from paratrain.signals import Stopped, StopRequest
 from paratrain.strategies import get_strategy
 from paratrain.topology import Topology
@@ -57,6 +60,8 @@ class Trainer:
             self.step_num = self.checkpointer.restore(ckpt, self.strategy)
         # A worker restarted into the running job keeps its earlier records: it does not train those steps again.
         self.metrics = MetricsLog(self.run_dir, topo.rank, self.step_num, keep_all=topo.alone)
+        # Memory is measured on this start's second step (the optimizer's state exists by then): memory.py
+        self.measure_at, self.memory = self.step_num + 1, {}
 
     def step(self) -> tuple[dict, float | None]:
         """One optimizer step on one global batch, then evaluation and checkpoint when due."""
@@ -72,7 +77,8 @@ class Trainer:
         lr = lr_at(self.cfg.optimizer, step, t.steps)
         self.strategy.set_lr(lr)
         try:
-            stats = self.strategy.train_step(batch)
+            with measured(self.strategy, self.memory) if step == self.measure_at else nullcontext():
+                stats = self.strategy.train_step(batch)
         except NonFiniteError as e:  # named by the step as the progress lines count it
             raise NonFiniteError(e.ranks, step + 1, e.where, e.outcome) from None
         if not stats.skipped:  # a straggler computes slower; a step it dropped costs it nothing
@@ -141,10 +147,13 @@ class Trainer:
             self.heartbeat.close(ended)
         finished = self.strategy.close(self.run_dir)  # the group of the ranks that finished
         summary = self.metrics.summary()
-        bytes_per_rank = [summary["bytes_sent_per_step"]]
-        if self.topo.world_size > 1:
-            bytes_per_rank = messages.all_gather(summary["bytes_sent_per_step"], group=finished)
-        summary["bytes_sent_per_step_per_rank"] = bytes_per_rank
+        mine = (summary["bytes_sent_per_step"], held(self.memory))
+        per_rank = messages.all_gather(mine, group=finished) if self.topo.world_size > 1 else [mine]
+        summary["bytes_sent_per_step_per_rank"] = bytes_per_rank = [b for b, _ in per_rank]
+        summary["memory_bytes_per_rank"] = [m for _, m in per_rank]
+        if self.topo.is_main:
+            summary.update(predicted(cfg, self.topo.processes, summary))
+            write_json(self.run_dir / "summary.json", summary)
         if self.topo.is_main and cfg.run.progress != "off":
             title = f"paratrain: {cfg.model.name} with {cfg.strategy.name} on {self.topo.world_size} process(es)"
             print_summary(summary, bytes_per_rank, self.run_dir, title)

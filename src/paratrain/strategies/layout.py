@@ -49,6 +49,9 @@ def layout(cfg: Config, world_size: int) -> ParallelDims:
     """The parallel degrees of `cfg`'s strategy on `world_size` processes; ConfigError (one line
     naming the key, what is wrong and what is allowed) if it cannot run there."""
     s, t = cfg.strategy, cfg.training
+    if s.name == "auto":
+        raise ConfigError("strategy.name = 'auto': chosen by 'paratrain run' (the planner); under torchrun name a "
+                          "strategy, e.g. the first of 'paratrain plan CONFIG --runnable'")
     if s.name not in _LAYOUTS:
         raise ConfigError(f"strategy.name = '{s.name}': not available; available: {', '.join(_LAYOUTS)}")
     _check_sections(cfg)

@@ -1,0 +1,13 @@
+"""The planner: predict every plan's step time and memory, rank them, explain the winner, run it.
+
+One module per concern:
+  model.py        per-block FLOPs, memory traffic, saved activations, parameters (meta device, or
+                  a transformer's closed form)
+  hardware.py     devices and links: presets with their sources, or this machine calibrated
+  calibrate.py    `paratrain calibrate`: matmul FLOP/s, memory bandwidth, alpha/beta per collective
+  collectives.py  the alpha-beta time of each collective
+  schedule.py     a pipeline step simulated in the order torch's schedules run it
+  cost.py         one plan's predicted step and memory
+  search.py       every valid plan, filtered by memory, ranked, the winner explained
+  commands.py     `paratrain plan` (tables, JSON, device sweeps and their plot) and `strategy.name = "auto"`
+"""

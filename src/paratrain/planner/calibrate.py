@@ -1,0 +1,164 @@
+"""`paratrain calibrate`: measure this machine as the planner sees it, and store it as TOML.
+
+What one rank achieves with one thread while another rank does the same (paratrain runs a rank
+per core, one thread each):
+- matmul FLOP/s per dtype (fp32, bf16): the best of several square products large enough to
+  leave the start-up cost behind;
+- memory bandwidth: a copy of a tensor far larger than the caches (read + write bytes / time);
+- an operator's fixed cost: eager dispatch of an add on a tiny tensor;
+- per collective (all-reduce, all-gather, reduce-scatter, point-to-point), the link's alpha and
+  beta between two local ranks over gloo on the loopback interface: times over message sizes from
+  16 KiB to 16 MiB, fitted by least squares to T(S) = steps x alpha + wire bytes(S) / beta with the
+  ring's steps and wire bytes for two ranks (collectives.py), so that `plan` predicts those
+  collectives with the same formulas it fitted. With `device = "cuda"`: the same on the GPU, with NCCL.
+Written by hand: torch has no calibration of its own; the timing is torch's collectives themselves.
+"""
+from __future__ import annotations
+
+import os
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from paratrain.planner.hardware import Calibration
+
+SIZES = [2**k for k in range(14, 25, 2)]  # 16 KiB .. 16 MiB
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "p2p")
+
+
+def _best(fn, repeats: int = 5) -> float:
+    fn()  # warm up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def matmul_flops(dtype: torch.dtype, device: str = "cpu", n: int = 1024) -> float:
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+
+    def run():
+        torch.mm(a, b)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return 2 * n**3 / _best(run)
+
+
+def memory_bandwidth(device: str = "cpu", nbytes: int = 256 * 2**20) -> float:
+    src = torch.empty(nbytes // 4, device=device)
+    src.fill_(1.0)
+    dst = torch.empty_like(src)
+
+    def run():
+        dst.copy_(src)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return 2 * nbytes / _best(run)
+
+
+def op_seconds(device: str = "cpu", count: int = 2000) -> float:
+    """The fixed cost of one operator: eager dispatch of an add on a tiny tensor."""
+    x = torch.ones(8, device=device)
+
+    def run():
+        for _ in range(count):
+            torch.add(x, x)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return _best(run) / count
+
+
+def _ops(device: str, rank: int, size: int) -> dict:
+    """The four collectives on `size` bytes, as paratrain's strategies call them (FSDP2 gathers and
+    reduce-scatters into flat tensors; pipelines send and receive)."""
+    import torch.distributed as dist
+
+    x = torch.ones(size // 4, device=device)
+    gathered = torch.empty(2 * x.numel(), device=device)
+    half = torch.empty(x.numel() // 2, device=device)
+    peer = 1 - rank
+
+    def p2p():  # a round trip: each rank sends once and receives once
+        for send_first in (rank == 0, rank != 0):
+            dist.send(x, peer) if send_first else dist.recv(x, peer)
+
+    return {"all_reduce": lambda: dist.all_reduce(x), "all_gather": lambda: dist.all_gather_into_tensor(gathered, x),
+            "reduce_scatter": lambda: dist.reduce_scatter_tensor(half, x), "p2p": p2p}
+
+
+def _rank(device: str) -> dict:
+    """On each of two ranks at once, as a run's ranks share the machine: compute first (both ranks
+    computing, each with one thread), then seconds per collective and size; rank 0's are returned."""
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    rank = dist.get_rank()
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    torch.set_num_threads(1)
+    dist.barrier()
+    compute = {"matmul_flops": {"fp32": matmul_flops(torch.float32, device),
+                                "bf16": matmul_flops(torch.bfloat16, device)},
+               "memory_Bps": memory_bandwidth(device), "op_s": op_seconds(device)}
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    times: dict = {c: [] for c in COLLECTIVES}
+    for size in SIZES:
+        for name, op in _ops(device, rank, size).items():
+            dist.barrier()
+            seconds = _best(lambda op=op: (op(), sync()))
+            times[name].append(seconds / 2 if name == "p2p" else seconds)  # a round trip is two sends
+    dist.destroy_process_group()
+    return {**compute, "times": times}
+
+
+def fit(sizes: list[int], seconds: list[float], steps: float, wire: float) -> tuple[float, float]:
+    """alpha, beta of T = steps x alpha + wire x S / beta, least squares (alpha >= 0)."""
+    n = len(sizes)
+    mx, my = sum(sizes) / n, sum(seconds) / n
+    slope = sum((x - mx) * (y - my) for x, y in zip(sizes, seconds)) / sum((x - mx) ** 2 for x in sizes)
+    intercept = max(0.0, my - slope * mx)
+    return intercept / steps, wire / slope if slope > 0 else float("inf")
+
+
+# For two ranks (collectives.py): (steps, wire bytes per byte of S)
+SHAPES = {"all_reduce": (2, 1.0), "all_gather": (1, 0.5), "reduce_scatter": (1, 0.5), "p2p": (1, 1.0)}
+
+
+def calibrate(device: str = "cpu") -> Calibration:
+    from paratrain.testing import run_ranks
+
+    got = run_ranks(_rank, 2, device)[0]
+    per = {c: list(fit(SIZES, got["times"][c], *SHAPES[c])) for c in COLLECTIVES}
+    return Calibration(device=device, cores=os.cpu_count() or 1, matmul_flops=got["matmul_flops"],
+                       memory_Bps=got["memory_Bps"], memory_bytes=_memory_bytes(device), op_s=got["op_s"],
+                       links={"loopback": per},
+                       measured_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+
+
+def _memory_bytes(device: str) -> float:
+    if device == "cuda":
+        return float(torch.cuda.get_device_properties(0).total_memory)
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return float(line.split()[1]) * 1024
+    return 0.0
+
+
+def save(cal: Calibration, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(cal.to_toml())
+    os.replace(tmp, path)
+    return path

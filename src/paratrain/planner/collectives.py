@@ -1,0 +1,36 @@
+"""Time of one collective under the alpha-beta model (Hockney): steps x alpha + bytes on the wire / beta.
+
+Ring algorithms, as NCCL and gloo run them for large messages (Thakur, Rabenseifner and Gropp,
+"Optimization of Collective Communication Operations in MPICH", 2005): an all-reduce of S bytes
+over n devices is a reduce-scatter then an all-gather, 2(n-1) steps moving 2(n-1)/n S bytes per
+device; reduce-scatter and all-gather are n-1 steps and (n-1)/n S each. A point-to-point send is
+one step of S bytes. `link` is the slowest link the group crosses (Cluster.link).
+"""
+from __future__ import annotations
+
+from paratrain.planner.hardware import Link
+
+
+def all_reduce(nbytes: float, n: int, link: Link) -> float:
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    return 2 * (n - 1) * link.alpha_s + 2 * (n - 1) / n * nbytes / link.beta_Bps
+
+
+def reduce_scatter(nbytes: float, n: int, link: Link) -> float:
+    """`nbytes`: the whole (unsharded) tensor."""
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    return (n - 1) * link.alpha_s + (n - 1) / n * nbytes / link.beta_Bps
+
+
+all_gather = reduce_scatter  # the same steps and bytes, the other way round
+
+
+def p2p(nbytes: float, link: Link) -> float:
+    return 0.0 if nbytes <= 0 else link.alpha_s + nbytes / link.beta_Bps
+
+
+def wire_bytes_all_reduce(nbytes: float, n: int) -> float:
+    """Bytes each device sends in a ring all-reduce (what paratrain's step records count)."""
+    return 0.0 if n <= 1 else 2 * (n - 1) / n * nbytes

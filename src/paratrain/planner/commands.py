@@ -1,0 +1,368 @@
+"""`paratrain plan` and `paratrain calibrate`, and the planner's choice for `strategy.name = "auto"`.
+
+Bad input (a malformed `--transformer`, an unknown device, a device count that is not a positive
+integer, a model that fits no plan) is one line and exit code 2, as everywhere in paratrain.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from paratrain.config import Config, ConfigError
+from paratrain.planner.cost import Estimate, Plan
+from paratrain.planner.hardware import DEVICES, Calibration, Cluster, calibration_path, preset
+from paratrain.planner.model import ModelProfile, transformer
+from paratrain.planner.search import Search, explain, search
+
+TRANSFORMER_KEYS = ("layers", "hidden", "heads", "vocab", "seq")
+
+
+def parse_transformer(text: str) -> ModelProfile:
+    """`layers=..,hidden=..,heads=..,vocab=..,seq=..` (and optionally ffn=..) -> the closed form."""
+    sizes = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or key not in (*TRANSFORMER_KEYS, "ffn") or not value.strip().isdigit() or int(value) < 1:
+            raise ConfigError(f"--transformer {text!r}: each part must be key=positive integer with keys "
+                              f"{', '.join(TRANSFORMER_KEYS)} (and optionally ffn); got {part!r}")
+        sizes[key] = int(value)
+    missing = [k for k in TRANSFORMER_KEYS if k not in sizes]
+    if missing:
+        raise ConfigError(f"--transformer {text!r}: missing {', '.join(missing)} (give {', '.join(TRANSFORMER_KEYS)})")
+    if sizes["hidden"] % sizes["heads"]:
+        raise ConfigError(f"--transformer {text!r}: hidden = {sizes['hidden']} must be divisible by heads = "
+                          f"{sizes['heads']}")
+    return transformer(sizes["layers"], sizes["hidden"], sizes["heads"], sizes["vocab"], sizes["seq"],
+                       sizes.get("ffn"))
+
+
+def profile_config(cfg: Config) -> ModelProfile:
+    """The config's model, counted on the meta device on one held-out sample."""
+    import torch
+
+    from paratrain.data import build_datasets
+    from paratrain.models import build_loss, build_model
+    from paratrain.planner.model import profile_module, transformer
+
+    datasets = build_datasets(cfg)
+    with torch.device("meta"):
+        model = build_model(cfg, datasets.vocab_size)
+    batch = datasets.eval.get(torch.arange(1))
+    profile = profile_module(model, batch.inputs, build_loss(cfg), batch.targets, name=_model_name(cfg))
+    if cfg.model.name == "gpt":  # the tensor-parallel split of the built-in GPT, in the closed form's terms
+        m = cfg.model
+        closed = transformer(m.n_layer, m.d_model, m.n_head, datasets.vocab_size, m.block_size,
+                             bytes_per_value=profile.bytes_per_value)
+        from dataclasses import replace
+
+        layer = closed.blocks[0]
+        blocks = tuple(replace(b, tp_bytes=layer.tp_bytes, tp_split=layer.tp_split, gemms=layer.gemms,
+                               attn_traffic=layer.attn_traffic) for b in profile.blocks)
+        profile = replace(profile, blocks=blocks, heads=m.n_head, hidden=m.d_model)
+    return profile
+
+
+def _model_name(cfg: Config) -> str:
+    m = cfg.model
+    if m.name == "gpt":
+        return f"GPT {m.n_layer}x{m.d_model}, {m.n_head} heads, {m.block_size} tokens"
+    return m.factory if m.name == "custom" else m.name
+
+
+def load_calibration() -> Calibration:
+    path = calibration_path()
+    if not path.is_file():
+        raise ConfigError(f"--device local: no calibration at {path}; run 'paratrain calibrate' first (about a "
+                          "minute), or name a preset: " + ", ".join(sorted(DEVICES)))
+    return Calibration.load(path)
+
+
+def cluster_for(device: str, devices: int, per_node: int | None = None, price: float = 0.0) -> Cluster:
+    if devices < 1:
+        raise ConfigError(f"--devices {devices}: must be an integer >= 1")
+    if device == "local":
+        return load_calibration().cluster(devices)
+    try:
+        return preset(device, devices, per_node or 8, price)
+    except ValueError as e:
+        raise ConfigError(f"--device {device!r}: must be 'local' or one of {', '.join(sorted(DEVICES))}") from e
+
+
+@dataclass
+class Choice:
+    """The planner's pick for a run, with its prediction."""
+    estimate: Estimate
+    reason: str
+    considered: int
+
+    @property
+    def plan(self) -> Plan:
+        return self.estimate.plan
+
+
+def choose(cfg: Config, nproc: int) -> Choice:
+    """`strategy.name = "auto"`: the fastest plan paratrain can run on `nproc` local processes of
+    the calibrated machine, synchronous only (the asynchronous families change what is trained)."""
+    profile = profile_config(cfg)
+    cluster = load_calibration().cluster(nproc)
+    found = search(profile, cluster, cfg.training.global_batch_size, runnable=True, asynchronous=False)
+    if not found.ranked:
+        raise ConfigError(_fits_nothing(found, cluster))
+    first, second = found.ranked[0], (found.ranked[1] if len(found.ranked) > 1 else None)
+    return Choice(first, explain(first, second), found.considered)
+
+
+def _fits_nothing(found: Search, cluster: Cluster) -> str:
+    return (f"no plan fits: the smallest of {found.considered} needs {found.smallest_bytes / 2**30:.2f} GiB a device "
+            f"and the largest device offered ({cluster.device.name}) has {cluster.device.memory_bytes / 2**30:.2f} GiB")
+
+
+# ---------------------------------------------------------------------------- paratrain plan
+
+
+def plan_command(args, cfg: Config | None) -> int:
+    profile = parse_transformer(args.transformer) if args.transformer else profile_config(cfg)
+    batch = args.global_batch or (cfg.training.global_batch_size if cfg else 0)
+    if batch < 1:
+        raise ConfigError("--global-batch: give the samples per optimizer step (an integer >= 1)")
+    if not args.slowdown >= 1:
+        raise ConfigError(f"--slowdown {args.slowdown}: must be a number >= 1 (how many times slower one device is)")
+    devices = [d.strip() for d in args.device.split(",") if d.strip()]
+    if args.sweep_devices:
+        return sweep_command(args, profile, batch, devices)
+    cluster = cluster_for(devices[0], args.devices, args.per_node)
+    dtype = args.dtype or ("fp32" if devices[0] == "local" else "bf16")
+    found = search(profile, cluster, batch, dtype, runnable=args.runnable, slowdown=args.slowdown)
+    if not found.ranked:
+        raise ConfigError(_fits_nothing(found, cluster))
+    ranked = [e for e in found.ranked if exact(e)] or found.ranked
+    first, second = ranked[0], (ranked[1] if len(ranked) > 1 else None)
+    if args.json:
+        print(json.dumps({"model": profile.name, "params": profile.params, "global_batch": batch,
+                          "devices": args.devices, "device": cluster.device.name, "considered": found.considered,
+                          "dropped": dict(found.dropped), "why": explain(first, second),
+                          "plans": [e.to_dict() for e in ranked[:args.top]],
+                          "trains_differently": [e.to_dict() for e in _others(found).values()]}, indent=1))
+        return 0
+    _print_plans(profile, cluster, batch, found, args.top)
+    return 0
+
+
+def exact(e: Estimate) -> bool:
+    """A plan that trains exactly what one process would (no codec, no local steps): the ranking's own."""
+    return e.plan.family == "sync" and e.plan.codec == "none"
+
+
+def _others(found: Search) -> dict[str, Estimate]:
+    """The best plan of each family that trains differently (local SGD, DiLoCo, parameter server, a codec)."""
+    others: dict[str, Estimate] = {}
+    for e in found.ranked:
+        key = e.plan.family if e.plan.family != "sync" else "ddp + codec"
+        if not exact(e) and key not in others:
+            others[key] = e
+    return others
+
+
+def _print_plans(profile: ModelProfile, cluster: Cluster, batch: int, found: Search, top: int) -> None:
+    """The best synchronous plans, then the best of each family that trains differently."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=160)
+    same = [e for e in found.ranked if exact(e)]
+    others = _others(found)
+    title = (f"{profile.name}: {profile.params / 1e6:,.1f} M parameters, global batch {batch}, "
+             f"{cluster.devices} x {cluster.device.name}")
+    for rows, heading in ((same[:top], title + ": the same training as one process"),
+                          (list(others.values()), "trains differently (asynchronous or compressed): the best of each")):
+        if not rows:
+            continue
+        table = Table(title=heading)
+        for col in ("#", "plan", "run as", "step", "samples/s", "compute", "exposed comm", "bubble", "memory/device",
+                    "MFU"):
+            table.add_column(col, justify="left" if col in ("plan", "run as") else "right")
+        for i, e in enumerate(rows, 1):
+            table.add_row(str(i), e.plan.describe(), e.plan.strategy(), _t(e.step_s), f"{e.samples_per_s:,.1f}",
+                          _t(e.compute_s), _t(e.comm_s), _t(e.bubble_s), f"{e.memory_bytes / 2**30:.2f} GiB",
+                          f"{e.mfu:.1%}")
+        console.print(table)
+    dropped = ", ".join(f"{n} {why}" for why, n in found.dropped.items()) or "none"
+    console.print(f"{found.considered} plans considered; dropped: {dropped}.")
+    if same:
+        console.print(explain(same[0], same[1] if len(same) > 1 else None))
+
+
+def _t(seconds: float) -> str:
+    return "-" if not seconds else f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+# ---------------------------------------------------------------------------- device sweeps
+
+
+def sweep_command(args, profile: ModelProfile, batch: int, devices: list[str]) -> int:
+    """Time per step, throughput, scaling efficiency and cost for each device count and kind."""
+    counts = _counts(args.sweep_devices)
+    prices = _prices(args.price or "")
+    rows = []
+    for kind in devices:
+        if kind == "local":
+            raise ConfigError("--sweep-devices: sweeps compare presets (" + ", ".join(sorted(DEVICES))
+                              + "), not 'local'")
+        base = None
+        for n in counts:
+            cluster = cluster_for(kind, n, args.per_node, prices.get(kind, 0.0))
+            found = search(profile, cluster, batch, args.dtype or "bf16", runnable=args.runnable, asynchronous=False)
+            best = found.best
+            if best is None:
+                rows.append({"device": kind, "devices": n, "fits": False})
+                continue
+            per_device = best.samples_per_s / n
+            base = base or (n, per_device)
+            tokens_per_s = best.samples_per_s * max(1, profile.seq)
+            hours = args.tokens / tokens_per_s / 3600 if args.tokens else None
+            rows.append({"device": kind, "devices": n, "fits": True, "plan": best.plan.describe(),
+                         "step_s": best.step_s, "samples_per_s": best.samples_per_s, "tokens_per_s": tokens_per_s,
+                         "scaling_efficiency": per_device / base[1], "mfu": best.mfu, "hours": hours,
+                         "cost": hours * n * prices[kind] if hours is not None and kind in prices else None})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        _print_sweep(profile, batch, rows, args.tokens)
+    if args.out:
+        plot_sweep(rows, Path(args.out), f"{profile.name}, global batch {batch}")
+        print(f"plot: {args.out}", file=sys.stderr)
+    return 0
+
+
+def _counts(text: str) -> list[int]:
+    try:
+        counts = [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise ConfigError(f"--sweep-devices {text!r}: must be device counts separated by commas, "
+                          "e.g. 8,64,512") from None
+    if not counts or any(c < 1 for c in counts):
+        raise ConfigError(f"--sweep-devices {text!r}: every count must be an integer >= 1")
+    return sorted(set(counts))
+
+
+def _prices(text: str) -> dict:
+    prices = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        kind, sep, value = part.partition("=")
+        try:
+            prices[kind] = float(value)
+        except ValueError:
+            raise ConfigError(f"--price {text!r}: must be device=price per device-hour, e.g. h100=3.5") from None
+        if not sep or prices[kind] < 0:
+            raise ConfigError(f"--price {text!r}: must be device=price per device-hour, e.g. h100=3.5")
+    return prices
+
+
+def _print_sweep(profile: ModelProfile, batch: int, rows: list[dict], tokens: float) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{profile.name}, global batch {batch}" + (f", {tokens:.3g} tokens" if tokens else ""))
+    for col in ("device", "devices", "best plan", "step", "tokens/s", "scaling eff.", "MFU", "hours", "cost"):
+        table.add_column(col, justify="left" if col in ("device", "best plan") else "right")
+    for r in rows:
+        if not r["fits"]:
+            table.add_row(r["device"], str(r["devices"]), "nothing fits", *["-"] * 6)
+            continue
+        table.add_row(r["device"], str(r["devices"]), r["plan"], _t(r["step_s"]), f"{r['tokens_per_s']:,.0f}",
+                      f"{r['scaling_efficiency']:.0%}", f"{r['mfu']:.1%}",
+                      "-" if r["hours"] is None else f"{r['hours']:,.1f}",
+                      "-" if r["cost"] is None else f"${r['cost']:,.0f}")
+    Console(width=160).print(table)
+
+
+def plot_sweep(rows: list[dict], out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for kind in dict.fromkeys(r["device"] for r in rows):
+        mine = [r for r in rows if r["device"] == kind and r["fits"]]
+        if not mine:
+            continue
+        ax1.plot([r["devices"] for r in mine], [r["tokens_per_s"] for r in mine], "o-", label=kind)
+        ax2.plot([r["devices"] for r in mine], [r["scaling_efficiency"] for r in mine], "o-", label=kind)
+    ax1.set(xscale="log", yscale="log", xlabel="devices", ylabel="tokens / s (predicted)", title="throughput")
+    ax2.set(xscale="log", xlabel="devices", ylabel="per-device throughput / smallest count's",
+            title="scaling efficiency", ylim=(0, 1.1))
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- paratrain calibrate
+
+
+def calibrate_command(args) -> int:
+    from paratrain.planner.calibrate import calibrate, save
+
+    out = Path(args.out) if args.out else calibration_path()
+    print("paratrain calibrate: measuring matmul FLOP/s, memory bandwidth and 4 collectives over loopback ...",
+          file=sys.stderr)
+    cal = calibrate(args.device)
+    save(cal, out)
+    print(cal.to_toml(), end="")
+    print(f"written: {out}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------- a run's own plan
+
+
+def plan_of(cfg: Config, world_size: int) -> Plan:
+    """The plan a config runs on `world_size` processes, in the planner's terms."""
+    from paratrain.strategies.layout import layout
+
+    s = cfg.strategy
+    dims = layout(cfg, world_size)
+    dtype = "bf16" if s.zero.mixed_precision == "bf16" and s.name in ("zero2", "zero3") else "fp32"
+    if s.name in ("local_sgd", "diloco"):
+        return Plan(dp=world_size, family=s.name, sync_every=s.local_sgd.sync_every, codec=s.compression.codec,
+                    dtype=dtype)
+    if s.name == "parameter_server":
+        return Plan(dp=world_size - s.ps.servers, family="parameter_server", servers=s.ps.servers,
+                    codec=s.compression.codec, dtype=dtype, mode=s.ps.mode)
+    pipelined = dims.pp > 1
+    zero = {"zero1": 1, "zero2": 2, "zero3": 3}.get(s.name, 3 if s.name == "hybrid" and s.dp_mode == "shard" else 0)
+    return Plan(dp=dims.dp, pp=dims.pp, tp=dims.tp,
+                microbatches=(1 if s.name == "model_parallel" else s.pipeline.microbatches) if pipelined
+                else cfg.training.grad_accum_steps,
+                schedule=("gpipe" if s.name == "model_parallel" else s.pipeline.schedule) if pipelined else "none",
+                virtual=s.pipeline.virtual_stages if pipelined else 1, zero=zero,
+                sequence_parallel=s.tensor.sequence_parallel and dims.tp > 1, dtype=dtype,
+                codec=s.compression.codec if s.name == "ddp" else "none")
+
+
+def predict(cfg: Config, world_size: int) -> dict | None:
+    """The planner's step time, memory and peak FLOP/s for this run on the calibrated machine (None:
+    no calibration, or a strategy it does not model); for the summary beside the measured ones."""
+    if not calibration_path().is_file() or cfg.strategy.name in ("single", "hogwild", "gossip"):
+        return None
+    from paratrain.planner.cost import estimate
+
+    cluster = load_calibration().cluster(world_size)
+    est = estimate(plan_of(cfg, world_size), profile_config(cfg), cluster, cfg.training.global_batch_size)
+    return {"plan": est.plan.describe(), "step_s": est.step_s, "memory_bytes": est.memory_bytes,
+            "model_flops": est.model_flops, "peak_flops": cluster.device.peak("fp32") * world_size,
+            "compute_s": est.compute_s, "comm_s": est.comm_s, "bubble_s": est.bubble_s}
+
+
+def resolve_auto(cfg: Config, nproc: int) -> tuple[Config, Choice]:
+    """`strategy.name = "auto"`: the planner's choice, as a config that runs it, and why."""
+    choice = choose(cfg.replace("strategy.name=ddp"), nproc)
+    chosen = cfg.replace(*choice.plan.config_sets())
+    return chosen, choice

@@ -1,0 +1,393 @@
+"""One plan's predicted step: compute, exposed communication, pipeline bubble, optimizer, memory.
+
+A `Plan` is a layout (dp x pp x tp), micro-batches and schedule, ZeRO stage on the dp axis,
+activation recomputation and dtype, or an asynchronous family (local SGD, DiLoCo, parameter
+server) with its sync period and codec. `estimate(plan, model, cluster, batch)` predicts:
+- compute: each stage's forward and backward of one micro-batch from its blocks' FLOPs at the
+  device's achieved matmul rate plus their other operations' bytes at its memory bandwidth
+  (roofline per block: the two add, since the matmuls and the elementwise kernels run one after
+  the other); backward is twice the forward; full recomputation adds a forward, selective its
+  attention; tensor parallelism splits the matmuls and the split part of the traffic and adds two
+  all-reduces per layer each way (Megatron: not overlapped);
+- the pipeline: schedule.simulate with those times and the point-to-point sends between stages;
+- data parallelism: the gradient all-reduce (ddp, ZeRO-1) or reduce-scatter and all-gathers
+  (ZeRO-2/3), hidden behind backward as far as the device overlaps communication with compute
+  (`Cluster.overlap`: 1 on GPUs, which move bytes on their own engines; 0 on a CPU whose cores
+  all compute) except the last bucket's or block's; ZeRO-1 all-gathers the updated parameters;
+- the optimizer: AdamW reads and writes parameters, gradients and two moments (memory-bound);
+- memory per device: parameters, gradients and optimizer state per ZeRO stage and dtype, the
+  activations the schedule holds at its peak (schedule.simulate) per recomputation mode, and
+  the largest gathered block under ZeRO-3.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from paratrain.planner import collectives as cc
+from paratrain.planner.hardware import Cluster
+from paratrain.planner.model import Block, ModelProfile
+from paratrain.planner.schedule import peak_held, simulate, stage_rank
+
+SYNC = ("ddp", "zero1", "zero2", "zero3", "pipeline", "model_parallel", "tensor", "hybrid")
+ASYNC = ("local_sgd", "diloco", "parameter_server")
+BUCKET_BYTES = 25 * 2**20  # DDP's default bucket (strategy.ddp.bucket_mb)
+# Bytes on the wire per value, per codec, as paratrain's codecs send them (compression/codecs.py):
+# fp16/bf16 half; int8 a byte plus a scale per tensor; top-k 8 bytes per kept value (index + value)
+# at the default ratio 0.01; sign a bit. PowerSGD: `codec_fraction`.
+CODEC_FRACTION = {"none": 1.0, "fp16": 0.5, "bf16": 0.5, "int8": 0.25, "topk": 2 * 0.01, "sign": 1 / 32}
+POWERSGD_RANK = 4  # strategy.compression.rank's default
+
+
+def codec_fraction(codec: str, model: ModelProfile) -> float:
+    """The share of the gradient's bytes a codec sends. PowerSGD (Vogels et al. 2019, torch's DDP hook)
+    sends (rows + cols) x rank per weight matrix of rows x cols and every vector whole."""
+    if codec != "powersgd":
+        return CODEC_FRACTION.get(codec, 1.0)
+    matrices = [(n, k) for b in model.blocks for n, k, _ in b.gemms] + [(n, k) for n, k, _ in model.last.gemms]
+    if not matrices or not model.params:
+        return 1.0
+    dense = sum(n * k for n, k in matrices)
+    sent = sum(min(n * k, (n + k) * POWERSGD_RANK) for n, k in matrices)
+    return (sent + model.params - dense) / model.params
+ADAM_BYTES = 4 * (1 + 1 + 2) * 2  # parameter, gradient, two moments: read and written once each (fp32)
+
+
+@dataclass(frozen=True)
+class Plan:
+    dp: int = 1
+    pp: int = 1
+    tp: int = 1
+    microbatches: int = 1  # per data-parallel rank and step (pp = 1: gradient accumulation)
+    schedule: str = "none"  # gpipe, 1f1b, interleaved_1f1b, interleaved_zb, zbv (pp > 1)
+    virtual: int = 1  # stages per rank
+    zero: int = 0  # ZeRO stage on the dp axis: 0 replicate (ddp), 1, 2, 3
+    recompute: str = "none"  # none, selective, full
+    sequence_parallel: bool = False
+    dtype: str = "fp32"  # fp32, or bf16 (mixed precision: fp32 master weights and moments)
+    # Megatron-LM's scatter-gather pipeline sends: each tensor-parallel rank sends 1/tp of the
+    # activation and the next stage all-gathers it over NVLink (paratrain's hybrid sends it whole)
+    p2p_scatter: bool = False
+    family: str = "sync"  # sync, local_sgd, diloco, parameter_server
+    sync_every: int = 1  # local SGD / DiLoCo: H
+    codec: str = "none"
+    servers: int = 0  # parameter server
+    mode: str = "bsp"  # parameter server: bsp, asp, ssp
+
+    @property
+    def devices(self) -> int:
+        return self.dp * self.pp * self.tp + self.servers
+
+    def strategy(self) -> str:
+        """paratrain's strategy.name for this plan."""
+        if self.family != "sync":
+            return self.family
+        axes = sum(n > 1 for n in (self.dp, self.pp, self.tp))
+        if axes > 1:
+            return "hybrid"
+        if self.pp > 1:
+            return "model_parallel" if self.microbatches == 1 and self.schedule == "gpipe" else "pipeline"
+        if self.tp > 1:
+            return "tensor"
+        return ("ddp", "zero1", "zero2", "zero3")[self.zero] if self.dp > 1 else "single"
+
+    def describe(self) -> str:
+        if self.family == "parameter_server":
+            return f"parameter server {self.mode.upper()}, {self.dp} workers + {self.servers} server(s)" + self._codec()
+        if self.family in ("local_sgd", "diloco"):
+            return f"{self.family} dp{self.dp}, H={self.sync_every}" + self._codec()
+        parts = [f"dp{self.dp}" + (f" ZeRO-{self.zero}" if self.zero and self.dp > 1 else ""),
+                 f"pp{self.pp}" + (f" {self.schedule}" + (f" v{self.virtual}" if self.virtual > 1 else "")
+                                   + f" m{self.microbatches}" if self.pp > 1 else ""),
+                 f"tp{self.tp}" + (" sp" if self.sequence_parallel else "")]
+        extra = [f"{self.recompute} recompute"] if self.recompute != "none" else []
+        extra += [self.dtype] if self.dtype != "fp32" else []
+        extra += [f"{self.microbatches} accum"] if self.pp == 1 and self.microbatches > 1 else []
+        return " x ".join(parts) + (", " + ", ".join(extra) if extra else "") + self._codec()
+
+    def _codec(self) -> str:
+        return f", {self.codec}" if self.codec != "none" else ""
+
+    def config_sets(self) -> list[str]:
+        """`--set` assignments that run this plan with paratrain (strategy.* keys)."""
+        name = self.strategy()
+        sets = [f"strategy.name={name}"]
+        if name == "hybrid":
+            sets += [f"strategy.dp={self.dp}", f"strategy.pp={self.pp}", f"strategy.tp={self.tp}",
+                     f"strategy.dp_mode={'shard' if self.zero == 3 else 'replicate'}"]
+        if self.pp > 1:
+            sets += [f"strategy.pipeline.schedule={self.schedule}",
+                     f"strategy.pipeline.microbatches={self.microbatches}",
+                     f"strategy.pipeline.virtual_stages={self.virtual}"]
+        elif self.microbatches > 1:
+            sets += [f"training.grad_accum_steps={self.microbatches}"]
+        if self.tp > 1 and self.sequence_parallel:
+            sets += ["strategy.tensor.sequence_parallel=true"]
+        if self.family in ("local_sgd", "diloco"):
+            sets += [f"strategy.local_sgd.sync_every={self.sync_every}"]
+        if self.family == "parameter_server":
+            sets += [f"strategy.ps.servers={self.servers}", f"strategy.ps.mode={self.mode}"]
+        if self.codec != "none":
+            sets += [f"strategy.compression.codec={self.codec}"]
+        if self.dtype == "bf16" and name in ("zero2", "zero3"):
+            sets += ["strategy.zero.mixed_precision=bf16"]
+        return sets
+
+
+@dataclass
+class Estimate:
+    plan: Plan
+    step_s: float = 0.0
+    compute_s: float = 0.0  # forward + backward on the busiest device, recomputation included
+    comm_s: float = 0.0  # exposed communication: not hidden behind compute
+    bubble_s: float = 0.0  # pipeline idle time
+    optimizer_s: float = 0.0
+    memory: dict = field(default_factory=dict)  # bytes per device: params, grads, optimizer, activations, buffers
+    fits: bool = True
+    why_not: str = ""
+    samples_per_s: float = 0.0
+    model_flops: float = 0.0  # per step (6 x params x tokens-like count: forward + backward, no recomputation)
+    mfu: float = 0.0  # model FLOPs per second over the devices' datasheet peak
+    bytes_per_step: float = 0.0  # what a device sends a step (dp axis, pipeline sends, tensor parallel), averaged
+    staleness: float = 0.0  # updates between a gradient's read of the parameters and its application
+
+    @property
+    def memory_bytes(self) -> float:
+        return sum(self.memory.values())
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["plan"] = {**asdict(self.plan), "describe": self.plan.describe(), "strategy": self.plan.strategy()}
+        d["memory_bytes"] = self.memory_bytes
+        return d
+
+
+def _param_bytes(dtype: str) -> tuple[float, float, float]:
+    """Bytes per parameter: (parameter as computed, gradient, optimizer incl. fp32 master copy)."""
+    return (2.0, 4.0, 12.0) if dtype == "bf16" else (4.0, 4.0, 8.0)
+
+
+def _stages(model: ModelProfile, stages: int) -> list[list[Block]]:
+    """Consecutive blocks per stage, as many per stage as can be (paratrain splits by parameters or
+    time: for a stack of equal layers both give this cut); first and last ride with the ends."""
+    n = len(model.blocks)
+    cuts = [round(i * n / stages) for i in range(stages + 1)]
+    out = [list(model.blocks[cuts[i]:cuts[i + 1]]) for i in range(stages)]
+    out[0] = [model.first, *out[0]]
+    out[-1] = [*out[-1], model.last]
+    return out
+
+
+@dataclass
+class _Layout:
+    """What a plan puts on each device: stages, micro-batch size, links."""
+    plan: Plan
+    model: ModelProfile
+    cluster: Cluster
+    mb: float  # samples per micro-batch
+    stages: list
+    rank_stages: list  # per pipeline rank, the stages it holds
+    local_params: float  # the busiest rank's parameters (its tensor-parallel share)
+
+    @classmethod
+    def of(cls, plan: Plan, model: ModelProfile, cluster: Cluster, global_batch: int) -> "_Layout":
+        mb = global_batch / plan.dp / plan.microbatches
+        stages = _stages(model, plan.pp * plan.virtual)
+        where = stage_rank(plan.schedule, plan.pp, plan.virtual) if plan.pp > 1 else [0]
+        rank_stages = [[s for s in range(len(stages)) if where[s] == r] for r in range(plan.pp)]
+        local = max(sum(b.params for s in st for b in stages[s]) for st in rank_stages) / plan.tp
+        return cls(plan, model, cluster, mb, stages, rank_stages, local)
+
+
+def estimate(plan: Plan, model: ModelProfile, cluster: Cluster, global_batch: int,
+             slowdown: float = 1.0) -> Estimate:
+    """The plan's memory per device, then (if it fits) its step; `slowdown`: one device computes
+    that many times slower (a straggler: the synchronous families wait for it, ASP and SSP's
+    other workers do not)."""
+    model = model.in_dtype(2 if plan.dtype == "bf16" else 4)
+    lay = _Layout.of(plan, model, cluster, global_batch)
+    est = Estimate(plan)
+    est.memory = memory(lay)
+    if est.memory_bytes > cluster.device.memory_bytes:
+        est.fits = False
+        est.why_not = f"needs {_gib(est.memory_bytes)} of {_gib(cluster.device.memory_bytes)}"
+        return est
+    _time(lay, est, slowdown)
+    est.samples_per_s = global_batch / est.step_s if est.step_s else 0.0
+    if plan.family == "parameter_server" and plan.mode != "bsp" and slowdown > 1:
+        # the others keep their pace: the straggler contributes 1/slowdown of a worker's samples
+        est.samples_per_s *= (plan.dp - 1 + 1 / slowdown) / plan.dp
+    est.model_flops = 3 * model.flops * global_batch
+    peak = cluster.device.peak("bf16" if plan.dtype == "bf16" else "fp32") * plan.devices
+    est.mfu = est.model_flops / est.step_s / peak if est.step_s and peak else 0.0
+    return est
+
+
+def memory(lay: _Layout) -> dict:
+    """Bytes per device on the busiest rank: model states per ZeRO stage and dtype, the activations
+    the schedule holds at its peak (an order's count, whatever the durations), ZeRO-3's gathered blocks."""
+    plan, tp, pp = lay.plan, lay.plan.tp, lay.plan.pp
+    p_bytes, g_bytes, o_bytes = _param_bytes(plan.dtype)
+    zero = plan.zero if plan.family == "sync" and plan.dp > 1 else 0
+    n = plan.dp
+    out = {"params": lay.local_params * p_bytes / (n if zero == 3 else 1),
+           # accumulating over micro-batches, FSDP2's no_sync keeps whole gradients until the last one
+           "grads": lay.local_params * g_bytes / (n if zero >= 2 and plan.microbatches == 1 else 1),
+           "optimizer": lay.local_params * o_bytes / (n if zero >= 1 else 1)}
+
+    def tp_share(nbytes: float) -> float:  # tensor parallelism splits most activations (Korthikanti: 24 of 34)
+        return nbytes / tp if plan.sequence_parallel else nbytes * (24 / 34 / tp + 10 / 34) if tp > 1 else nbytes
+
+    per_stage, working = [], 0.0
+    for blocks in lay.stages:
+        if plan.recompute == "full":  # each layer's input is kept; one layer's activations while it recomputes
+            saved = sum(b.boundary for b in blocks)
+            working = max(working, tp_share(max(b.saved for b in blocks)) * lay.mb)
+        else:
+            saved = sum(b.saved_selective if plan.recompute == "selective" else b.saved for b in blocks)
+        per_stage.append(tp_share(saved) * lay.mb)
+    held = peak_held(plan.schedule, pp, plan.microbatches, plan.virtual) if pp > 1 else (1.0,)
+    out["activations"] = working + max(held[r] * max(per_stage[s] for s in lay.rank_stages[r]) for r in range(pp))
+    if zero == 3:
+        out["buffers"] = 2 * max((b.params for b in lay.model.blocks), default=0) / tp * p_bytes
+    return out
+
+
+def _time(lay: _Layout, est: Estimate, slowdown: float = 1.0) -> None:
+    plan, model, cluster = lay.plan, lay.model, lay.cluster
+    dev, mb = cluster.device, lay.mb
+    tp, pp, v = plan.tp, plan.pp, plan.virtual
+    flops_rate = dev.flops("bf16" if plan.dtype == "bf16" else "fp32")
+    tp_link = cluster.link(tp)
+    pp_link = cluster.link(tp * pp) if pp > 1 else cluster.intra
+    dp_link = cluster.link(plan.dp * pp * tp)
+    overlap = cluster.overlap
+    tokens = mb * max(1, model.seq)
+
+    def waves(b: Block) -> float:
+        """How much slower than the achieved rate this block's weight matmuls run (wave quantization),
+        over its forward and backward products: outputs tokens x n (forward), tokens x k (dgrad), k x n (wgrad)."""
+        if not b.gemms or not dev.sms:
+            return 1.0
+        spent = 0.0
+        for n, k, split in b.gemms:
+            n, k = (n / tp, k) if split == "n" else (n, k / tp)
+            spent += sum(1.0 / dev.matmul_efficiency(r, c) for r, c in ((tokens, n), (tokens, k), (k, n)))
+        return spent / (3 * len(b.gemms))
+
+    def forward(blocks: list[Block]) -> tuple[float, float]:
+        """(compute seconds, tensor-parallel seconds) of one micro-batch's forward through `blocks`."""
+        t_flops = sum((b.flops - b.attn_flops) * waves(b) + b.attn_flops for b in blocks) * mb / tp
+        split = sum(b.traffic * b.tp_split for b in blocks)
+        whole = sum(b.traffic * (1 - b.tp_split) for b in blocks)
+        t_bytes = (split / tp + whole / (tp if plan.sequence_parallel else 1)) * mb
+        comm = sum(2 * cc.all_reduce(b.tp_bytes * mb, tp, tp_link) for b in blocks if b.tp_bytes) if tp > 1 else 0.0
+        fixed = sum(b.ops for b in blocks) * dev.op_s
+        return t_flops / flops_rate + t_bytes / dev.memory_Bps + fixed, comm
+
+    # A straggler holds the first stage (pipelines) or is one of the data-parallel ranks: everyone
+    # who synchronises with it waits; ASP and SSP parameter-server workers do not.
+    waits = slowdown if not (plan.family == "parameter_server" and plan.mode != "bsp") else 1.0
+    f_times, b_times, tp_total = [], [], 0.0
+    for i, blocks in enumerate(lay.stages):
+        fc, fcomm = forward(blocks)
+        recompute = 0.0
+        if plan.recompute == "full":
+            recompute = fc + fcomm
+        elif plan.recompute == "selective":  # attention's scores again: its FLOPs and its s x s traffic
+            attn = sum(b.attn_flops for b in blocks) * mb / tp / flops_rate
+            recompute = attn + sum(b.attn_traffic for b in blocks) * mb / tp / dev.memory_Bps
+        slow = waits if i == 0 or pp == 1 else 1.0
+        f_times.append(fc * slow + fcomm)
+        b_times.append((2 * fc + recompute) * slow + fcomm)
+        tp_total += 2 * fcomm
+
+    if pp > 1:
+        def send_s(nbytes: float) -> float:
+            if plan.sequence_parallel:
+                return cc.p2p(nbytes / tp, pp_link)
+            if plan.p2p_scatter:
+                return cc.p2p(nbytes / tp, pp_link) + cc.all_gather(nbytes, tp, tp_link)
+            return cc.p2p(nbytes, pp_link)
+
+        send = [send_s(stage[-1].boundary * mb) for stage in lay.stages]
+        est.bytes_per_step += 2 * plan.microbatches * sum(stage[-1].boundary * mb for stage in lay.stages) / pp
+        sim = simulate(plan.schedule, pp, plan.microbatches, v, f_times, b_times, send)
+        pipeline_s = sim.makespan
+        est.compute_s = max(sim.busy)
+        est.bubble_s = pipeline_s - est.compute_s
+    else:
+        pipeline_s = est.compute_s = plan.microbatches * (f_times[0] + b_times[0])
+    # Tensor parallelism's all-reduces run inside the busiest rank's actions: said as communication.
+    tp_share = tp_total * plan.microbatches * (v / (pp * v) if pp > 1 else 1)
+    est.compute_s -= tp_share
+
+    p_bytes = _param_bytes(plan.dtype)[0]
+    local = lay.local_params
+    dp_comm = 0.0
+    if plan.family == "sync" and plan.dp > 1:
+        n = plan.dp
+        grad_wire = local * 4 * codec_fraction(plan.codec, model)
+        if plan.zero <= 1:
+            # DDP's buckets all-reduce as backward produces them; pipelines reduce after their last backward
+            window = overlap * plan.microbatches * b_times[0] if pp == 1 else 0.0
+            total = cc.all_reduce(grad_wire, n, dp_link)
+            last = cc.all_reduce(min(grad_wire, BUCKET_BYTES), n, dp_link)
+            dp_comm = max(last, total - window)
+            if plan.zero == 1:  # the updated shards, all-gathered after the step
+                dp_comm += cc.all_gather(local * p_bytes, n, dp_link)
+        else:
+            # FSDP2 gathers each block's parameters for every micro-batch's forward (and again for its
+            # backward under ZeRO-3, which frees them after forward), prefetching the next block's
+            # behind this one's compute; gradients are reduce-scattered once, after the last micro-batch
+            block = max(b.params for b in model.blocks) / tp if model.blocks else local
+            rs = cc.reduce_scatter(local * 4, n, dp_link)
+            ag = cc.all_gather(local * p_bytes, n, dp_link) * (2 if plan.zero == 3 else 1) * plan.microbatches
+            hidden = overlap * plan.microbatches * (sum(f_times) + sum(b_times)) / pp
+            one_block = cc.all_gather(block * p_bytes, n, dp_link) + cc.reduce_scatter(block * 4, n, dp_link)
+            dp_comm = max(one_block, rs + ag - hidden)
+    elif plan.family in ("local_sgd", "diloco"):  # one all-reduce of the parameters every H steps
+        wire = local * 4 * codec_fraction(plan.codec, model)
+        dp_comm = cc.all_reduce(wire, plan.dp, dp_link) / plan.sync_every
+    elif plan.family == "parameter_server":
+        # each worker pushes its gradient and pulls the parameters, split over the servers; a
+        # server's link carries every worker's share: the slower of the two sets the pace
+        wire = local * 4 * codec_fraction(plan.codec, model)
+        link = cluster.link(plan.devices)
+        dp_comm = max(2 * plan.servers * cc.p2p(wire / plan.servers, link),
+                      2 * plan.dp * cc.p2p(wire / plan.servers, link))
+    est.bytes_per_step += _dp_bytes(plan, model, local)
+    if tp > 1:  # 4 all-reduces per layer and micro-batch (2 forward, 2 backward), ring bytes
+        est.bytes_per_step += plan.microbatches * sum(
+            4 * cc.wire_bytes_all_reduce(b.tp_bytes * mb, tp) for st in lay.rank_stages[0] for b in lay.stages[st])
+    est.staleness = {"local_sgd": plan.sync_every - 1, "diloco": plan.sync_every - 1}.get(plan.family, 0.0)
+    if plan.family == "parameter_server" and plan.mode != "bsp":  # the other workers' pushes since this one pulled
+        est.staleness = (plan.dp - 1) * slowdown
+    est.comm_s = dp_comm + tp_share
+    # the optimizer on this device's shard (ZeRO-1/2/3 split it; a parameter server's workers have none)
+    shard = 0.0 if plan.family == "parameter_server" else local / (plan.dp if plan.zero and plan.dp > 1 else 1)
+    est.optimizer_s = shard * ADAM_BYTES / dev.memory_Bps
+    est.step_s = pipeline_s + dp_comm + est.optimizer_s
+
+
+def _dp_bytes(plan: Plan, model: ModelProfile, local: float) -> float:
+    """Bytes a device sends a step on the data-parallel axis (ring all-reduce: 2(n-1)/n of the
+    gradient; ZeRO: the all-gathers and the reduce-scatter; local SGD once every H steps; a
+    parameter-server worker its gradient and, back, the parameters)."""
+    n, grad = plan.dp, local * 4 * codec_fraction(plan.codec, model)
+    if plan.family == "parameter_server":
+        return 2 * grad
+    if n <= 1:
+        return 0.0
+    ring = (n - 1) / n
+    if plan.family in ("local_sgd", "diloco"):
+        return 2 * ring * grad / plan.sync_every
+    p_bytes = _param_bytes(plan.dtype)[0]
+    if plan.zero <= 1:
+        return 2 * ring * grad + (ring * local * p_bytes if plan.zero == 1 else 0.0)
+    gathers = (2 if plan.zero == 3 else 1) * plan.microbatches
+    return ring * (local * 4 + gathers * local * p_bytes)
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.1f} GiB"
+

@@ -1,0 +1,200 @@
+"""What a device computes and moves per second: presets with their sources, or this machine calibrated.
+
+A `Device` is one accelerator (or one CPU rank): its achieved matmul FLOP/s per dtype, the FLOP/s
+of other (elementwise) work, its memory and memory bandwidth. A `Link` is alpha (seconds per
+message step) and beta (bytes per second each way) between two devices. A `Cluster` places N
+devices on nodes of `per_node`, with one link inside a node and another between nodes.
+
+Achieved, not datasheet, throughput is what a step takes: the presets carry each datasheet peak
+(for MFU) and published measurements of what the device and its links achieve (matmul, memory
+copy, NCCL bus bandwidth), each with its source below. Nothing here is fitted to a training run's
+published time. This machine's figures come from
+`paratrain calibrate` (calibrate.py), stored as TOML.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Link:
+    alpha_s: float  # seconds per message step (latency)
+    beta_Bps: float  # bytes per second, each way, per device
+    name: str = ""
+
+    def time(self, nbytes: float, steps: int = 1) -> float:
+        return steps * self.alpha_s + nbytes / self.beta_Bps
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    matmul_flops: dict  # dtype -> achieved FLOP/s of large matmuls
+    peak_flops: dict  # dtype -> datasheet peak (for MFU)
+    memory_bytes: float
+    memory_Bps: float  # achieved memory bandwidth (elementwise work is bound by it)
+    source: str = ""
+    sms: int = 0  # streaming multiprocessors (GPU): matmul tiles run in waves of this many; 0: no waves
+    # Seconds each operator costs whatever its size: eager PyTorch's dispatch on a CPU (calibrated); on
+    # the GPU presets 0, their kernels being large enough that launches hide behind them.
+    op_s: float = 0.0
+
+    def matmul_efficiency(self, m: float, n: float) -> float:
+        """The share of the achieved matmul rate an (m x n) output gets under wave quantization:
+        cuBLAS computes it in 256 x 128 tiles, one per SM at a time, so the last wave may run part
+        empty (NVIDIA, "Matrix Multiplication Background User's Guide", §3.2 Wave Quantization).
+        MAMF's best shape fills its waves, so the two multiply."""
+        if not self.sms:
+            return 1.0
+        tiles = math.ceil(m / 256) * math.ceil(n / 128)
+        return tiles / (math.ceil(tiles / self.sms) * self.sms)
+
+    def flops(self, dtype: str) -> float:
+        return self.matmul_flops.get(dtype) or self.matmul_flops["fp32"]
+
+    def peak(self, dtype: str) -> float:
+        return self.peak_flops.get(dtype) or self.flops(dtype)
+
+
+@dataclass(frozen=True)
+class Cluster:
+    device: Device
+    devices: int
+    per_node: int  # devices per node (sharing the fast link)
+    intra: Link  # within a node
+    inter: Link  # between nodes, per device
+    price_per_hour: float = 0.0  # per device, for cost sweeps
+    # How much of a collective the device hides behind its own compute: a GPU moves bytes on its
+    # copy engines and NICs while its SMs compute (1); a CPU whose cores all compute moves them on
+    # one of those cores (gloo), so nothing is hidden (0; the README's pipeline measurements).
+    overlap: float = 1.0
+
+    @property
+    def nodes(self) -> int:
+        return -(-self.devices // self.per_node)
+
+    def link(self, span: int) -> Link:
+        """The slowest link a group of `span` consecutive devices crosses."""
+        return self.intra if span <= self.per_node else self.inter
+
+    def with_devices(self, n: int) -> "Cluster":
+        return replace(self, devices=n)
+
+
+# ---------------------------------------------------------------------------- presets
+# Every figure is a datasheet peak or a published measurement, with its source; none is fitted to a
+# training run's published time.
+# Datasheet peaks (dense, no sparsity): NVIDIA A100 datasheet and Ampere architecture whitepaper
+# (A100 SXM4: bf16/fp16 tensor 312 TFLOP/s, tf32 156, fp32 19.5; 40 GB HBM2 at 1,555 GB/s, 80 GB
+# HBM2e at 2,039 GB/s); NVIDIA H100 page and Hopper whitepaper (H100 SXM5: bf16 989 TFLOP/s, tf32
+# 494.7, fp32 67; 80 GB HBM3 at 3.35 TB/s); NVIDIA H200 page (the H100 SXM's compute, 141 GB HBM3e at
+# 4.8 TB/s).
+# Achieved matmul (MAMF, the best large bf16 matmul; github.com/stas00/ml-engineering,
+# compute/accelerator/README.md, "Maximum Achievable Matmul FLOPS comparison table"): A100 SXM
+# 267.9 TFLOP/s, H100 SXM 792.1; the H200's compute is the H100's, so its MAMF is taken as the
+# H100's (the same page's H100/H200 row: 794.5).
+# Achieved memory bandwidth (BabelStream Triad, Azure/AI-benchmarking-guide, Azure_Results/
+# ND_A100_v4_results.md and ND_H100_v5_results.md, "HBM Bandwidth"): A100 80GB 1.70 TB/s (83% of
+# 2,039), H100 2.97 TB/s (89% of 3.35); the A100 40GB and the H200 at those same fractions.
+# NVLink (inside a node), NCCL all-reduce bus bandwidth for large messages (nccl-tests busbw =
+# algbw x 2(n-1)/n, the ring's bytes per device over time, i.e. our beta): 8x A100 about 230 GB/s
+# (NCCL lead in NVIDIA/nccl-tests#149; 234.89 GB/s at 16 GiB in ml-engineering network/README.md);
+# 8x H100 about 370 GB/s with the ring (NVIDIA/nccl-tests#212, NVIDIA/nccl#1442; 367.61 on H200 in
+# ml-engineering). InfiniBand, per GPU: DGX A100 (8x 200 Gb/s HDR) 192 GB/s all-reduce bus bandwidth
+# per node across nodes, 24 GB/s a GPU (NVIDIA, NVIDIA/nccl#812); DGX H100 (8x 400 Gb/s NDR) 48 GB/s
+# per NIC (NVIDIA, NVIDIA/nccl-tests#267).
+# Link alpha, per ring step: NCCL's own cost model (NVIDIA/nccl src/graph/tuning.cc, ring, Simple
+# protocol: 3.4 us per step over NVLink, 14 us over the network; a model constant, not a measurement).
+TF = 1e12
+NVLINK_ALPHA, NET_ALPHA = 3.4e-6, 14e-6
+
+
+def _gpu(name, peak_bf16, mamf_bf16, tf32, fp32, mem_gb, mem_GBps, mem_fraction, sms, source):
+    fraction = mamf_bf16 / peak_bf16  # tf32 and fp32 matmuls: the same share of their peak (none published)
+    return Device(name, {"bf16": mamf_bf16 * TF, "fp16": mamf_bf16 * TF, "tf32": tf32 * fraction * TF,
+                         "fp32": fp32 * fraction * TF},
+                  {"bf16": peak_bf16 * TF, "fp16": peak_bf16 * TF, "tf32": tf32 * TF, "fp32": fp32 * TF},
+                  mem_gb * GB, mem_GBps * GB * mem_fraction, source, sms)
+
+
+# SMs: A100 108 (Ampere whitepaper; the same guide's wave-quantization example), H100 SXM 132 (Hopper whitepaper).
+DEVICES = {
+    "a100-40gb": _gpu("a100-40gb", 312, 267.9, 156, 19.5, 40, 1555, 0.83, 108, "A100 SXM4 40GB"),
+    "a100-80gb": _gpu("a100-80gb", 312, 267.9, 156, 19.5, 80, 2039, 0.83, 108, "A100 SXM4 80GB"),
+    "h100": _gpu("h100", 989, 792.1, 494.7, 67, 80, 3350, 0.89, 132, "H100 SXM5 80GB"),
+    "h200": _gpu("h200", 989, 792.1, 494.7, 67, 141, 4800, 0.89, 132, "H200 SXM 141GB"),
+}
+ALIASES = {"a100": "a100-80gb", "a100-80": "a100-80gb", "a100-40": "a100-40gb", "h100-80gb": "h100",
+           "h200-141gb": "h200"}
+NVLINK_GBps = {"a100-40gb": 230, "a100-80gb": 230, "h100": 370, "h200": 370}  # all-reduce bus bandwidth
+IB_GBps = {"a100-40gb": 24, "a100-80gb": 24, "h100": 48, "h200": 48}  # per GPU, across nodes
+PER_NODE = 8  # DGX / HGX: 8 GPUs on one NVSwitch
+
+
+def preset(name: str, devices: int, per_node: int = PER_NODE, price_per_hour: float = 0.0) -> Cluster:
+    key = ALIASES.get(name.lower(), name.lower())
+    if key not in DEVICES:
+        raise ValueError(f"device {name!r}: must be one of {', '.join(sorted(DEVICES))}")
+    intra = Link(NVLINK_ALPHA, NVLINK_GBps[key] * GB, "NVLink")
+    inter = Link(NET_ALPHA, IB_GBps[key] * GB, "InfiniBand")
+    return Cluster(DEVICES[key], devices, min(per_node, devices), intra, inter, price_per_hour)
+
+
+# ---------------------------------------------------------------------------- this machine
+
+
+def calibration_path() -> Path:
+    """Where `paratrain calibrate` writes and `plan` reads ($PARATRAIN_CALIBRATION overrides)."""
+    if env := os.environ.get("PARATRAIN_CALIBRATION"):
+        return Path(env)
+    base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return base / "paratrain" / "machine.toml"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """This machine as `paratrain calibrate` measured it (one rank's share of it)."""
+    device: str = "cpu"
+    cores: int = 1
+    matmul_flops: dict = field(default_factory=dict)  # dtype -> FLOP/s, one rank (one thread)
+    memory_Bps: float = 0.0
+    memory_bytes: float = 0.0
+    op_s: float = 0.0  # one small operator, dispatched eagerly
+    # link name -> {collective -> [alpha_s, beta_Bps]}: "loopback" measured between local ranks
+    links: dict = field(default_factory=dict)
+    measured_at: str = ""
+
+    def to_toml(self) -> str:
+        lines = ["# paratrain calibrate: this machine as measured (one rank per core, one thread each)",
+                 f'device = "{self.device}"', f"cores = {self.cores}", f"memory_Bps = {self.memory_Bps:.6g}",
+                 f"memory_bytes = {self.memory_bytes:.6g}", f"op_s = {self.op_s:.6g}",
+                 f'measured_at = "{self.measured_at}"', "",
+                 "[matmul_flops]"]
+        lines += [f"{k} = {v:.6g}" for k, v in self.matmul_flops.items()]
+        for link, per in self.links.items():
+            lines += ["", f"[links.{link}]"]
+            lines += [f"{c} = [{a:.6g}, {b:.6g}]" for c, (a, b) in per.items()]
+        return "\n".join(lines) + "\n"
+
+    @classmethod
+    def load(cls, path: Path) -> "Calibration":
+        raw = tomllib.loads(path.read_text())
+        return cls(**{k: raw[k] for k in asdict(cls()) if k in raw})
+
+    def link(self, name: str = "loopback", collective: str = "all_reduce") -> Link:
+        per = self.links.get(name, {})
+        alpha, beta = per.get(collective) or per.get("all_reduce") or next(iter(per.values()), (1e-4, 1e9))
+        return Link(alpha, beta, name)
+
+    def cluster(self, devices: int, link: str = "loopback") -> Cluster:
+        device = Device(f"{self.device} (calibrated)", dict(self.matmul_flops), dict(self.matmul_flops),
+                        self.memory_bytes / max(1, devices), self.memory_Bps,
+                        f"paratrain calibrate, {self.measured_at}", op_s=self.op_s)
+        net = self.link(link)
+        return Cluster(device, devices, devices, net, net, overlap=1.0 if self.device == "cuda" else 0.0)

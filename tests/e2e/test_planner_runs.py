@@ -1,0 +1,44 @@
+"""The planner meeting real runs: `paratrain calibrate` measures this machine, `strategy.name = "auto"`
+runs the plan `paratrain plan --runnable` ranks first, and a run's summary carries the planner's
+prediction beside what it measured."""
+import json
+
+from tests.helpers import MLP, TINY_GPT, cli, records
+from tests.unit.test_planner import CALIBRATION
+
+
+def test_calibrate_writes_what_plan_reads(tmp_path):
+    out = cli(["calibrate", "--out", str(tmp_path / "machine.toml")], cwd=tmp_path, timeout=180)
+    assert out.returncode == 0, out.stderr
+    from paratrain.planner.hardware import Calibration
+
+    cal = Calibration.load(tmp_path / "machine.toml")
+    assert cal.matmul_flops["fp32"] > 1e8 and cal.memory_Bps > 1e8 and cal.op_s > 0
+    for collective in ("all_reduce", "all_gather", "reduce_scatter", "p2p"):
+        alpha, beta = cal.links["loopback"][collective]
+        assert alpha >= 0 and beta > 1e6, (collective, alpha, beta)
+    plan = cli(["plan", "--devices", "2", *[a for s in MLP for a in ("--set", s)], "--json"], cwd=tmp_path,
+               env={"PARATRAIN_CALIBRATION": str(tmp_path / "machine.toml")}, timeout=120)
+    assert plan.returncode == 0 and json.loads(plan.stdout)["plans"], plan.stderr
+
+
+def test_auto_runs_the_planners_first_choice_and_the_summary_compares(tmp_path):
+    (tmp_path / "machine.toml").write_text(CALIBRATION)
+    env = {"PARATRAIN_CALIBRATION": str(tmp_path / "machine.toml")}
+    sets = [*TINY_GPT, "training.steps=6", "training.eval_every=6", "run.progress=lines"]
+    args = [a for s in sets for a in ("--set", s)]
+    ranked = cli(["plan", "--devices", "2", "--runnable", "--json", *args], cwd=tmp_path, env=env, timeout=120)
+    first = json.loads(ranked.stdout)["plans"][0]["plan"]
+    out = cli(["run", "--nproc", "2", *args, "--set", "strategy.name=auto", "--set", "run.dir=auto"], cwd=tmp_path,
+              env=env)
+    assert out.returncode == 0, out.stderr
+    assert f"paratrain: auto: {first['describe']} ({first['strategy']})" in out.stderr
+    chosen = json.loads((tmp_path / "auto" / "plan.json").read_text())
+    assert chosen["chosen"] == first["describe"] and chosen["why"].startswith(first["describe"] + " beats")
+    assert json.loads((tmp_path / "auto" / "config.json").read_text())["strategy"]["name"] == first["strategy"]
+    assert len(records(tmp_path / "auto")) == 6
+    summary = json.loads((tmp_path / "auto" / "summary.json").read_text())
+    assert summary["predicted_step_s"] > 0 and summary["measured_memory_bytes"] > 0
+    assert summary["step_error"] == summary["predicted_step_s"] / summary["step_s_median"] - 1
+    assert 0 < summary["mfu"] < 10  # against the test's made-up peak: only that it is computed
+    assert "step time: planner / measured median" in out.stdout and "model FLOP utilisation" in out.stdout

@@ -1,0 +1,225 @@
+"""The planner (src/paratrain/planner): its counts against the model, its pipeline simulation
+against the schedules' theory and its own full simulation, its memory against ZeRO's formulas,
+its ranking on a case with an obvious answer, and `paratrain plan` / `calibrate` as typed."""
+import json
+import random
+
+import pytest
+import torch
+
+from paratrain.models.gpt import GPT, cross_entropy
+from paratrain.planner import collectives as cc
+from paratrain.planner import schedule as S
+from paratrain.planner.cost import Plan, estimate, memory
+from paratrain.planner.hardware import Calibration, Cluster, Device, Link, preset
+from paratrain.planner.model import profile_module, transformer
+from paratrain.planner.search import search
+from tests.helpers import ROOT, cli
+
+CALIBRATION = """device = "cpu"
+cores = 2
+memory_Bps = 1.5e10
+memory_bytes = 2.5e10
+op_s = 4e-6
+measured_at = "test"
+
+[matmul_flops]
+fp32 = 5e10
+bf16 = 1e9
+
+[links.loopback]
+all_reduce = [1e-4, 1e9]
+all_gather = [1e-4, 1e9]
+reduce_scatter = [1e-4, 1e9]
+p2p = [1e-4, 1e9]
+"""
+
+
+def test_meta_profile_of_the_gpt_matches_the_closed_form():
+    """FlopCounterMode on the meta device counts what 24sh^2 + 4s^2h per layer says, and the
+    parameters are the model's own, to the unit (no weight allocated)."""
+    with torch.device("meta"):
+        model = GPT(65, n_layer=3, n_head=4, d_model=128, block_size=64)
+    x = torch.zeros(1, 64, dtype=torch.long)
+    measured = profile_module(model, x, cross_entropy, torch.zeros(1, 64, dtype=torch.long))
+    closed = transformer(3, 128, 4, 65, 64, bytes_per_value=4)
+    assert measured.params == closed.params == sum(p.numel() for p in model.parameters())
+    assert [b.flops for b in measured.blocks] == [b.flops for b in closed.blocks]
+    assert [b.attn_flops for b in measured.blocks] == [b.attn_flops for b in closed.blocks]
+    assert measured.last.flops == closed.last.flops  # the head's 2shv
+    for m, c in zip(measured.blocks, closed.blocks):  # saved activations: the paper's sh(34 + 5as/h), fp32
+        assert abs(m.saved - c.saved) / c.saved < 0.05
+
+
+def test_a_trillion_parameter_model_profiles_on_the_meta_device():
+    with torch.device("meta"):
+        model = GPT(51200, n_layer=2, n_head=160, d_model=25600, block_size=2048)
+    p = profile_module(model, torch.zeros(1, 2048, dtype=torch.long))
+    assert p.blocks[0].params == 12 * 25600**2 + 4 * 25600  # a layer of the 1T model: 7.9 G parameters
+
+
+@pytest.mark.parametrize("schedule,virtual", [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2)])
+@pytest.mark.parametrize("m", [2, 4, 8, 16])
+def test_equal_stages_give_the_schedules_theory(schedule, virtual, m):
+    """Free communication, forward 1 and backward 2 per stage: the bubble is (p-1)/(vm + p-1)."""
+    p = 2
+    sim = S.simulate(schedule, p, m, virtual, [1 / virtual] * (p * virtual), [2 / virtual] * (p * virtual),
+                     [0.0] * (p * virtual))
+    assert sim.bubble == pytest.approx((p - 1) / (virtual * m + p - 1))
+
+
+def test_one_f_one_b_holds_min_m_p_minus_rank_micro_batches():
+    for p, m in ((2, 4), (4, 8), (4, 3 * 4)):
+        held = S.peak_held("1f1b", p, m, 1)
+        assert held == tuple(float(min(m, p - r)) for r in range(p))
+    assert S.peak_held("gpipe", 4, 8, 1) == (8.0,) * 4
+
+
+def test_zero_bubble_schedules_idle_less_than_one_f_one_b():
+    p, m = 4, 8
+    one = S.simulate("1f1b", p, m, 1, [1.0] * p, [2.0] * p, [0.0] * p).bubble
+    for schedule in ("interleaved_zb", "zbv"):
+        assert S.simulate(schedule, p, m, 2, [0.5] * 2 * p, [1.0] * 2 * p, [0.0] * 2 * p).bubble < one / 2
+
+
+def test_long_pipelines_extrapolate_to_the_full_simulation():
+    """Past the warm-up a schedule repeats: the extended line equals the full simulation, exactly
+    for equal stages and within 2% when stage times differ by up to 30%."""
+    random.seed(1)
+    for schedule, v in (("1f1b", 1), ("gpipe", 1), ("interleaved_1f1b", 2), ("zbv", 2)):
+        p, m = 4, 48
+        n = p * v
+        equal = ([1.0] * n, [2.0] * n, [0.02] * n)
+        assert S.simulate(schedule, p, m, v, *equal).makespan == pytest.approx(S._simulate(schedule, p, m, v,
+                                                                                            *equal).makespan)
+        f = [1 + 0.3 * random.random() for _ in range(n)]
+        uneven = (f, [2 * x for x in f], [0.05 * random.random() for _ in range(n)])
+        full = S._simulate(schedule, p, m, v, *uneven).makespan
+        assert S.simulate(schedule, p, m, v, *uneven).makespan == pytest.approx(full, rel=0.02)
+
+
+def test_collectives_are_the_ring_algorithms():
+    link = Link(1e-5, 1e9)
+    assert cc.all_reduce(1e9, 4, link) == pytest.approx(6e-5 + 1.5)
+    assert cc.all_gather(1e9, 4, link) == cc.reduce_scatter(1e9, 4, link) == pytest.approx(3e-5 + 0.75)
+    assert cc.all_reduce(1e9, 1, link) == 0.0
+
+
+def test_model_states_follow_zeros_formulas():
+    """fp32 AdamW, P parameters, N ranks: ddp 16P, ZeRO-1 4P + 4P + 8P/N, ZeRO-2 4P + 12P/N, ZeRO-3 16P/N."""
+    from paratrain.planner.cost import _Layout
+
+    model, n = transformer(4, 256, 4, 100, 32, bytes_per_value=4), 4
+    cluster = preset("h100", n)
+    P = model.params
+    for zero, per_param in ((0, 16), (1, 8 + 8 / n), (2, 4 + 12 / n), (3, 16 / n)):
+        mem = memory(_Layout.of(Plan(dp=n, zero=zero), model, cluster, 8))
+        assert mem["params"] + mem["grads"] + mem["optimizer"] == pytest.approx(per_param * P)
+
+
+def test_a_model_that_fits_one_device_on_a_slow_link_is_not_pipelined():
+    """Two single-GPU nodes joined by 100 Mbit/s, a GPT-2 small that fits one GPU: sending every
+    micro-batch across a pipeline's boundary or every step's gradient costs more than the compute,
+    so DiLoCo's one exchange every H steps (or a compressed all-reduce) comes first, ahead of the
+    best pipeline."""
+    h100 = preset("h100", 2)
+    slow = Link(1e-4, 100e6 / 8, "100 Mbit/s")
+    cluster = Cluster(h100.device, 2, 1, slow, slow)
+    model = transformer(12, 768, 12, 50257, 1024)
+    found = search(model, cluster, 16, "bf16")
+    assert found.best.plan.family in ("local_sgd", "diloco") or found.best.plan.codec != "none"
+    pipelined = [e for e in found.ranked if e.plan.pp > 1]
+    assert pipelined and pipelined[0].step_s > 2 * found.best.step_s
+
+
+def test_published_scale_plan_is_predicted_within_ten_percent():
+    """Korthikanti et al. 2022, Table 5: the 1T model on 512 A100-80GB, sequence parallelism and
+    selective recomputation, 71.49 s an iteration (the benchmark prints all eight rows)."""
+    model = transformer(128, 25600, 160, 51200, 2048)
+    plan = Plan(dp=1, pp=64, tp=8, microbatches=512, schedule="1f1b", recompute="selective",
+                sequence_parallel=True, dtype="bf16", p2p_scatter=True)
+    est = estimate(plan, model, preset("a100-80gb", 512), 512)
+    assert est.fits and est.step_s == pytest.approx(71.49, rel=0.10)
+
+
+@pytest.fixture
+def calibrated(tmp_path, monkeypatch):
+    path = tmp_path / "machine.toml"
+    path.write_text(CALIBRATION)
+    monkeypatch.setenv("PARATRAIN_CALIBRATION", str(path))
+    return {"PARATRAIN_CALIBRATION": str(path)}
+
+
+def test_calibration_round_trips_through_toml(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(CALIBRATION)
+    cal = Calibration.load(path)
+    again = tmp_path / "d.toml"
+    again.write_text(cal.to_toml())
+    assert Calibration.load(again) == cal and cal.link("loopback").beta_Bps == 1e9
+
+
+def test_plan_prints_json_ranked_by_step_time(tmp_path, calibrated):
+    out = cli(["plan", str(ROOT / "configs/demo.toml"), "--devices", "2", "--json"], cwd=tmp_path,
+              env=calibrated, timeout=120)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    times = [p["step_s"] for p in report["plans"]]
+    assert times == sorted(times) and report["considered"] >= len(times) > 0
+    assert report["why"].startswith(report["plans"][0]["plan"]["describe"] + " beats ")
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--transformer", "layers=2,hidden=64"], "missing heads, vocab, seq"),
+    (["--transformer", "layers=2,hidden=64,heads=5,vocab=10,seq=8"], "must be divisible by heads"),
+    (["--transformer", "layers=two"], "key=positive integer"),
+    (["--transformer", "layers=2,hidden=64,heads=4,vocab=10,seq=8"], "--global-batch: give the samples"),
+    (["--transformer", "layers=2,hidden=64,heads=4,vocab=10,seq=8", "--global-batch", "8", "--device", "tpu"],
+     "--device 'tpu': must be"),
+    (["--transformer", "layers=2,hidden=64,heads=4,vocab=10,seq=8", "--global-batch", "8", "--device", "h100",
+      "--devices", "0"], "--devices 0: must be an integer >= 1"),
+    (["--transformer", "layers=96,hidden=12288,heads=96,vocab=51200,seq=2048", "--device", "a100-40gb",
+      "--devices", "1", "--global-batch", "8"], "no plan fits: the smallest of"),
+])
+def test_bad_plan_input_is_one_line_and_exit_2(tmp_path, args, says):
+    out = cli(["plan", *args], cwd=tmp_path, timeout=120)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and says in out.stderr, out.stderr
+
+
+def test_device_sweep_prints_scaling_and_draws_it(tmp_path):
+    png = tmp_path / "sweep.png"
+    out = cli(["plan", "--transformer", "layers=24,hidden=2048,heads=16,vocab=50257,seq=2048", "--global-batch",
+               "512", "--device", "a100,h100", "--sweep-devices", "8,64", "--tokens", "1e9", "--price",
+               "a100=1.8,h100=3.5", "--out", str(png), "--json"], cwd=tmp_path, timeout=180)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    assert {(r["device"], r["devices"]) for r in rows} == {("a100", 8), ("a100", 64), ("h100", 8), ("h100", 64)}
+    h100, a100 = ({r["devices"]: r for r in rows if r["device"] == d} for d in ("h100", "a100"))
+    assert h100[8]["tokens_per_s"] > a100[8]["tokens_per_s"] and h100[8]["scaling_efficiency"] == 1.0
+    assert a100[64]["cost"] == pytest.approx(a100[64]["hours"] * 64 * 1.8)
+    assert png.stat().st_size > 10_000
+
+
+def test_device_presets_name_their_sources():
+    """Every preset constant has its source beside it: the module says where each came from."""
+    import inspect
+
+    from paratrain.planner import hardware
+
+    text = inspect.getsource(hardware)
+    for needle in ("MAMF", "BabelStream", "nccl-tests", "datasheet", "tuning.cc", "Wave Quantization"):
+        assert needle in text
+    assert isinstance(preset("h200", 8).device, Device) and preset("h200", 8).device.memory_bytes == 141e9
+
+
+def test_a_straggler_slows_every_synchronous_plan_but_not_asp_workers():
+    model, cluster = transformer(4, 256, 4, 100, 64), preset("h100", 4)
+    ddp, slow = estimate(Plan(dp=4), model, cluster, 16), estimate(Plan(dp=4), model, cluster, 16, slowdown=3)
+    assert slow.compute_s == pytest.approx(3 * ddp.compute_s)
+    asp = Plan(dp=3, family="parameter_server", servers=1, mode="asp")
+    healthy, straggling = estimate(asp, model, cluster, 15), estimate(asp, model, cluster, 15, slowdown=3)
+    assert straggling.step_s == healthy.step_s  # the fast workers keep their pace
+    assert straggling.samples_per_s == pytest.approx(healthy.samples_per_s * (2 + 1 / 3) / 3)
+    assert straggling.staleness == 6 and healthy.staleness == 2
+    local = estimate(Plan(dp=4, family="diloco", sync_every=16), model, cluster, 16)
+    assert local.bytes_per_step == pytest.approx(ddp.bytes_per_step / 16) and local.staleness == 15
