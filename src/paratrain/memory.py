@@ -72,11 +72,13 @@ def measured(strategy, into: dict):
     """Around one step: `into` gets the model states at the optimizer step and the saved-activation peak."""
     from paratrain.strategies.base import state_bytes
 
-    optimizer = getattr(strategy, "optimizer", None)
+    optimizer = getattr(strategy, "optimizer", None)  # None: a parameter-server worker (its servers step)
+    first = next(iter(getattr(optimizer, "optimizers", [optimizer])), None)  # a pipeline's: one per stage
     hook = None
-    if isinstance(optimizer, torch.optim.Optimizer):  # a strategy without one (servers step for it) counts none
-        hook = optimizer.register_step_pre_hook(lambda *_: into.update(states=state_bytes(strategy)))
-    saved = SavedBytes(strategy.module.parameters())
+    if isinstance(first, torch.optim.Optimizer):
+        hook = first.register_step_pre_hook(lambda *_: into.update(states=state_bytes(strategy)))
+    trained = [p for g in optimizer.param_groups for p in g["params"]] if optimizer is not None else []
+    saved = SavedBytes([*strategy.module.parameters(), *trained])  # a pipeline's stages are copies of the model
     try:
         with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
             yield
@@ -84,6 +86,10 @@ def measured(strategy, into: dict):
         if hook is not None:
             hook.remove()
     into["activations"] = saved.peak
+    if optimizer is None:  # the worker's own copy of the parameters (and gradients still held)
+        params = list(strategy.module.parameters())
+        into["states"] = {"params": sum(p.numel() * p.element_size() for p in params),
+                          "grads": sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)}
 
 
 def held(memory: dict) -> float | None:

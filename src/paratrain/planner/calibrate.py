@@ -2,10 +2,11 @@
 
 What one rank achieves with one thread while another rank does the same (paratrain runs a rank
 per core, one thread each):
-- matmul FLOP/s per dtype (fp32, bf16): the best of several square products large enough to
-  leave the start-up cost behind;
+- matmul FLOP/s per dtype (fp32, bf16) of a large square product, and in fp32 at the sizes of a
+  small model's products (the rate at each size: `Device.rate` interpolates between them);
 - memory bandwidth: a copy of a tensor far larger than the caches (read + write bytes / time);
-- an operator's fixed cost: eager dispatch of an add on a tiny tensor;
+- an operator's fixed cost, forward (recorded by autograd) and backward, on a tiny tensor, and the
+  same through a DTensor (tensor parallelism dispatches every op of its layers through one);
 - per collective (all-reduce, all-gather, reduce-scatter, point-to-point), the link's alpha and
   beta between two local ranks over gloo on the loopback interface: times over message sizes from
   16 KiB to 16 MiB, fitted by least squares to T(S) = steps x alpha + wire bytes(S) / beta with the
@@ -38,16 +39,22 @@ def _best(fn, repeats: int = 5) -> float:
     return best
 
 
-def matmul_flops(dtype: torch.dtype, device: str = "cpu", n: int = 1024) -> float:
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+def matmul_flops(dtype: torch.dtype, device: str = "cpu", m: int = 1024, n: int = 1024, k: int = 1024) -> float:
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(k, n, device=device).to(dtype)
 
     def run():
         torch.mm(a, b)
         if device == "cuda":
             torch.cuda.synchronize()
 
-    return 2 * n**3 / _best(run)
+    return 2 * m * n * k / _best(run)
+
+
+# (m, n, k) of the products a small model's layers make (tokens x width x width or 4 x width), up to
+# the large square one: on a CPU the rate climbs by several times across them.
+SHAPES_MK = [(64, 64, 64), (256, 128, 128), (512, 128, 512), (1024, 256, 256), (1024, 512, 512),
+             (2048, 512, 1024), (1024, 1024, 1024)]
 
 
 def memory_bandwidth(device: str = "cpu", nbytes: int = 256 * 2**20) -> float:
@@ -63,17 +70,22 @@ def memory_bandwidth(device: str = "cpu", nbytes: int = 256 * 2**20) -> float:
     return 2 * nbytes / _best(run)
 
 
-def op_seconds(device: str = "cpu", count: int = 2000) -> float:
-    """The fixed cost of one operator: eager dispatch of an add on a tiny tensor."""
-    x = torch.ones(8, device=device)
+def op_seconds(x: torch.Tensor, count: int = 500) -> tuple[float, float]:
+    """The fixed cost of one operator as training pays it, on a tiny tensor: (forward, recorded by
+    autograd; its backward). `x` may be a DTensor: tensor parallelism dispatches each op through it."""
+    x = x.detach().requires_grad_(True)
 
-    def run():
+    def forward():
+        y = x
         for _ in range(count):
-            torch.add(x, x)
-        if device == "cuda":
-            torch.cuda.synchronize()
+            y = y * 1.0001
+        return y
 
-    return _best(run) / count
+    def both():
+        forward().sum().backward()
+
+    fwd = _best(forward)
+    return fwd / count, max(0.0, _best(both) - fwd) / count
 
 
 def _ops(device: str, rank: int, size: int) -> dict:
@@ -90,8 +102,8 @@ def _ops(device: str, rank: int, size: int) -> dict:
         for send_first in (rank == 0, rank != 0):
             dist.send(x, peer) if send_first else dist.recv(x, peer)
 
-    return {"all_reduce": lambda: dist.all_reduce(x), "all_gather": lambda: dist.all_gather_into_tensor(gathered, x),
-            "reduce_scatter": lambda: dist.reduce_scatter_tensor(half, x), "p2p": p2p}
+    return {"all_reduce": lambda: dist.all_reduce(x), "all_gather": lambda: dist.all_gather_single(gathered, x),
+            "reduce_scatter": lambda: dist.reduce_scatter_single(half, x), "p2p": p2p}
 
 
 def _rank(device: str) -> dict:
@@ -105,9 +117,18 @@ def _rank(device: str) -> dict:
         torch.cuda.set_device(rank)
     torch.set_num_threads(1)
     dist.barrier()
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    op_s, op_backward_s = op_seconds(torch.ones(8, device=device))
+    mesh = init_device_mesh(device, (2,))
+    dtensor_op_s, dtensor_op_backward_s = op_seconds(distribute_tensor(torch.ones(8, device=device), mesh,
+                                                                       [Replicate()]), count=100)
+    curve = [[2.0 * m * n * k, matmul_flops(torch.float32, device, m, n, k)] for m, n, k in SHAPES_MK]
     compute = {"matmul_flops": {"fp32": matmul_flops(torch.float32, device),
-                                "bf16": matmul_flops(torch.bfloat16, device)},
-               "memory_Bps": memory_bandwidth(device), "op_s": op_seconds(device)}
+                                "bf16": matmul_flops(torch.bfloat16, device)}, "matmul_curve": curve,
+               "memory_Bps": memory_bandwidth(device), "op_s": op_s, "op_backward_s": op_backward_s,
+               "dtensor_op_s": dtensor_op_s, "dtensor_op_backward_s": dtensor_op_backward_s}
 
     def sync():
         if device == "cuda":
@@ -142,8 +163,10 @@ def calibrate(device: str = "cpu") -> Calibration:
     got = run_ranks(_rank, 2, device)[0]
     per = {c: list(fit(SIZES, got["times"][c], *SHAPES[c])) for c in COLLECTIVES}
     return Calibration(device=device, cores=os.cpu_count() or 1, matmul_flops=got["matmul_flops"],
+                       matmul_curve=got["matmul_curve"],
                        memory_Bps=got["memory_Bps"], memory_bytes=_memory_bytes(device), op_s=got["op_s"],
-                       links={"loopback": per},
+                       op_backward_s=got["op_backward_s"], dtensor_op_s=got["dtensor_op_s"],
+                       dtensor_op_backward_s=got["dtensor_op_backward_s"], links={"loopback": per},
                        measured_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
 
 

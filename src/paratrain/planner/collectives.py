@@ -14,21 +14,28 @@ from paratrain.planner.hardware import Link
 def all_reduce(nbytes: float, n: int, link: Link) -> float:
     if n <= 1 or nbytes <= 0:
         return 0.0
-    return 2 * (n - 1) * link.alpha_s + 2 * (n - 1) / n * nbytes / link.beta_Bps
+    alpha, beta = link.ab("all_reduce")
+    return 2 * (n - 1) * alpha + 2 * (n - 1) / n * nbytes / beta
 
 
-def reduce_scatter(nbytes: float, n: int, link: Link) -> float:
+def reduce_scatter(nbytes: float, n: int, link: Link, collective: str = "reduce_scatter") -> float:
     """`nbytes`: the whole (unsharded) tensor."""
     if n <= 1 or nbytes <= 0:
         return 0.0
-    return (n - 1) * link.alpha_s + (n - 1) / n * nbytes / link.beta_Bps
+    alpha, beta = link.ab(collective)
+    return (n - 1) * alpha + (n - 1) / n * nbytes / beta
 
 
-all_gather = reduce_scatter  # the same steps and bytes, the other way round
+def all_gather(nbytes: float, n: int, link: Link) -> float:
+    """The same steps and bytes as a reduce-scatter, the other way round."""
+    return reduce_scatter(nbytes, n, link, "all_gather")
 
 
 def p2p(nbytes: float, link: Link) -> float:
-    return 0.0 if nbytes <= 0 else link.alpha_s + nbytes / link.beta_Bps
+    if nbytes <= 0:
+        return 0.0
+    alpha, beta = link.ab("p2p")
+    return alpha + nbytes / beta
 
 
 def wire_bytes_all_reduce(nbytes: float, n: int) -> float:

@@ -41,16 +41,18 @@ def parse_transformer(text: str) -> ModelProfile:
 def profile_config(cfg: Config) -> ModelProfile:
     """The config's model, counted on the meta device on one held-out sample."""
     import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
     from paratrain.data import build_datasets
     from paratrain.models import build_loss, build_model
     from paratrain.planner.model import profile_module, transformer
 
     datasets = build_datasets(cfg)
-    with torch.device("meta"):
+    fake = FakeTensorMode()  # CPU kernels chosen as a run chooses them; nothing allocated
+    with fake:
         model = build_model(cfg, datasets.vocab_size)
     batch = datasets.eval.get(torch.arange(1))
-    profile = profile_module(model, batch.inputs, build_loss(cfg), batch.targets, name=_model_name(cfg))
+    profile = profile_module(model, batch.inputs, build_loss(cfg), batch.targets, name=_model_name(cfg), fake=fake)
     if cfg.model.name == "gpt":  # the tensor-parallel split of the built-in GPT, in the closed form's terms
         m = cfg.model
         closed = transformer(m.n_layer, m.d_model, m.n_head, datasets.vocab_size, m.block_size,

@@ -232,7 +232,9 @@ def memory(lay: _Layout) -> dict:
     out = {"params": lay.local_params * p_bytes / (n if zero == 3 else 1),
            # accumulating over micro-batches, FSDP2's no_sync keeps whole gradients until the last one
            "grads": lay.local_params * g_bytes / (n if zero >= 2 and plan.microbatches == 1 else 1),
-           "optimizer": lay.local_params * o_bytes / (n if zero >= 1 else 1)}
+           # a parameter server's workers hold no optimizer state: its servers step
+           "optimizer": 0.0 if plan.family == "parameter_server"
+           else lay.local_params * o_bytes / (n if zero >= 1 else 1)}
 
     def tp_share(nbytes: float) -> float:  # tensor parallelism splits most activations (Korthikanti: 24 of 34)
         return nbytes / tp if plan.sequence_parallel else nbytes * (24 / 34 / tp + 10 / 34) if tp > 1 else nbytes
@@ -263,33 +265,46 @@ def _time(lay: _Layout, est: Estimate, slowdown: float = 1.0) -> None:
     overlap = cluster.overlap
     tokens = mb * max(1, model.seq)
 
-    def waves(b: Block) -> float:
-        """How much slower than the achieved rate this block's weight matmuls run (wave quantization),
-        over its forward and backward products: outputs tokens x n (forward), tokens x k (dgrad), k x n (wgrad)."""
-        if not b.gemms or not dev.sms:
-            return 1.0
-        spent = 0.0
+    dtype = "bf16" if plan.dtype == "bf16" else "fp32"
+
+    def products(b: Block) -> tuple[float, float]:
+        """Forward and backward seconds of one micro-batch's matrix products in `b`: each weight
+        product at its own size's rate (outputs tokens x n forward; tokens x k and k x n backward),
+        attention and the rest at the rate of their total."""
+        total, fwd, bwd = b.flops * mb / tp, 0.0, 0.0
         for n, k, split in b.gemms:
             n, k = (n / tp, k) if split == "n" else (n, k / tp)
-            spent += sum(1.0 / dev.matmul_efficiency(r, c) for r, c in ((tokens, n), (tokens, k), (k, n)))
-        return spent / (3 * len(b.gemms))
+            work = 2 * tokens * n * k
+            total -= work
+            fwd += work / dev.rate(work, dtype, tokens, n)
+            bwd += work / dev.rate(work, dtype, tokens, k) + work / dev.rate(work, dtype, k, n)
+        rest = total / dev.rate(total, dtype) if total > 0 else 0.0
+        return fwd + rest, bwd + 2 * rest
 
-    def forward(blocks: list[Block]) -> tuple[float, float]:
-        """(compute seconds, tensor-parallel seconds) of one micro-batch's forward through `blocks`."""
-        t_flops = sum((b.flops - b.attn_flops) * waves(b) + b.attn_flops for b in blocks) * mb / tp
+    def forward(blocks: list[Block]) -> tuple[float, float, float]:
+        """(forward compute seconds, its backward's, tensor-parallel seconds) of one micro-batch
+        through `blocks`; the other operations' bytes at memory bandwidth, twice over backward."""
+        fwd, bwd = (sum(x) for x in zip(*map(products, blocks)))
         split = sum(b.traffic * b.tp_split for b in blocks)
         whole = sum(b.traffic * (1 - b.tp_split) for b in blocks)
-        t_bytes = (split / tp + whole / (tp if plan.sequence_parallel else 1)) * mb
+        t_bytes = (split / tp + whole / (tp if plan.sequence_parallel else 1)) * mb / dev.memory_Bps
         comm = sum(2 * cc.all_reduce(b.tp_bytes * mb, tp, tp_link) for b in blocks if b.tp_bytes) if tp > 1 else 0.0
-        fixed = sum(b.ops for b in blocks) * dev.op_s
-        return t_flops / flops_rate + t_bytes / dev.memory_Bps + fixed, comm
+        return fwd + t_bytes, bwd + 2 * t_bytes, comm
+
+    def fixed(blocks: list[Block]) -> tuple[float, float]:
+        """Each operator's cost whatever its size (forward, backward): dispatch and autograd on a CPU;
+        under tensor parallelism every operator of a split layer goes through a DTensor."""
+        ops = sum(b.ops for b in blocks)
+        if tp > 1:
+            return ops * dev.dtensor_op_s, ops * dev.dtensor_op_backward_s
+        return ops * dev.op_s, ops * dev.op_backward_s
 
     # A straggler holds the first stage (pipelines) or is one of the data-parallel ranks: everyone
     # who synchronises with it waits; ASP and SSP parameter-server workers do not.
     waits = slowdown if not (plan.family == "parameter_server" and plan.mode != "bsp") else 1.0
     f_times, b_times, tp_total = [], [], 0.0
     for i, blocks in enumerate(lay.stages):
-        fc, fcomm = forward(blocks)
+        fc, bc, fcomm = forward(blocks)
         recompute = 0.0
         if plan.recompute == "full":
             recompute = fc + fcomm
@@ -297,8 +312,9 @@ def _time(lay: _Layout, est: Estimate, slowdown: float = 1.0) -> None:
             attn = sum(b.attn_flops for b in blocks) * mb / tp / flops_rate
             recompute = attn + sum(b.attn_traffic for b in blocks) * mb / tp / dev.memory_Bps
         slow = waits if i == 0 or pp == 1 else 1.0
-        f_times.append(fc * slow + fcomm)
-        b_times.append((2 * fc + recompute) * slow + fcomm)
+        fixed_f, fixed_b = fixed(blocks)
+        f_times.append((fc + fixed_f) * slow + fcomm)
+        b_times.append((bc + recompute + fixed_b) * slow + fcomm)
         tp_total += 2 * fcomm
 
     if pp > 1:
@@ -339,12 +355,18 @@ def _time(lay: _Layout, est: Estimate, slowdown: float = 1.0) -> None:
             # FSDP2 gathers each block's parameters for every micro-batch's forward (and again for its
             # backward under ZeRO-3, which frees them after forward), prefetching the next block's
             # behind this one's compute; gradients are reduce-scattered once, after the last micro-batch
-            block = max(b.params for b in model.blocks) / tp if model.blocks else local
-            rs = cc.reduce_scatter(local * 4, n, dp_link)
-            ag = cc.all_gather(local * p_bytes, n, dp_link) * (2 if plan.zero == 3 else 1) * plan.microbatches
+            # One collective per FSDP unit (each block, and the root's own parameters), each with its
+            # start-up; around each, FSDP2 copies the shard in and the gathered tensors out (and the
+            # gradients in, the reduced shard out): memory traffic of the unit's bytes (1 + 1/n).
+            units = [b.params / tp for st in lay.rank_stages[0] for b in lay.stages[st] if b in model.blocks]
+            units.append(max(0.0, local - sum(units)))
+            gathers = (2 if plan.zero == 3 else 1) * plan.microbatches
+            rs = sum(cc.reduce_scatter(u * 4, n, dp_link) for u in units)
+            ag = gathers * sum(cc.all_gather(u * p_bytes, n, dp_link) for u in units)
+            copies = (gathers * p_bytes + 4) * local * (1 + 1 / n) / dev.memory_Bps
             hidden = overlap * plan.microbatches * (sum(f_times) + sum(b_times)) / pp
-            one_block = cc.all_gather(block * p_bytes, n, dp_link) + cc.reduce_scatter(block * 4, n, dp_link)
-            dp_comm = max(one_block, rs + ag - hidden)
+            one_block = cc.all_gather(max(units) * p_bytes, n, dp_link) + cc.reduce_scatter(max(units) * 4, n, dp_link)
+            dp_comm = max(one_block, rs + ag - hidden) + copies
     elif plan.family in ("local_sgd", "diloco"):  # one all-reduce of the parameters every H steps
         wire = local * 4 * codec_fraction(plan.codec, model)
         dp_comm = cc.all_reduce(wire, plan.dp, dp_link) / plan.sync_every

@@ -27,9 +27,13 @@ class Link:
     alpha_s: float  # seconds per message step (latency)
     beta_Bps: float  # bytes per second, each way, per device
     name: str = ""
+    # (collective, alpha_s, beta_Bps) where a collective was measured apart (calibrate.py): gloo's
+    # all-gather, reduce-scatter and point-to-point each reach their own bandwidth
+    per: tuple = ()
 
-    def time(self, nbytes: float, steps: int = 1) -> float:
-        return steps * self.alpha_s + nbytes / self.beta_Bps
+    def ab(self, collective: str) -> tuple[float, float]:
+        """(alpha, beta) for this collective."""
+        return next(((a, b) for c, a, b in self.per if c == collective), (self.alpha_s, self.beta_Bps))
 
 
 @dataclass(frozen=True)
@@ -41,9 +45,14 @@ class Device:
     memory_Bps: float  # achieved memory bandwidth (elementwise work is bound by it)
     source: str = ""
     sms: int = 0  # streaming multiprocessors (GPU): matmul tiles run in waves of this many; 0: no waves
-    # Seconds each operator costs whatever its size: eager PyTorch's dispatch on a CPU (calibrated); on
-    # the GPU presets 0, their kernels being large enough that launches hide behind them.
+    matmul_curve: tuple = ()  # ((FLOPs of a product, FLOP/s), ...): calibrated fp32 rates by size
+    # Seconds each operator costs whatever its size, forward and backward: eager PyTorch's dispatch
+    # and autograd on a CPU, plain and through a DTensor (calibrated); on the GPU presets 0, their
+    # kernels being large enough that launches hide behind them.
     op_s: float = 0.0
+    op_backward_s: float = 0.0
+    dtensor_op_s: float = 0.0
+    dtensor_op_backward_s: float = 0.0
 
     def matmul_efficiency(self, m: float, n: float) -> float:
         """The share of the achieved matmul rate an (m x n) output gets under wave quantization:
@@ -58,8 +67,29 @@ class Device:
     def flops(self, dtype: str) -> float:
         return self.matmul_flops.get(dtype) or self.matmul_flops["fp32"]
 
+    def rate(self, work: float, dtype: str, rows: float = 0, cols: float = 0) -> float:
+        """FLOP/s of one matrix product of `work` FLOPs with a rows x cols output: on a calibrated CPU
+        the measured rate at that size (small products run far below large ones), interpolated in
+        log(work); on a GPU the achieved rate under wave quantization."""
+        base = self.flops(dtype)
+        if self.matmul_curve and dtype == "fp32":
+            base = _interpolate(self.matmul_curve, work)
+        return base * (self.matmul_efficiency(rows, cols) if rows and cols else 1.0)
+
     def peak(self, dtype: str) -> float:
         return self.peak_flops.get(dtype) or self.flops(dtype)
+
+
+def _interpolate(curve: tuple, work: float) -> float:
+    """Piecewise linear in log(work) between measured points; the ends held flat."""
+    points = sorted(curve)
+    if work <= points[0][0]:
+        return points[0][1]
+    for (w0, r0), (w1, r1) in zip(points, points[1:]):
+        if work <= w1:
+            t = (math.log(work) - math.log(w0)) / (math.log(w1) - math.log(w0))
+            return r0 + t * (r1 - r0)
+    return points[-1][1]
 
 
 @dataclass(frozen=True)
@@ -163,9 +193,13 @@ class Calibration:
     device: str = "cpu"
     cores: int = 1
     matmul_flops: dict = field(default_factory=dict)  # dtype -> FLOP/s, one rank (one thread)
+    matmul_curve: list = field(default_factory=list)  # [[FLOPs of a product, FLOP/s], ...] fp32, by size
     memory_Bps: float = 0.0
     memory_bytes: float = 0.0
-    op_s: float = 0.0  # one small operator, dispatched eagerly
+    op_s: float = 0.0  # one small operator, forward (recorded by autograd), and its backward
+    op_backward_s: float = 0.0
+    dtensor_op_s: float = 0.0  # the same through a DTensor
+    dtensor_op_backward_s: float = 0.0
     # link name -> {collective -> [alpha_s, beta_Bps]}: "loopback" measured between local ranks
     links: dict = field(default_factory=dict)
     measured_at: str = ""
@@ -174,9 +208,13 @@ class Calibration:
         lines = ["# paratrain calibrate: this machine as measured (one rank per core, one thread each)",
                  f'device = "{self.device}"', f"cores = {self.cores}", f"memory_Bps = {self.memory_Bps:.6g}",
                  f"memory_bytes = {self.memory_bytes:.6g}", f"op_s = {self.op_s:.6g}",
+                 f"op_backward_s = {self.op_backward_s:.6g}", f"dtensor_op_s = {self.dtensor_op_s:.6g}",
+                 f"dtensor_op_backward_s = {self.dtensor_op_backward_s:.6g}",
                  f'measured_at = "{self.measured_at}"', "",
                  "[matmul_flops]"]
         lines += [f"{k} = {v:.6g}" for k, v in self.matmul_flops.items()]
+        lines[lines.index("[matmul_flops]"):lines.index("[matmul_flops]")] = [
+            "matmul_curve = [" + ", ".join(f"[{w:.6g}, {r:.6g}]" for w, r in self.matmul_curve) + "]", ""]
         for link, per in self.links.items():
             lines += ["", f"[links.{link}]"]
             lines += [f"{c} = [{a:.6g}, {b:.6g}]" for c, (a, b) in per.items()]
@@ -187,14 +225,21 @@ class Calibration:
         raw = tomllib.loads(path.read_text())
         return cls(**{k: raw[k] for k in asdict(cls()) if k in raw})
 
-    def link(self, name: str = "loopback", collective: str = "all_reduce") -> Link:
+    def link(self, name: str = "loopback") -> Link:
         per = self.links.get(name, {})
-        alpha, beta = per.get(collective) or per.get("all_reduce") or next(iter(per.values()), (1e-4, 1e9))
-        return Link(alpha, beta, name)
+        alpha, beta = per.get("all_reduce") or next(iter(per.values()), (1e-4, 1e9))
+        return Link(alpha, beta, name, tuple((c, a, b) for c, (a, b) in per.items()))
 
     def cluster(self, devices: int, link: str = "loopback") -> Cluster:
-        device = Device(f"{self.device} (calibrated)", dict(self.matmul_flops), dict(self.matmul_flops),
-                        self.memory_bytes / max(1, devices), self.memory_Bps,
-                        f"paratrain calibrate, {self.measured_at}", op_s=self.op_s)
+        # More ranks than cores share them: each computes (and dispatches) at cores / ranks of the
+        # rate one rank per core was measured at.
+        share = min(1.0, self.cores / devices) if self.device == "cpu" else 1.0
+        flops = {k: v * share for k, v in self.matmul_flops.items()}
+        device = Device(f"{self.device} (calibrated)", flops, flops, self.memory_bytes / max(1, devices),
+                        self.memory_Bps * share, f"paratrain calibrate, {self.measured_at}",
+                        matmul_curve=tuple((w, r * share) for w, r in self.matmul_curve),
+                        op_s=self.op_s / share, op_backward_s=self.op_backward_s / share,
+                        dtensor_op_s=self.dtensor_op_s / share,
+                        dtensor_op_backward_s=self.dtensor_op_backward_s / share)
         net = self.link(link)
         return Cluster(device, devices, devices, net, net, overlap=1.0 if self.device == "cuda" else 0.0)

@@ -10,13 +10,13 @@ loss). Per block and per sample it takes:
   recomputation shrink them), and `boundary`: its output (what a pipeline stage sends on);
 - `params`, and under tensor parallelism the bytes of its all-reduces.
 
-Two ways in. `profile_module` counts them on the meta device, so no weight is allocated and a
-1T-parameter model profiles on a laptop: torch's `FlopCounterMode` for the FLOPs, autograd's
-`saved_tensors_hooks` for what backward keeps, and a dispatch mode for every other operation's
-input and output bytes. `transformer` writes them in closed form for a GPT described only by its
-sizes (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models":
-per layer 24sh^2 + 4s^2h forward FLOPs and sbh(34 + 5as/h) bytes of 16-bit activations, 34sbh
-with selective recomputation, 2sbh with full).
+Two ways in. `profile_module` counts them under `FakeTensorMode` (or on the meta device), so no
+weight is allocated and a 1T-parameter model profiles on a laptop: torch's `FlopCounterMode` for
+the FLOPs, autograd's `saved_tensors_hooks` for what backward keeps, and a dispatch mode for every
+other operation's input and output bytes and its count. `transformer` writes them in closed form
+for a GPT described only by its sizes (Korthikanti et al. 2022, "Reducing Activation Recomputation
+in Large Transformer Models": per layer 24sh^2 + 4s^2h forward FLOPs and sbh(34 + 5as/h) bytes of
+16-bit activations, 34sbh with selective recomputation, 2sbh with full).
 """
 from __future__ import annotations
 
@@ -143,16 +143,21 @@ class _Tally:
 
 
 def profile_module(model: nn.Module, sample: torch.Tensor, loss_fn: Callable | None = None, target=None,
-                   blocks: list[nn.Module] | None = None, name: str = "") -> ModelProfile:
-    """Count `model` on one sample (`sample`: a batch of 1) on the meta device; `blocks` are the
-    modules a pipeline cuts between (default: the GPT's layers, an nn.Sequential's children, else
-    the whole model as one block). `model` may already be on the meta device."""
+                   blocks: list[nn.Module] | None = None, name: str = "", fake=None) -> ModelProfile:
+    """Count `model` on one sample (`sample`: a batch of 1) without computing anything: under
+    `fake` (a FakeTensorMode the model was built in: the CPU's own kernels are chosen, so attention
+    saves what its fused kernel saves), or else on the meta device. `blocks` are the modules a
+    pipeline cuts between (default: the GPT's layers, an nn.Sequential's children, else the whole
+    model as one block)."""
+    import contextlib
+
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils.flop_counter import FlopCounterMode
 
     from paratrain.strategies.layout import blocks_of
 
-    model = model.to("meta") if any(p.device.type != "meta" for p in model.parameters()) else model
+    if fake is None and any(p.device.type != "meta" for p in model.parameters()):
+        model = model.to("meta")
     blocks = blocks if blocks is not None else _blocks(model, blocks_of)
     tallies = [_Tally() for _ in range(len(blocks) + 2)]  # first, blocks..., last
     where = [0]  # index into tallies of the code running now
@@ -172,7 +177,10 @@ def profile_module(model: nn.Module, sample: torch.Tensor, loss_fn: Callable | N
     for i, b in enumerate(blocks, start=1):
         handles += [b.register_forward_pre_hook(enter(i)), b.register_forward_hook(leave(i))]
 
-    counter = FlopCounterMode(display=False)
+    # The CPU's fused attention (chosen under a fake CPU mode) has no formula of torch's own; it does
+    # what every scaled-dot-product attention does.
+    cpu_attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    counter = FlopCounterMode(display=False, custom_mapping={cpu_attention: _attention_flops})
     counted = set(counter.flop_registry)
 
     class Traffic(TorchDispatchMode):
@@ -199,12 +207,14 @@ def profile_module(model: nn.Module, sample: torch.Tensor, loss_fn: Callable | N
                 tally.saved += t.numel() * t.element_size()
         return t
 
-    x = sample.to("meta")
+    inputs = (lambda t: fake.from_tensor(t)) if fake is not None else (lambda t: t.to("meta"))
+    x = inputs(sample)
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), counter, Traffic():
+        with fake if fake is not None else contextlib.nullcontext(), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), counter, Traffic():
             out = model(x)
             if loss_fn is not None and target is not None:
-                loss_fn(out, target.to("meta"))
+                loss_fn(out, inputs(target))
     finally:
         for h in handles:
             h.remove()
@@ -220,7 +230,7 @@ def profile_module(model: nn.Module, sample: torch.Tensor, loss_fn: Callable | N
         tally.flops, tally.attn_flops = f, a
     rest = total - sum(f for f, _ in block_flops)
     tallies[-1].flops = rest  # outside the blocks (embeddings are lookups: no FLOPs; the head is)
-    in_bytes = x.numel() * x.element_size()
+    in_bytes = sample.numel() * sample.element_size()
     made = []
     for i, t in enumerate(tallies):
         p = (sum(q.numel() for q in blocks[i - 1].parameters()) if 0 < i <= len(blocks) else 0)
@@ -237,6 +247,12 @@ def profile_module(model: nn.Module, sample: torch.Tensor, loss_fn: Callable | N
         heads = blocks[0].attn.q.out_features // blocks[0].attn.head_dim
     return ModelProfile(name or type(model).__name__, tuple(made[1:-1]), first, last, dtype_bytes, heads=heads,
                         seq=sample.shape[1] if sample.dim() > 1 else 1)
+
+
+def _attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
 def _is_attention(op) -> bool:
@@ -270,4 +286,5 @@ _FREE = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "reshape
 
 def _free(packet) -> bool:
     """Operations that move no data (views, allocations): not counted as traffic."""
-    return str(packet).split(".")[-1] in _FREE or str(packet).startswith("aten::sym")
+    name = str(packet)
+    return name.split(".")[-1] in _FREE or name.startswith(("aten::sym", "prim", "aten.sym"))

@@ -204,8 +204,9 @@ def state_bytes(s: Strategy) -> dict:
     ZeRO-2 4P + 12P/N, ZeRO-3 16P/N.
     """
     params = [p for g in s.optimizer.param_groups for p in g["params"]]
-    local = getattr(s.optimizer, "optim", s.optimizer)  # ZeroRedundancyOptimizer: this rank's own optimizer
-    optim = [t for st in local.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+    # a pipeline's one optimizer per local stage; ZeroRedundancyOptimizer: this rank's own optimizer
+    optimizers = [getattr(o, "optim", o) for o in getattr(s.optimizer, "optimizers", [s.optimizer])]
+    optim = [t for o in optimizers for st in o.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
     return {"params": _local_bytes(params), "grads": _local_bytes(p.grad for p in params if p.grad is not None),
             "optimizer": _local_bytes(optim)}
 
