@@ -286,17 +286,26 @@ def plot_sweep(rows: list[dict], out: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    costs = any(r.get("cost") is not None for r in rows)
+    hours = any(r.get("hours") is not None for r in rows)
+    fig, axes = plt.subplots(1, 3 if costs or hours else 2, figsize=(16 if costs or hours else 11, 4))
     for kind in dict.fromkeys(r["device"] for r in rows):
         mine = [r for r in rows if r["device"] == kind and r["fits"]]
         if not mine:
             continue
-        ax1.plot([r["devices"] for r in mine], [r["tokens_per_s"] for r in mine], "o-", label=kind)
-        ax2.plot([r["devices"] for r in mine], [r["scaling_efficiency"] for r in mine], "o-", label=kind)
-    ax1.set(xscale="log", yscale="log", xlabel="devices", ylabel="tokens / s (predicted)", title="throughput")
-    ax2.set(xscale="log", xlabel="devices", ylabel="per-device throughput / smallest count's",
-            title="scaling efficiency", ylim=(0, 1.1))
-    for ax in (ax1, ax2):
+        x = [r["devices"] for r in mine]
+        axes[0].plot(x, [r["tokens_per_s"] for r in mine], "o-", label=kind)
+        axes[1].plot(x, [r["scaling_efficiency"] for r in mine], "o-", label=kind)
+        if costs or hours:
+            key = "cost" if costs else "hours"
+            axes[2].plot(x, [r[key] for r in mine], "o-", label=kind)
+    axes[0].set(xscale="log", yscale="log", xlabel="devices", ylabel="tokens / s (predicted)", title="throughput")
+    axes[1].set(xscale="log", xlabel="devices", ylabel="per-device throughput / smallest count's",
+                title="scaling efficiency", ylim=(0, 1.1))
+    if costs or hours:
+        axes[2].set(xscale="log", xlabel="devices", ylabel="$ for the token budget" if costs else "hours",
+                    title="cost of the token budget" if costs else "time to the token budget")
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
