@@ -361,7 +361,8 @@ def plan_of(cfg: Config, world_size: int) -> Plan:
 def predict(cfg: Config, world_size: int) -> dict | None:
     """The planner's step time, memory and peak FLOP/s for this run on the calibrated machine (None:
     no calibration, or a strategy it does not model); for the summary beside the measured ones."""
-    if not calibration_path().is_file() or cfg.strategy.name in ("single", "hogwild", "gossip"):
+    unmodelled = cfg.strategy.name in ("single", "hogwild", "gossip") or cfg.fault_tolerance.replica_groups
+    if not calibration_path().is_file() or unmodelled:
         return None
     from paratrain.planner.cost import estimate
 
