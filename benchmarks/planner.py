@@ -3,6 +3,7 @@
     python benchmarks/planner.py               # the local matrix: every strategy on 2 (and 4) ranks, 2 model sizes
     python benchmarks/planner.py --published   # Korthikanti et al. 2022, Table 5, on A100-80GB presets
     python benchmarks/planner.py --scale       # one plan on 10,000 devices; the 1T search on 3,072
+    python benchmarks/planner.py --testbed 100mbit   # ddp, ddp + PowerSGD, DiLoCo between 2 testbed hosts (root)
 
 --published: the 22B, 175B, 530B and 1T GPTs of "Reducing Activation Recomputation in Large
 Transformer Models" (Korthikanti et al. 2022, Table 3: sequence 2048, vocabulary 51200, tp 8, no
@@ -165,6 +166,51 @@ def local(steps: int, out: Path, only: list[str] | None) -> list[dict]:
     return rows
 
 
+TESTBED = [("ddp", ["strategy.name=ddp"]),
+           ("ddp + PowerSGD", ["strategy.name=ddp", "strategy.compression.codec=powersgd"]),
+           ("DiLoCo H=4", ["strategy.name=diloco", "strategy.local_sgd.sync_every=4"])]
+
+
+def testbed(steps: int, out: Path, rate: str) -> list[dict]:
+    """The 2-host testbed (network namespaces, tbf at `rate`; needs root): each strategy through
+    `paratrain testbed run`, predicted with the link `paratrain calibrate --testbed RATE` measured."""
+    from paratrain.config import load_config
+    from paratrain.planner.commands import load_calibration, plan_of, profile_config
+
+    link = f"testbed-{rate}"
+    cal = load_calibration()
+    if link not in cal.links:
+        sys.exit(f"no calibrated link {link}: run 'paratrain calibrate --testbed {rate}' first")
+    state = out / "testbed.json"
+    base = [sys.executable, "-m", "paratrain", "testbed"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    subprocess.run([*base, "up", "--hosts", "2", "--rate", rate, "--state", str(state)], check=True, env=env,
+                   capture_output=True)
+    rows = []
+    try:
+        for size in ("small", "large"):
+            for name, sets in TESTBED:
+                all_sets = [*COMMON, *model_sets(size), *sets, f"training.steps={steps}"]
+                run_dir = out / f"testbed-{size}-{name}".replace(" ", "_")
+                print(f"testbed {rate}: {size} {name} ...", file=sys.stderr, flush=True)
+                done = subprocess.run([*base, "run", "--state", str(state), "--nproc-per-host", "1",
+                                       *[a for x in [*all_sets, f"run.dir={json.dumps(str(run_dir))}"]
+                                         for a in ("--set", x)]], capture_output=True, text=True, env=env)
+                if done.returncode != 0:
+                    rows.append({"size": size, "name": f"{name} at {rate}", "error": done.stderr.strip()[-200:]})
+                    continue
+                summary = json.loads((run_dir / "summary.json").read_text())
+                cfg = load_config(None, all_sets)
+                est = estimate(plan_of(cfg, 2), profile_config(cfg), cal.cluster(2, link),
+                               cfg.training.global_batch_size)
+                rows.append({"size": size, "name": f"{name} at {rate}", "measured_s": summary["step_s_median"],
+                             "predicted_s": est.step_s, "measured_bytes": summary.get("measured_memory_bytes"),
+                             "predicted_bytes": est.memory_bytes})
+    finally:
+        subprocess.run([*base, "down", "--state", str(state)], env=env, capture_output=True)
+    return rows
+
+
 def model_sets(size: str) -> list[str]:
     return SMALL if size == "small" else LARGE
 
@@ -201,6 +247,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--only", nargs="*", default=None)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--testbed", default="", metavar="RATE", help="the 2-host testbed rows at this rate (root)")
     args = p.parse_args()
     if args.published:
         rows = published()
@@ -210,7 +257,7 @@ def main() -> None:
         scale()
         return
     with tempfile.TemporaryDirectory(prefix="paratrain-planner-") as tmp:
-        rows = local(args.steps, Path(tmp), args.only)
+        rows = testbed(args.steps, Path(tmp), args.testbed) if args.testbed else local(args.steps, Path(tmp), args.only)
     print(json.dumps(rows, indent=1)) if args.json else print_local(rows)
 
 

@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="'local' (this machine, calibrated) or presets: a100-40gb, a100-80gb, h100, h200; "
                            "several, comma-separated, with --sweep-devices")
     plan.add_argument("--per-node", type=int, default=None, help="devices per node of a preset (default 8)")
+    plan.add_argument("--link", default="loopback", help="with --device local: the calibrated link between the "
+                      "devices (loopback, or testbed-<rate> after 'paratrain calibrate --testbed <rate>')")
     plan.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on presets, fp32 locally")
     plan.add_argument("--runnable", action="store_true", help="only plans paratrain runs (no recomputation)")
     plan.add_argument("--slowdown", type=float, default=1.0, help="one device this many times slower (a straggler)")
@@ -66,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     calib.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     calib.add_argument("--out", default="", metavar="TOML", help="where to write (default: $PARATRAIN_CALIBRATION "
                        "or ~/.config/paratrain/machine.toml)")
+    calib.add_argument("--testbed", default="", metavar="RATE", help="also the link between two testbed hosts at "
+                       "this rate, e.g. 100mbit (network namespaces; needs root)")
 
     testbed = sub.add_parser("testbed", help="several hosts on this machine: network namespaces, limited links")
     tb = testbed.add_subparsers(dest="testbed_command", required=True, parser_class=_Parser)

@@ -93,16 +93,15 @@ def _ops(device: str, rank: int, size: int) -> dict:
     reduce-scatters into flat tensors; pipelines send and receive)."""
     import torch.distributed as dist
 
-    x = torch.ones(size // 4, device=device)
-    gathered = torch.empty(2 * x.numel(), device=device)
-    half = torch.empty(x.numel() // 2, device=device)
+    x = torch.ones(size // 4, device=device)  # `size` bytes: the whole tensor of each collective
+    half = torch.empty(x.numel() // 2, device=device)  # a rank's part of it
     peer = 1 - rank
 
     def p2p():  # a round trip: each rank sends once and receives once
         for send_first in (rank == 0, rank != 0):
             dist.send(x, peer) if send_first else dist.recv(x, peer)
 
-    return {"all_reduce": lambda: dist.all_reduce(x), "all_gather": lambda: dist.all_gather_single(gathered, x),
+    return {"all_reduce": lambda: dist.all_reduce(x), "all_gather": lambda: dist.all_gather_single(x, half),
             "reduce_scatter": lambda: dist.reduce_scatter_single(half, x), "p2p": p2p}
 
 
@@ -134,14 +133,63 @@ def _rank(device: str) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
 
-    times: dict = {c: [] for c in COLLECTIVES}
-    for size in SIZES:
-        for name, op in _ops(device, rank, size).items():
-            dist.barrier()
-            seconds = _best(lambda op=op: (op(), sync()))
-            times[name].append(seconds / 2 if name == "p2p" else seconds)  # a round trip is two sends
+    times = _link_times(device, rank, SIZES, sync)
     dist.destroy_process_group()
     return {**compute, "times": times}
+
+
+def _link_times(device: str, rank: int, sizes: list[int], sync=lambda: None, repeats: int = 5) -> dict:
+    """Seconds of each collective at each size between the two ranks of the current group."""
+    import torch.distributed as dist
+
+    times: dict = {c: [] for c in COLLECTIVES}
+    for size in sizes:
+        for name, op in _ops(device, rank, size).items():
+            dist.barrier()
+            seconds = _best(lambda op=op: (op(), sync()), repeats)
+            times[name].append(seconds / 2 if name == "p2p" else seconds)  # a round trip is two sends
+    return times
+
+
+TESTBED_SIZES = SIZES[:-1]  # up to 4 MiB: at 100 Mbit/s a 16 MiB message takes 1.3 s
+
+
+def testbed_rank() -> None:
+    """One host of `calibrate_testbed`: the collectives over the testbed's link; rank 0 prints them."""
+    import json
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    times = _link_times("cpu", dist.get_rank(), TESTBED_SIZES, repeats=3)
+    if dist.get_rank() == 0:
+        print(json.dumps(times))
+    dist.destroy_process_group()
+
+
+def calibrate_testbed(rate: str, into: Calibration) -> Calibration:
+    """`into` with the link between two testbed hosts at `rate` (network namespaces joined by
+    tbf-limited links, testbed.py; needs root), measured as the loopback link is, as "testbed-<rate>"."""
+    import json
+    import subprocess
+    import sys
+    from dataclasses import replace
+
+    from paratrain.testbed import RDZV_PORT, Testbed, TestbedError
+
+    with Testbed(2, rate) as bed:
+        env = {"WORLD_SIZE": "2", "MASTER_ADDR": bed.addrs[0], "MASTER_PORT": str(RDZV_PORT)}
+        code = "from paratrain.planner.calibrate import testbed_rank; testbed_rank()"
+        ranks = [bed.exec(i, [sys.executable, "-c", code], {**env, "RANK": str(i)}, stdout=subprocess.PIPE,
+                          text=True) for i in range(2)]
+        out = [r.communicate(timeout=600)[0] for r in ranks]
+        if any(r.returncode for r in ranks):
+            codes = [r.returncode for r in ranks]
+            raise TestbedError(f"calibrate --testbed: the measurement failed (exit codes {codes})")
+    times = json.loads(out[0])
+    per = {c: list(fit(TESTBED_SIZES, times[c], *SHAPES[c])) for c in COLLECTIVES}
+    return replace(into, links={**into.links, f"testbed-{rate}": per})
 
 
 def fit(sizes: list[int], seconds: list[float], steps: float, wire: float) -> tuple[float, float]:

@@ -81,11 +81,16 @@ def load_calibration() -> Calibration:
     return Calibration.load(path)
 
 
-def cluster_for(device: str, devices: int, per_node: int | None = None, price: float = 0.0) -> Cluster:
+def cluster_for(device: str, devices: int, per_node: int | None = None, price: float = 0.0,
+                link: str = "loopback") -> Cluster:
     if devices < 1:
         raise ConfigError(f"--devices {devices}: must be an integer >= 1")
     if device == "local":
-        return load_calibration().cluster(devices)
+        cal = load_calibration()
+        if link not in cal.links:
+            raise ConfigError(f"--link {link!r}: not calibrated; calibrated: {', '.join(cal.links)} (add one with "
+                              "'paratrain calibrate --testbed 100mbit')")
+        return cal.cluster(devices, link)
     try:
         return preset(device, devices, per_node or 8, price)
     except ValueError as e:
@@ -134,7 +139,7 @@ def plan_command(args, cfg: Config | None) -> int:
     devices = [d.strip() for d in args.device.split(",") if d.strip()]
     if args.sweep_devices:
         return sweep_command(args, profile, batch, devices)
-    cluster = cluster_for(devices[0], args.devices, args.per_node)
+    cluster = cluster_for(devices[0], args.devices, args.per_node, link=args.link)
     dtype = args.dtype or ("fp32" if devices[0] == "local" else "bf16")
     found = search(profile, cluster, batch, dtype, runnable=args.runnable, slowdown=args.slowdown)
     if not found.ranked:
@@ -319,12 +324,19 @@ def plot_sweep(rows: list[dict], out: Path, title: str) -> None:
 
 
 def calibrate_command(args) -> int:
-    from paratrain.planner.calibrate import calibrate, save
+    from paratrain.planner.calibrate import calibrate, calibrate_testbed, save
 
     out = Path(args.out) if args.out else calibration_path()
-    print("paratrain calibrate: measuring matmul FLOP/s, memory bandwidth and 4 collectives over loopback ...",
-          file=sys.stderr)
-    cal = calibrate(args.device)
+    if args.testbed and out.is_file():  # a link added to this machine's calibration
+        cal = Calibration.load(out)
+    else:
+        print("paratrain calibrate: measuring matmul FLOP/s, memory bandwidth and 4 collectives over loopback ...",
+              file=sys.stderr)
+        cal = calibrate(args.device)
+    if args.testbed:
+        print(f"paratrain calibrate: measuring 4 collectives between 2 testbed hosts at {args.testbed} ...",
+              file=sys.stderr)
+        cal = calibrate_testbed(args.testbed, cal)
     save(cal, out)
     print(cal.to_toml(), end="")
     print(f"written: {out}", file=sys.stderr)
