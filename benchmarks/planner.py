@@ -19,8 +19,9 @@ and the whole search for a 1T-parameter transformer on 3,072 A100s. Goals: under
 
 The local matrix runs each strategy for a few steps with `paratrain run` on this machine (after
 `paratrain calibrate`, whose figures the predictions use), and prints the predicted step time and
-peak memory per rank beside the measured ones (the run's summary.json: the median step, and model
-states at the optimizer step plus the saved-activation peak, memory.py). Goals: within 20% on time
+peak memory per rank beside the measured ones (the run's summary.json: the mean step past the
+first, synchronisations included, and model states at the optimizer step plus the
+saved-activation peak, memory.py). Goals: within 20% on time
 and 10% on memory; the planner's first choice the fastest measured plan or within 5% of it.
 """
 from __future__ import annotations
@@ -161,7 +162,7 @@ def local(steps: int, out: Path, only: list[str] | None) -> list[dict]:
             continue
         summary = json.loads((run_dir / "summary.json").read_text())
         p = predict(load_config(None, all_sets), nproc)
-        rows.append({"size": size, "name": name, "measured_s": summary["step_s_median"], "predicted_s": p["step_s"],
+        rows.append({"size": size, "name": name, "measured_s": summary["step_s_steady"], "predicted_s": p["step_s"],
                      "measured_bytes": summary.get("measured_memory_bytes"), "predicted_bytes": p["memory_bytes"]})
     return rows
 
@@ -203,7 +204,7 @@ def testbed(steps: int, out: Path, rate: str) -> list[dict]:
                 cfg = load_config(None, all_sets)
                 est = estimate(plan_of(cfg, 2), profile_config(cfg), cal.cluster(2, link),
                                cfg.training.global_batch_size)
-                rows.append({"size": size, "name": f"{name} at {rate}", "measured_s": summary["step_s_median"],
+                rows.append({"size": size, "name": f"{name} at {rate}", "measured_s": summary["step_s_steady"],
                              "predicted_s": est.step_s, "measured_bytes": summary.get("measured_memory_bytes"),
                              "predicted_bytes": est.memory_bytes})
     finally:

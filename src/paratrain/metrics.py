@@ -98,6 +98,8 @@ class MetricsLog:
                "final_loss": self.last.get("loss"), "eval_loss": self.last_eval,
                "nonfinite_skipped": self.nonfinite_skipped,
                "step_s_mean": statistics.fmean(t), "step_s_median": t[(len(t) - 1) // 2],
+               # past the first step (start-up): what a step costs on average, synchronisations included
+               "step_s_steady": statistics.fmean(self.step_times[1:] or self.step_times or [0.0]),
                "step_s_p90": t[int(0.9 * (len(t) - 1))],
                "samples_per_s": self.samples / total if total else 0.0,
                "bytes_sent_per_step": self.bytes_sent / max(1, len(self.step_times)),
@@ -168,7 +170,7 @@ def predicted(cfg, processes: int, summary: dict) -> dict:
         return {}
     if p is None:
         return {}
-    step, memory = summary["step_s_median"], max((m for m in summary["memory_bytes_per_rank"] if m), default=None)
+    step, memory = summary["step_s_steady"], max((m for m in summary["memory_bytes_per_rank"] if m), default=None)
     out = {"predicted_step_s": p["step_s"], "step_error": p["step_s"] / step - 1 if step else None,
            "predicted_memory_bytes": p["memory_bytes"], "measured_memory_bytes": memory,
            "memory_error": p["memory_bytes"] / memory - 1 if memory else None,
@@ -195,8 +197,8 @@ def print_summary(summary: dict, bytes_per_rank: list[float], run_dir: Path, tit
     if summary.get("compression_ratio") not in (None, 1.0):
         rows.append(("compression (rank 0)", f"{summary['compression_ratio']:.1f}x fewer bytes than uncompressed"))
     if "predicted_step_s" in summary:
-        rows.append(("step time: planner / measured median",
-                     f"{1000 * summary['predicted_step_s']:.1f} / {1000 * summary['step_s_median']:.1f} ms "
+        rows.append(("step time: planner / measured mean",
+                     f"{1000 * summary['predicted_step_s']:.1f} / {1000 * summary['step_s_steady']:.1f} ms "
                      f"({summary['step_error']:+.0%})"))
         if summary.get("measured_memory_bytes"):
             rows.append(("memory per rank: planner / measured", f"{_human_bytes(summary['predicted_memory_bytes'])} / "
