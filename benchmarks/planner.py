@@ -176,7 +176,7 @@ def testbed(steps: int, out: Path, rate: str) -> list[dict]:
     """The 2-host testbed (network namespaces, tbf at `rate`; needs root): each strategy through
     `paratrain testbed run`, predicted with the link `paratrain calibrate --testbed RATE` measured."""
     from paratrain.config import load_config
-    from paratrain.planner.commands import load_calibration, plan_of, profile_config
+    from paratrain.planner.commands import load_calibration, plan_of, profile_config, run_step_s
 
     link = f"testbed-{rate}"
     cal = load_calibration()
@@ -202,10 +202,11 @@ def testbed(steps: int, out: Path, rate: str) -> list[dict]:
                     continue
                 summary = json.loads((run_dir / "summary.json").read_text())
                 cfg = load_config(None, all_sets)
-                est = estimate(plan_of(cfg, 2), profile_config(cfg), cal.cluster(2, link),
-                               cfg.training.global_batch_size)
+                profile, cluster = profile_config(cfg), cal.cluster(2, link)
+                est = estimate(plan_of(cfg, 2), profile, cluster, cfg.training.global_batch_size)
                 rows.append({"size": size, "name": f"{name} at {rate}", "measured_s": summary["step_s_steady"],
-                             "predicted_s": est.step_s, "measured_bytes": summary.get("measured_memory_bytes"),
+                             "predicted_s": run_step_s(cfg, est, profile, cluster),
+                             "measured_bytes": summary.get("measured_memory_bytes"),
                              "predicted_bytes": est.memory_bytes})
     finally:
         subprocess.run([*base, "down", "--state", str(state)], env=env, capture_output=True)

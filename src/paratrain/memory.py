@@ -3,7 +3,8 @@
 CPU tensors have no allocator statistics (torch.cuda.max_memory_allocated has no CPU twin), so a
 step's memory is counted where it is held: `state_bytes` (strategies/base.py) takes the
 parameters, gradients and optimizer state this rank holds just before the optimizer steps (where
-they peak), and `SavedBytes` the storages autograd keeps for backward, live and peak, through
+they peak; a parameter-server worker's as it lets its pushed gradients go), and `SavedBytes` the
+storages autograd keeps for backward, live and peak, through
 `torch.autograd.graph.saved_tensors_hooks` (each storage once, parameters excluded). Their sum is
 what the planner predicts per device (planner/cost.py `memory`). Measured on one step only: the
 hooks cost a Python call per saved tensor.
@@ -77,6 +78,10 @@ def measured(strategy, into: dict):
     hook = None
     if isinstance(first, torch.optim.Optimizer):
         hook = first.register_step_pre_hook(lambda *_: into.update(states=state_bytes(strategy)))
+    model = strategy.module
+    if optimizer is None:  # a parameter-server worker: its gradients are held until it lets them go
+        model.zero_grad = lambda *a, **k: (into.update(states=_worker_states(model)),
+                                           type(model).zero_grad(model, *a, **k))[1]
     trained = [p for g in optimizer.param_groups for p in g["params"]] if optimizer is not None else []
     saved = SavedBytes([*strategy.module.parameters(), *trained])  # a pipeline's stages are copies of the model
     try:
@@ -85,11 +90,18 @@ def measured(strategy, into: dict):
     finally:
         if hook is not None:
             hook.remove()
+        if optimizer is None:
+            del model.zero_grad
     into["activations"] = saved.peak
-    if optimizer is None:  # the worker's own copy of the parameters (and gradients still held)
-        params = list(strategy.module.parameters())
-        into["states"] = {"params": sum(p.numel() * p.element_size() for p in params),
-                          "grads": sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)}
+    if optimizer is None and "states" not in into:
+        into["states"] = _worker_states(model)
+
+
+def _worker_states(model) -> dict:
+    """A parameter-server worker's own copy of the parameters, and its gradients while held."""
+    params = list(model.parameters())
+    return {"params": sum(p.numel() * p.element_size() for p in params),
+            "grads": sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)}
 
 
 def held(memory: dict) -> float | None:

@@ -14,6 +14,12 @@ def test_calibrate_writes_what_plan_reads(tmp_path):
 
     cal = Calibration.load(tmp_path / "machine.toml")
     assert cal.matmul_flops["fp32"] > 1e8 and cal.memory_Bps > 1e8 and cal.op_s > 0
+    # every kind the profile tallies has its seconds per element, forward and backward
+    from paratrain.planner.model import KINDS
+
+    assert set(cal.kinds) == {*KINDS.values(), "attention"}
+    assert all(0 <= f < 1e-6 and 0 <= b < 1e-6 for f, b in cal.kinds.values()) and cal.kinds["gelu"][0] > 0, cal.kinds
+    assert cal.update[0] > 0 and cal.update[1] > 0 and cal.dtensor_update[0] > cal.update[0]
     for collective in ("all_reduce", "all_gather", "reduce_scatter", "p2p"):
         alpha, beta = cal.links["loopback"][collective]
         assert alpha >= 0 and beta > 1e6, (collective, alpha, beta)

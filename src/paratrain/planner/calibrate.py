@@ -7,6 +7,13 @@ per core, one thread each):
 - memory bandwidth: a copy of a tensor far larger than the caches (read + write bytes / time);
 - an operator's fixed cost, forward (recorded by autograd) and backward, on a tiny tensor, and the
   same through a DTensor (tensor parallelism dispatches every op of its layers through one);
+- seconds per element, forward and backward, of the operators a CPU core spends its arithmetic on
+  rather than memory (GeLU's erf, SiLU, tanh, layer norm, softmax; attention's softmax per score,
+  past its products at the matmul rate): model.KINDS, on a megabyte of values;
+- the update as the trainer runs it after backward (gradient clipping, the non-finite check's
+  norms, eager AdamW, zero_grad) on many small and on few large parameters, solved for seconds per
+  tensor and per parameter; the same with DTensor parameters (FSDP2 and tensor parallelism step on
+  them: each operator goes through DTensor's dispatch);
 - per collective (all-reduce, all-gather, reduce-scatter, point-to-point), the link's alpha and
   beta between two local ranks over gloo on the loopback interface: times over message sizes from
   16 KiB to 16 MiB, fitted by least squares to T(S) = steps x alpha + wire bytes(S) / beta with the
@@ -29,14 +36,17 @@ SIZES = [2**k for k in range(14, 25, 2)]  # 16 KiB .. 16 MiB
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "p2p")
 
 
-def _best(fn, repeats: int = 5) -> float:
-    fn()  # warm up
-    best = float("inf")
+def _median(fn, repeats: int = 9) -> float:
+    """The median of `repeats` timings after one warm-up. The planner predicts a run's mean step, so
+    each figure is a typical call, not the best one: on this machine a collective's median is 1.5 to
+    2 times its best, with the caches and cores shared as in a step."""
+    fn()
+    times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
 
 
 def matmul_flops(dtype: torch.dtype, device: str = "cpu", m: int = 1024, n: int = 1024, k: int = 1024) -> float:
@@ -48,7 +58,7 @@ def matmul_flops(dtype: torch.dtype, device: str = "cpu", m: int = 1024, n: int 
         if device == "cuda":
             torch.cuda.synchronize()
 
-    return 2 * m * n * k / _best(run)
+    return 2 * m * n * k / _median(run)
 
 
 # (m, n, k) of the products a small model's layers make (tokens x width x width or 4 x width), up to
@@ -67,7 +77,7 @@ def memory_bandwidth(device: str = "cpu", nbytes: int = 256 * 2**20) -> float:
         if device == "cuda":
             torch.cuda.synchronize()
 
-    return 2 * nbytes / _best(run)
+    return 2 * nbytes / _median(run)
 
 
 def op_seconds(x: torch.Tensor, count: int = 500) -> tuple[float, float]:
@@ -84,8 +94,73 @@ def op_seconds(x: torch.Tensor, count: int = 500) -> tuple[float, float]:
     def both():
         forward().sum().backward()
 
-    fwd = _best(forward)
-    return fwd / count, max(0.0, _best(both) - fwd) / count
+    fwd = _median(forward)
+    return fwd / count, max(0.0, _median(both) - fwd) / count
+
+
+KIND_INPUTS = {  # kind -> (its function, input shape): 256 Ki values, rows of the widths small models use
+    "gelu": (torch.nn.functional.gelu, (512, 512)),
+    "silu": (torch.nn.functional.silu, (512, 512)),
+    "tanh": (torch.tanh, (512, 512)),
+    "sigmoid": (torch.sigmoid, (512, 512)),
+    "layer_norm": (lambda x: torch.nn.functional.layer_norm(x, x.shape[-1:]), (2048, 128)),
+    "softmax": (lambda x: torch.log_softmax(x, -1), (2048, 128)),
+}
+
+
+def kind_seconds(device: str = "cpu") -> dict:
+    """kind -> [forward, backward] seconds per element (attention: per score, its products' FLOPs
+    at the matmul curve's rate taken off, as cost.py charges them)."""
+    from paratrain.planner.hardware import _interpolate
+
+    out = {}
+    for kind, (fn, shape) in KIND_INPUTS.items():
+        x = torch.randn(*shape, device=device, requires_grad=True)
+        grad = torch.ones(*shape, device=device)
+        fwd = _median(lambda fn=fn, x=x: fn(x))
+        both = _median(lambda fn=fn, x=x, grad=grad: fn(x).backward(grad))
+        out[kind] = [fwd / x.numel(), max(0.0, both - fwd) / x.numel()]
+    curve = [[2.0 * m * n * k, matmul_flops(torch.float32, device, m, n, k)] for m, n, k in SHAPES_MK[:3]]
+    b, h, s, d = 8, 4, 128, 32
+    q, k, v = (torch.randn(b, h, s, d, device=device, requires_grad=True) for _ in range(3))
+    flops = 4 * b * h * s * s * d  # QK^T and the product with V
+    products = flops / _interpolate(curve, flops)
+
+    def attend():
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    fwd = _median(attend)
+    both = _median(lambda: attend().sum().backward())
+    scores = b * h * s * s
+    out["attention"] = [max(0.0, fwd - products) / scores, max(0.0, both - fwd - 2 * products) / scores]
+    return out
+
+
+def update_seconds(params_of) -> list[float]:
+    """[seconds per parameter tensor, per parameter] of the trainer's update, from two sets: 96
+    tensors of 1 Ki values, and 4 of 256 Ki. `params_of(shapes)` makes the parameters."""
+    from paratrain.nonfinite import bad_ranks
+
+    def timed(count: int, numel: int) -> float:
+        params = params_of([numel] * count)
+        for q in params:
+            q.grad = torch.ones_like(q)
+        opt = torch.optim.AdamW(params, lr=1e-3)
+
+        def update():  # the gradients kept: backward's allocation of them is backward's cost
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            bad_ranks(torch.zeros(()), params, 0, 1, False)
+            opt.step()
+
+        return _median(update, 5)
+
+    small, large = (96, 1024), (4, 256 * 1024)
+    t_small, t_large = timed(*small), timed(*large)
+    # t = a x tensors + b x parameters at both points
+    det = small[0] * large[0] * large[1] - large[0] * small[0] * small[1]
+    b = (small[0] * t_large - large[0] * t_small) / det
+    a = (t_small - b * small[0] * small[1]) / small[0]
+    return [max(0.0, a), max(0.0, b)]
 
 
 def _ops(device: str, rank: int, size: int) -> dict:
@@ -117,14 +192,18 @@ def _rank(device: str) -> dict:
     torch.set_num_threads(1)
     dist.barrier()
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Replicate, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     op_s, op_backward_s = op_seconds(torch.ones(8, device=device))
     mesh = init_device_mesh(device, (2,))
     dtensor_op_s, dtensor_op_backward_s = op_seconds(distribute_tensor(torch.ones(8, device=device), mesh,
                                                                        [Replicate()]), count=100)
     curve = [[2.0 * m * n * k, matmul_flops(torch.float32, device, m, n, k)] for m, n, k in SHAPES_MK]
-    compute = {"matmul_flops": {"fp32": matmul_flops(torch.float32, device),
+    plain = update_seconds(lambda shapes: [torch.nn.Parameter(torch.zeros(n, device=device)) for n in shapes])
+    dtensor = update_seconds(lambda shapes: [torch.nn.Parameter(distribute_tensor(torch.zeros(n, device=device), mesh,
+                                                                                  [Shard(0)])) for n in shapes])
+    compute = {"kinds": kind_seconds(device), "update": plain, "dtensor_update": dtensor,
+               "matmul_flops": {"fp32": matmul_flops(torch.float32, device),
                                 "bf16": matmul_flops(torch.bfloat16, device)}, "matmul_curve": curve,
                "memory_Bps": memory_bandwidth(device), "op_s": op_s, "op_backward_s": op_backward_s,
                "dtensor_op_s": dtensor_op_s, "dtensor_op_backward_s": dtensor_op_backward_s}
@@ -138,7 +217,7 @@ def _rank(device: str) -> dict:
     return {**compute, "times": times}
 
 
-def _link_times(device: str, rank: int, sizes: list[int], sync=lambda: None, repeats: int = 5) -> dict:
+def _link_times(device: str, rank: int, sizes: list[int], sync=lambda: None, repeats: int = 9) -> dict:
     """Seconds of each collective at each size between the two ranks of the current group."""
     import torch.distributed as dist
 
@@ -146,7 +225,7 @@ def _link_times(device: str, rank: int, sizes: list[int], sync=lambda: None, rep
     for size in sizes:
         for name, op in _ops(device, rank, size).items():
             dist.barrier()
-            seconds = _best(lambda op=op: (op(), sync()), repeats)
+            seconds = _median(lambda op=op: (op(), sync()), repeats)
             times[name].append(seconds / 2 if name == "p2p" else seconds)  # a round trip is two sends
     return times
 
@@ -214,7 +293,8 @@ def calibrate(device: str = "cpu") -> Calibration:
                        matmul_curve=got["matmul_curve"],
                        memory_Bps=got["memory_Bps"], memory_bytes=_memory_bytes(device), op_s=got["op_s"],
                        op_backward_s=got["op_backward_s"], dtensor_op_s=got["dtensor_op_s"],
-                       dtensor_op_backward_s=got["dtensor_op_backward_s"], links={"loopback": per},
+                       dtensor_op_backward_s=got["dtensor_op_backward_s"], kinds=got["kinds"],
+                       update=got["update"], dtensor_update=got["dtensor_update"], links={"loopback": per},
                        measured_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
 
 

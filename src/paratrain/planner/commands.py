@@ -361,9 +361,10 @@ def plan_of(cfg: Config, world_size: int) -> Plan:
                     codec=s.compression.codec, dtype=dtype, mode=s.ps.mode)
     pipelined = dims.pp > 1
     zero = {"zero1": 1, "zero2": 2, "zero3": 3}.get(s.name, 3 if s.name == "hybrid" and s.dp_mode == "shard" else 0)
+    # hybrid runs a pipeline schedule even of one stage: its micro-batches accumulate
     return Plan(dp=dims.dp, pp=dims.pp, tp=dims.tp,
-                microbatches=(1 if s.name == "model_parallel" else s.pipeline.microbatches) if pipelined
-                else cfg.training.grad_accum_steps,
+                microbatches=(1 if s.name == "model_parallel" else s.pipeline.microbatches)
+                if pipelined or s.name == "hybrid" else cfg.training.grad_accum_steps,
                 schedule=("gpipe" if s.name == "model_parallel" else s.pipeline.schedule) if pipelined else "none",
                 virtual=s.pipeline.virtual_stages if pipelined else 1, zero=zero,
                 sequence_parallel=s.tensor.sequence_parallel and dims.tp > 1, dtype=dtype,
@@ -378,11 +379,30 @@ def predict(cfg: Config, world_size: int) -> dict | None:
         return None
     from paratrain.planner.cost import estimate
 
-    cluster = load_calibration().cluster(world_size)
-    est = estimate(plan_of(cfg, world_size), profile_config(cfg), cluster, cfg.training.global_batch_size)
-    return {"plan": est.plan.describe(), "step_s": est.step_s, "memory_bytes": est.memory_bytes,
+    plan = plan_of(cfg, world_size)
+    cluster = load_calibration().cluster(world_size, computing=world_size - plan.servers)
+    profile = profile_config(cfg)
+    est = estimate(plan, profile, cluster, cfg.training.global_batch_size)
+    return {"plan": est.plan.describe(), "step_s": run_step_s(cfg, est, profile, cluster),
+            "memory_bytes": est.memory_bytes,
             "model_flops": est.model_flops, "peak_flops": cluster.device.peak("fp32") * world_size,
             "compute_s": est.compute_s, "comm_s": est.comm_s, "bubble_s": est.bubble_s}
+
+
+def run_step_s(cfg: Config, est, profile: ModelProfile, cluster: Cluster) -> float:
+    """The mean step of this run past its first (what its summary measures): the planner's steady
+    step, and for PowerSGD its first uncompressed steps (torch's start_powerSGD_iter) among them."""
+    from dataclasses import replace
+
+    from paratrain.compression.adapters import POWERSGD_START_ITER
+    from paratrain.planner.cost import estimate
+
+    steps = cfg.training.steps - 1
+    if est.plan.codec != "powersgd" or steps <= 0:
+        return est.step_s
+    plain = min(POWERSGD_START_ITER - 1, steps)
+    full = estimate(replace(est.plan, codec="none"), profile, cluster, cfg.training.global_batch_size).step_s
+    return ((steps - plain) * est.step_s + plain * full) / steps
 
 
 def resolve_auto(cfg: Config, nproc: int) -> tuple[Config, Choice]:

@@ -6,18 +6,25 @@ server) with its sync period and codec. `estimate(plan, model, cluster, batch)` 
 - compute: each stage's forward and backward of one micro-batch from its blocks' FLOPs at the
   device's achieved matmul rate plus their other operations' bytes at its memory bandwidth
   (roofline per block: the two add, since the matmuls and the elementwise kernels run one after
-  the other); backward is twice the forward; full recomputation adds a forward, selective its
-  attention; tensor parallelism splits the matmuls and the split part of the traffic and adds two
-  all-reduces per layer each way (Megatron: not overlapped);
+  the other); backward is twice the forward; on a calibrated CPU the operators whose arithmetic
+  sets their time (GeLU, layer norm, softmax, attention's scores) at their measured seconds per
+  element instead, and every operator's fixed dispatch cost; full recomputation adds a forward,
+  selective its attention; tensor parallelism splits the matmuls and the split part of the
+  traffic and adds two all-reduces per layer each way (Megatron: not overlapped);
 - the pipeline: schedule.simulate with those times and the point-to-point sends between stages;
 - data parallelism: the gradient all-reduce (ddp, ZeRO-1) or reduce-scatter and all-gathers
   (ZeRO-2/3), hidden behind backward as far as the device overlaps communication with compute
   (`Cluster.overlap`: 1 on GPUs, which move bytes on their own engines; 0 on a CPU whose cores
   all compute) except the last bucket's or block's; ZeRO-1 all-gathers the updated parameters;
-- the optimizer: AdamW reads and writes parameters, gradients and two moments (memory-bound);
+- PowerSGD's own products, orthogonalisation and error feedback, and its three all-reduces;
+- the update: AdamW reads and writes parameters, gradients and two moments (memory-bound), or on
+  a calibrated CPU the trainer's whole update (clipping, the non-finite check, eager AdamW) at its
+  measured cost per parameter tensor and per parameter, through DTensor where FSDP2 or tensor
+  parallelism made the parameters DTensors;
 - memory per device: parameters, gradients and optimizer state per ZeRO stage and dtype, the
   activations the schedule holds at its peak (schedule.simulate) per recomputation mode, and
-  the largest gathered block under ZeRO-3.
+  the gathered parameters FSDP2 holds: two blocks under ZeRO-3, all of them from forward to
+  backward under ZeRO-2.
 """
 from __future__ import annotations
 
@@ -118,6 +125,8 @@ class Plan:
             sets += [f"strategy.pipeline.schedule={self.schedule}",
                      f"strategy.pipeline.microbatches={self.microbatches}",
                      f"strategy.pipeline.virtual_stages={self.virtual}"]
+        elif name == "hybrid":  # one stage: the schedule's micro-batches are its accumulation
+            sets += [f"strategy.pipeline.microbatches={self.microbatches}"]
         elif self.microbatches > 1:
             sets += [f"training.grad_accum_steps={self.microbatches}"]
         if self.tp > 1 and self.sequence_parallel:
@@ -187,6 +196,7 @@ class _Layout:
     stages: list
     rank_stages: list  # per pipeline rank, the stages it holds
     local_params: float  # the busiest rank's parameters (its tensor-parallel share)
+    local_tensors: int = 0  # ... and how many parameter tensors they are
 
     @classmethod
     def of(cls, plan: Plan, model: ModelProfile, cluster: Cluster, global_batch: int) -> "_Layout":
@@ -194,8 +204,10 @@ class _Layout:
         stages = _stages(model, plan.pp * plan.virtual)
         where = stage_rank(plan.schedule, plan.pp, plan.virtual) if plan.pp > 1 else [0]
         rank_stages = [[s for s in range(len(stages)) if where[s] == r] for r in range(plan.pp)]
-        local = max(sum(b.params for s in st for b in stages[s]) for st in rank_stages) / plan.tp
-        return cls(plan, model, cluster, mb, stages, rank_stages, local)
+        busiest = max(rank_stages, key=lambda st: sum(b.params for s in st for b in stages[s]))
+        local = sum(b.params for s in busiest for b in stages[s]) / plan.tp
+        tensors = sum(b.tensors for s in busiest for b in stages[s])
+        return cls(plan, model, cluster, mb, stages, rank_stages, local, tensors)
 
 
 def estimate(plan: Plan, model: ModelProfile, cluster: Cluster, global_batch: int,
@@ -229,7 +241,9 @@ def memory(lay: _Layout) -> dict:
     p_bytes, g_bytes, o_bytes = _param_bytes(plan.dtype)
     zero = plan.zero if plan.family == "sync" and plan.dp > 1 else 0
     n = plan.dp
-    out = {"params": lay.local_params * p_bytes / (n if zero == 3 else 1),
+    # FSDP2 (ZeRO-2 and 3) shards the parameters; ZeRO-2 (reshard_after_forward off) holds every
+    # gathered parameter from its forward to its backward, ZeRO-3 the two blocks it has prefetched
+    out = {"params": lay.local_params * p_bytes / (n if zero >= 2 else 1),
            # accumulating over micro-batches, FSDP2's no_sync keeps whole gradients until the last one
            "grads": lay.local_params * g_bytes / (n if zero >= 2 and plan.microbatches == 1 else 1),
            # a parameter server's workers hold no optimizer state: its servers step
@@ -251,6 +265,8 @@ def memory(lay: _Layout) -> dict:
     out["activations"] = working + max(held[r] * max(per_stage[s] for s in lay.rank_stages[r]) for r in range(pp))
     if zero == 3:
         out["buffers"] = 2 * max((b.params for b in lay.model.blocks), default=0) / tp * p_bytes
+    elif zero == 2 or (plan.strategy() == "hybrid" and plan.dp > 1):  # hybrid's replicated dp axis is FSDP2 too
+        out["buffers"] = lay.local_params * p_bytes
     return out
 
 
@@ -285,11 +301,16 @@ def _time(lay: _Layout, est: Estimate, slowdown: float = 1.0) -> None:
         """(forward compute seconds, its backward's, tensor-parallel seconds) of one micro-batch
         through `blocks`; the other operations' bytes at memory bandwidth, twice over backward."""
         fwd, bwd = (sum(x) for x in zip(*map(products, blocks)))
-        split = sum(b.traffic * b.tp_split for b in blocks)
-        whole = sum(b.traffic * (1 - b.tp_split) for b in blocks)
+        # Operators a calibrated CPU times by kind (per element) rather than by their bytes
+        timed = [(kind, e, nbytes) for b in blocks for kind, e, nbytes in b.kinds if kind in dev.kind_s]
+        kind_f = sum(e * dev.kind_s[k][0] for k, e, _ in timed) * mb / tp
+        kind_b = sum(e * dev.kind_s[k][1] for k, e, _ in timed) * mb / tp
+        share = 1 - sum(nbytes for _, _, nbytes in timed) / max(1.0, sum(b.traffic for b in blocks))
+        split = sum(b.traffic * b.tp_split for b in blocks) * share
+        whole = sum(b.traffic * (1 - b.tp_split) for b in blocks) * share
         t_bytes = (split / tp + whole / (tp if plan.sequence_parallel else 1)) * mb / dev.memory_Bps
         comm = sum(2 * cc.all_reduce(b.tp_bytes * mb, tp, tp_link) for b in blocks if b.tp_bytes) if tp > 1 else 0.0
-        return fwd + t_bytes, bwd + 2 * t_bytes, comm
+        return fwd + t_bytes + kind_f, bwd + 2 * t_bytes + kind_b, comm
 
     def fixed(blocks: list[Block]) -> tuple[float, float]:
         """Each operator's cost whatever its size (forward, backward): dispatch and autograd on a CPU;
@@ -349,8 +370,12 @@ def _time(lay: _Layout, est: Estimate, slowdown: float = 1.0) -> None:
             total = cc.all_reduce(grad_wire, n, dp_link)
             last = cc.all_reduce(min(grad_wire, BUCKET_BYTES), n, dp_link)
             dp_comm = max(last, total - window)
-            if plan.zero == 1:  # the updated shards, all-gathered after the step
-                dp_comm += cc.all_gather(local * p_bytes, n, dp_link)
+            if plan.codec == "powersgd":
+                dp_comm += _powersgd_s(model, dev, dp_link, n, tp)
+            if plan.zero == 1:  # the updated shards, all-gathered after the step: torch's
+                # ZeroRedundancyOptimizer broadcasts each parameter tensor from its owner, each
+                # broadcast paying the link's start-up
+                dp_comm += cc.all_gather(local * p_bytes, n, dp_link) + lay.local_tensors * dp_link.ab("p2p")[0]
         else:
             # FSDP2 gathers each block's parameters for every micro-batch's forward (and again for its
             # backward under ZeRO-3, which frees them after forward), prefetching the next block's
@@ -385,10 +410,50 @@ def _time(lay: _Layout, est: Estimate, slowdown: float = 1.0) -> None:
     if plan.family == "parameter_server" and plan.mode != "bsp":  # the other workers' pushes since this one pulled
         est.staleness = (plan.dp - 1) * slowdown
     est.comm_s = dp_comm + tp_share
-    # the optimizer on this device's shard (ZeRO-1/2/3 split it; a parameter server's workers have none)
-    shard = 0.0 if plan.family == "parameter_server" else local / (plan.dp if plan.zero and plan.dp > 1 else 1)
-    est.optimizer_s = shard * ADAM_BYTES / dev.memory_Bps
+    # the optimizer on this device's shard (ZeRO-1/2/3 split it); a parameter server's workers wait
+    # for a server's update of its shard before they pull
+    if plan.family == "parameter_server":
+        shard, tensors = local / plan.servers, lay.local_tensors / plan.servers
+    else:
+        shard, tensors = local / (plan.dp if plan.zero and plan.dp > 1 else 1), lay.local_tensors
+    est.optimizer_s = _update_s(plan, dev, tensors, shard)
     est.step_s = pipeline_s + dp_comm + est.optimizer_s
+
+
+def _powersgd_s(model: ModelProfile, dev, link, n: int, tp: int) -> float:
+    """PowerSGD's own work in torch's hook, beyond its bytes (Vogels et al. 2019, Algorithm 1 with
+    error feedback): per compressed n x k gradient, P = MQ, Q = M^T P and the approximation PQ^T
+    (2nkr FLOPs each at that product's rate), P's Gram-Schmidt (per column: a norm and a division,
+    and against each earlier column a dot product and a subtraction); over every gradient the error
+    added in, the copy and the new error (about 40 bytes a value). Its three all-reduces (the
+    uncompressed tensors, then P, then Q) each pay the link's start-up; `codec_fraction` counts
+    their bytes."""
+    r = POWERSGD_RANK
+    seconds, ops = 0.0, 0
+    for rows, cols, split in [g for b in model.blocks for g in b.gemms] + list(model.last.gemms):
+        rows, cols = (rows / tp, cols) if split == "n" else (rows, cols / tp)
+        if (rows + cols) * r >= rows * cols:
+            continue
+        work = 2 * rows * cols * r
+        seconds += 3 * work / dev.rate(work, "fp32")
+        ops += 6 + 2 * r + 2 * r * (r - 1) // 2
+    params = model.params / tp
+    alpha = link.ab("all_reduce")[0]
+    return seconds + ops * dev.op_s + 40 * params / dev.memory_Bps + 2 * 2 * (n - 1) * alpha
+
+
+def _update_s(plan: Plan, dev, tensors: int, shard: float) -> float:
+    """The update after backward on `shard` parameters: on a calibrated CPU, a cost per tensor (eager
+    AdamW's operators, clipping's and the non-finite check's norms) and per parameter, through
+    DTensor's dispatch where the parameters are DTensors (FSDP2: ZeRO-2/3; tensor parallelism);
+    ZeroRedundancyOptimizer (ZeRO-1) steps on its share of the tensors. Elsewhere memory-bound."""
+    dtensor = plan.tp > 1 or (plan.zero >= 2 and plan.dp > 1)
+    per_tensor, per_param = dev.dtensor_update_s if dtensor else dev.update_s
+    if not (per_tensor or per_param):
+        return shard * ADAM_BYTES / dev.memory_Bps
+    if plan.zero == 1 and plan.dp > 1:
+        tensors = tensors / plan.dp
+    return tensors * per_tensor + shard * per_param
 
 
 def _dp_bytes(plan: Plan, model: ModelProfile, local: float) -> float:

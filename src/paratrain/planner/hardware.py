@@ -53,6 +53,14 @@ class Device:
     op_backward_s: float = 0.0
     dtensor_op_s: float = 0.0
     dtensor_op_backward_s: float = 0.0
+    # Calibrated CPU only: seconds per element of the operators whose arithmetic, not their bytes,
+    # sets their time (model.KINDS): kind -> (forward, backward); attention's per score.
+    kind_s: dict = field(default_factory=dict)
+    # The update after backward as the trainer runs it (gradient clipping, the non-finite check's
+    # norms, eager AdamW): (seconds per parameter tensor, per parameter), plain and with
+    # DTensor parameters (FSDP2, tensor parallelism). (0, 0): memory-bound (cost.ADAM_BYTES).
+    update_s: tuple = (0.0, 0.0)
+    dtensor_update_s: tuple = (0.0, 0.0)
 
     def matmul_efficiency(self, m: float, n: float) -> float:
         """The share of the achieved matmul rate an (m x n) output gets under wave quantization:
@@ -200,6 +208,9 @@ class Calibration:
     op_backward_s: float = 0.0
     dtensor_op_s: float = 0.0  # the same through a DTensor
     dtensor_op_backward_s: float = 0.0
+    kinds: dict = field(default_factory=dict)  # kind -> [forward, backward] seconds per element
+    update: list = field(default_factory=list)  # [seconds per parameter tensor, per parameter]
+    dtensor_update: list = field(default_factory=list)
     # link name -> {collective -> [alpha_s, beta_Bps]}: "loopback" measured between local ranks
     links: dict = field(default_factory=dict)
     measured_at: str = ""
@@ -214,7 +225,11 @@ class Calibration:
                  "[matmul_flops]"]
         lines += [f"{k} = {v:.6g}" for k, v in self.matmul_flops.items()]
         lines[lines.index("[matmul_flops]"):lines.index("[matmul_flops]")] = [
-            "matmul_curve = [" + ", ".join(f"[{w:.6g}, {r:.6g}]" for w, r in self.matmul_curve) + "]", ""]
+            "matmul_curve = [" + ", ".join(f"[{w:.6g}, {r:.6g}]" for w, r in self.matmul_curve) + "]",
+            *[f"{name} = [{v[0]:.6g}, {v[1]:.6g}]"
+              for name, v in (("update", self.update), ("dtensor_update", self.dtensor_update)) if v], ""]
+        if self.kinds:
+            lines += ["", "[kinds]"] + [f"{k} = [{f:.6g}, {b:.6g}]" for k, (f, b) in self.kinds.items()]
         for link, per in self.links.items():
             lines += ["", f"[links.{link}]"]
             lines += [f"{c} = [{a:.6g}, {b:.6g}]" for c, (a, b) in per.items()]
@@ -230,16 +245,21 @@ class Calibration:
         alpha, beta = per.get("all_reduce") or next(iter(per.values()), (1e-4, 1e9))
         return Link(alpha, beta, name, tuple((c, a, b) for c, (a, b) in per.items()))
 
-    def cluster(self, devices: int, link: str = "loopback") -> Cluster:
+    def cluster(self, devices: int, link: str = "loopback", computing: int | None = None) -> Cluster:
         # More ranks than cores share them: each computes (and dispatches) at cores / ranks of the
-        # rate one rank per core was measured at.
-        share = min(1.0, self.cores / devices) if self.device == "cpu" else 1.0
+        # rate one rank per core was measured at. `computing`: the ranks that do (a parameter
+        # server's servers wait on their workers' messages most of a step).
+        share = min(1.0, self.cores / (computing or devices)) if self.device == "cpu" else 1.0
         flops = {k: v * share for k, v in self.matmul_flops.items()}
         device = Device(f"{self.device} (calibrated)", flops, flops, self.memory_bytes / max(1, devices),
                         self.memory_Bps * share, f"paratrain calibrate, {self.measured_at}",
                         matmul_curve=tuple((w, r * share) for w, r in self.matmul_curve),
                         op_s=self.op_s / share, op_backward_s=self.op_backward_s / share,
                         dtensor_op_s=self.dtensor_op_s / share,
-                        dtensor_op_backward_s=self.dtensor_op_backward_s / share)
+                        dtensor_op_backward_s=self.dtensor_op_backward_s / share,
+                        kind_s={k: (f / share, b / share) for k, (f, b) in self.kinds.items()},
+                        update_s=tuple(x / share for x in self.update) if self.update else (0.0, 0.0),
+                        dtensor_update_s=(tuple(x / share for x in self.dtensor_update) if self.dtensor_update
+                                          else (0.0, 0.0)))
         net = self.link(link)
         return Cluster(device, devices, devices, net, net, overlap=1.0 if self.device == "cuda" else 0.0)

@@ -6,9 +6,12 @@ loss). Per block and per sample it takes:
 - `flops`: forward FLOPs of its matrix products and attention (backward: twice that);
 - `traffic`: bytes its other operations read and write (norms, activations, softmax, dropout,
   residual adds): these are bound by memory bandwidth, not by the matrix units;
-- `saved`: bytes of activations autograd keeps for backward (none, selective or full
-  recomputation shrink them), and `boundary`: its output (what a pipeline stage sends on);
-- `params`, and under tensor parallelism the bytes of its all-reduces.
+- `saved`: bytes of activations autograd keeps for backward, each storage once (a view saved
+  beside its base adds nothing; none, selective or full recomputation shrink them), and
+  `boundary`: its output (what a pipeline stage sends on);
+- `kinds`: the elements of operators a CPU core spends arithmetic on (GeLU, layer norm, softmax,
+  attention's scores), which a calibrated CPU times per element;
+- `params` and their tensors, and under tensor parallelism the bytes of its all-reduces.
 
 Two ways in. `profile_module` counts them under `FakeTensorMode` (or on the meta device), so no
 weight is allocated and a 1T-parameter model profiles on a laptop: torch's `FlopCounterMode` for
@@ -44,6 +47,11 @@ class Block:
     # (n, k, which of n / k tensor parallelism splits); tokens = seq x micro-batch.
     gemms: tuple = ()
     ops: float = 0.0  # operators its forward dispatches (each costs the framework's fixed overhead; cost.py)
+    # Operators whose cost on a CPU core is their arithmetic (exponentials, erf, normalisation), not
+    # the bytes they move: ((kind, elements, bytes), ...) per sample, timed by kind where the device
+    # was calibrated (cost.py); their bytes are part of `traffic` too, which a GPU preset uses.
+    kinds: tuple = ()
+    tensors: int = 0  # parameter tensors (an eager optimizer pays a fixed cost per tensor; cost.py)
 
 
 @dataclass(frozen=True)
@@ -74,7 +82,8 @@ class ModelProfile:
 
         def scale(b: Block) -> Block:
             return replace(b, traffic=b.traffic * f, saved=b.saved * f, saved_selective=b.saved_selective * f,
-                           boundary=b.boundary * f, tp_bytes=b.tp_bytes * f)
+                           boundary=b.boundary * f, tp_bytes=b.tp_bytes * f,
+                           kinds=tuple((k, e, nbytes * f) for k, e, nbytes in b.kinds))
 
         return replace(self, blocks=tuple(map(scale, self.blocks)), first=scale(self.first), last=scale(self.last),
                        bytes_per_value=bytes_per_value)
@@ -117,14 +126,14 @@ def transformer(layers: int, hidden: int, heads: int, vocab: int, seq: int, ffn:
     layer = Block(params=params, flops=flops, traffic=traffic, saved=saved, saved_selective=34 * s * h * bpv,
                   boundary=2 * s * h * bpv, attn_flops=attn_flops, attn_traffic=attn_traffic * bpv,
                   tp_bytes=2 * s * h * bpv, gemms=((3 * h, h, "n"), (h, h, "k"), (ffn, h, "n"), (h, ffn, "k")),
-                  tp_split=split_traffic / (split_traffic + whole_traffic))
+                  tp_split=split_traffic / (split_traffic + whole_traffic), tensors=12)
     first = Block(params=v * h + s * h, flops=0.0, traffic=(2 + 1) * s * h * bpv, saved=s * h * bpv,
-                  saved_selective=s * h * bpv, boundary=2 * s * h * bpv)
+                  saved_selective=s * h * bpv, boundary=2 * s * h * bpv, tensors=2)
     # final norm, logits (2shv FLOPs), cross entropy over fp32 logits (4sv bytes, read and written)
     last = Block(params=v * h + 2 * h, flops=2 * s * h * v, gemms=((v, h, "n"),),
                  traffic=(4 * s * h + 3 * 4 * s * v) * bpv,
                  saved=(2 * s * h + 4 * s * v) * bpv, saved_selective=(2 * s * h + 4 * s * v) * bpv,
-                 boundary=4.0, tp_split=1.0)
+                 boundary=4.0, tp_split=1.0, tensors=3)
     return ModelProfile(name or f"transformer L{layers} h{h} a{a} v{v} s{s}", (layer,) * layers, first, last,
                         bytes_per_value, heads=a, seq=s, hidden=h)
 
@@ -139,6 +148,7 @@ class _Tally:
     saved: float = 0.0
     attn_flops: float = 0.0
     ops: int = 0
+    kinds: dict = field(default_factory=dict)  # kind -> [elements, bytes]
     seen: set = field(default_factory=set)
 
 
@@ -187,24 +197,37 @@ def profile_module(model: nn.Module, sample: torch.Tensor, loss_fn: Callable | N
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             packet = func._overloadpacket
+            tally = tallies[where[0]]
             if not _free(packet) or packet in counted:
-                tallies[where[0]].ops += 1
+                tally.ops += 1
+            name = str(packet).split(".")[-1]
+            if name in ATTENTION:  # the scores its softmax exponentiates: batch x heads x queries x keys
+                q, k = args[0], args[1]
+                tally.kinds.setdefault("attention", [0.0, 0.0])[0] += q.numel() / q.shape[-1] * k.shape[-2]
             if packet in counted or _free(packet):
                 return out
-            if str(packet).endswith("embedding"):  # reads the rows it gathers, not the whole table
-                tallies[where[0]].traffic += 2 * _nbytes(out)
+            if name.endswith("embedding"):  # reads the rows it gathers, not the whole table
+                tally.traffic += 2 * _nbytes(out)
                 return out
             tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
-            tallies[where[0]].traffic += sum(t.numel() * t.element_size() for t in tensors)
+            nbytes = sum(t.numel() * t.element_size() for t in tensors)
+            tally.traffic += nbytes
+            if name in KINDS:
+                kind = tally.kinds.setdefault(KINDS[name], [0.0, 0.0])
+                kind[0] += args[0].numel()
+                kind[1] += nbytes
             return out
 
     def pack(t: torch.Tensor):
         base = t._base if t._base is not None else t
         if id(base) not in params and not (base.is_leaf and base.requires_grad):
             tally = tallies[where[0]]
-            if id(t) not in tally.seen:
-                tally.seen.add(id(t))
-                tally.saved += t.numel() * t.element_size()
+            # Each storage once, as memory.py measures it: a view saved beside its base (attention's
+            # heads of a projection's output) holds no bytes of its own.
+            storage = t.untyped_storage()
+            if storage._cdata not in tally.seen:
+                tally.seen.add(storage._cdata)
+                tally.saved += storage.nbytes()
         return t
 
     inputs = (lambda t: fake.from_tensor(t)) if fake is not None else (lambda t: t.to("meta"))
@@ -235,12 +258,16 @@ def profile_module(model: nn.Module, sample: torch.Tensor, loss_fn: Callable | N
     for i, t in enumerate(tallies):
         p = (sum(q.numel() for q in blocks[i - 1].parameters()) if 0 < i <= len(blocks) else 0)
         boundary = outputs.get(i, in_bytes)
+        n_tensors = len(list(blocks[i - 1].parameters())) if 0 < i <= len(blocks) else 0
         made.append(Block(params=p, flops=t.flops, traffic=t.traffic, saved=t.saved,
-                          saved_selective=t.saved, boundary=boundary, attn_flops=t.attn_flops, ops=t.ops))
+                          saved_selective=t.saved, boundary=boundary, attn_flops=t.attn_flops, ops=t.ops,
+                          kinds=tuple((k, e, b) for k, (e, b) in sorted(t.kinds.items())), tensors=n_tensors))
     inside = sum(b.params for b in made)
     outside = sum(p.numel() for p in model.parameters()) - inside
     first = replace(made[0], params=_first_params(model, blocks, outside))
-    last = replace(made[-1], params=outside - first.params)
+    outside_tensors = len(list(model.parameters())) - sum(b.tensors for b in made)
+    first = replace(first, tensors=_first_params(model, blocks, outside, count=True))
+    last = replace(made[-1], params=outside - first.params, tensors=outside_tensors - first.tensors)
     dtype_bytes = next((p.element_size() for p in model.parameters()), 4)
     heads = 0
     if hasattr(model, "layers") and blocks and hasattr(blocks[0], "attn"):  # the built-in GPT: tensor-splittable
@@ -266,17 +293,26 @@ def _blocks(model: nn.Module, blocks_of) -> list[nn.Module]:
         return [model]
 
 
-def _first_params(model: nn.Module, blocks, outside: int) -> int:
-    """Parameters before the first block: the GPT's embeddings (an nn.Sequential has none)."""
+def _first_params(model: nn.Module, blocks, outside: int, count: bool = False) -> int:
+    """Parameters before the first block: the GPT's embeddings (an nn.Sequential has none); with
+    `count`, how many tensors they are."""
     if isinstance(model, nn.Sequential) or blocks == [model]:
         return 0
-    return sum(p.numel() for n, m in model.named_children() if n in ("tok_emb", "pos_emb") for p in m.parameters())
+    return sum(1 if count else p.numel() for n, m in model.named_children() if n in ("tok_emb", "pos_emb")
+               for p in m.parameters())
 
 
 def _nbytes(out) -> float:
     return float(sum(t.numel() * t.element_size() for t in torch.utils._pytree.tree_leaves(out)
                      if isinstance(t, torch.Tensor)))
 
+
+# Operators timed by kind on a calibrated CPU (calibrate.py measures each kind's seconds per element,
+# forward and backward): aten's name -> kind. Attention's kind counts its scores (ATTENTION).
+KINDS = {"gelu": "gelu", "silu": "silu", "tanh": "tanh", "sigmoid": "sigmoid", "native_layer_norm": "layer_norm",
+         "_log_softmax": "softmax", "_softmax": "softmax"}
+ATTENTION = {"_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"}
 
 _FREE = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "reshape", "unsqueeze", "squeeze",
          "slice", "select", "as_strided", "detach", "alias", "split", "split_with_sizes", "unbind", "arange",
