@@ -38,9 +38,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from paratrain.planner.cost import Plan, estimate  # noqa: E402
+from paratrain.planner.cost import estimate  # noqa: E402
 from paratrain.planner.hardware import preset  # noqa: E402
 from paratrain.planner.model import transformer  # noqa: E402
+from paratrain.planner.plan import Plan  # noqa: E402
 
 # Korthikanti et al. 2022, Table 3 (configurations) and Table 5 (seconds per iteration).
 PUBLISHED = [  # name, heads, hidden, layers, tp, pp, GPUs, global batch, micro-batch, stages per rank, full, present

@@ -34,7 +34,7 @@ from paratrain.imports import import_callable
 from paratrain.nodes import Nodes, await_job, publish
 from paratrain.nonfinite import NONFINITE_EXIT, NonFiniteError
 from paratrain.restarts import OWNED_ENV, attempt, job_dir, record_end
-from paratrain.rundir import Plan, claim, notes, record_config, settle
+from paratrain.rundir import Plan, claim, notes, record_config, settle, write_json
 from paratrain.signals import HANDLED, Stopped
 from paratrain.topology import REJOIN_ENV, REPLICA_ENV
 
@@ -280,9 +280,9 @@ def launch(cfg: Config, nproc: int | None = None, resume: str | Path | None = No
         return 0
     with owned_run(cfg, nproc * nodes.count, resume, discard_newer) as run:
         if choice is not None:  # what was chosen and why, beside the config that runs it
-            (run.run_dir / "plan.json").write_text(json.dumps(
-                {"chosen": choice.plan.describe(), "sets": choice.plan.config_sets(), "why": choice.reason,
-                 "considered": choice.considered, "predicted": choice.estimate.to_dict()}, indent=1))
+            write_json(run.run_dir / "plan.json",
+                       {"chosen": choice.plan.describe(), "sets": choice.plan.config_sets(), "why": choice.reason,
+                        "considered": choice.considered, "predicted": choice.estimate.to_dict()})
         ckpt = run.plan.ckpt_path
         worker = ["-m", "paratrain", "worker", str(run.config_path)] + (["--resume", str(ckpt)] if ckpt else [])
         store, run_id = (nodes.host_store(), uuid.uuid4().hex) if nodes.many else (None, None)

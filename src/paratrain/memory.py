@@ -75,15 +75,14 @@ def measured(strategy, into: dict):
 
     optimizer = getattr(strategy, "optimizer", None)  # None: a parameter-server worker (its servers step)
     first = next(iter(getattr(optimizer, "optimizers", [optimizer])), None)  # a pipeline's: one per stage
-    hook = None
+    hook, model = None, strategy.module
     if isinstance(first, torch.optim.Optimizer):
         hook = first.register_step_pre_hook(lambda *_: into.update(states=state_bytes(strategy)))
-    model = strategy.module
     if optimizer is None:  # a parameter-server worker: its gradients are held until it lets them go
         model.zero_grad = lambda *a, **k: (into.update(states=_worker_states(model)),
                                            type(model).zero_grad(model, *a, **k))[1]
     trained = [p for g in optimizer.param_groups for p in g["params"]] if optimizer is not None else []
-    saved = SavedBytes([*strategy.module.parameters(), *trained])  # a pipeline's stages are copies of the model
+    saved = SavedBytes([*model.parameters(), *trained])  # a pipeline's stages are copies of the model
     try:
         with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
             yield

@@ -171,11 +171,10 @@ def predicted(cfg, processes: int, summary: dict) -> dict:
     if p is None:
         return {}
     step, memory = summary["step_s_steady"], max((m for m in summary["memory_bytes_per_rank"] if m), default=None)
-    out = {"predicted_step_s": p["step_s"], "step_error": p["step_s"] / step - 1 if step else None,
+    return {"predicted_step_s": p["step_s"], "step_error": p["step_s"] / step - 1 if step else None,
            "predicted_memory_bytes": p["memory_bytes"], "measured_memory_bytes": memory,
            "memory_error": p["memory_bytes"] / memory - 1 if memory else None,
            "mfu": p["model_flops"] / step / p["peak_flops"] if step else None, "predicted_plan": p["plan"]}
-    return out
 
 
 def print_summary(summary: dict, bytes_per_rank: list[float], run_dir: Path, title: str) -> None:

@@ -108,9 +108,9 @@ KIND_INPUTS = {  # kind -> (its function, input shape): 256 Ki values, rows of t
 }
 
 
-def kind_seconds(device: str = "cpu") -> dict:
+def kind_seconds(curve: list, device: str = "cpu") -> dict:
     """kind -> [forward, backward] seconds per element (attention: per score, its products' FLOPs
-    at the matmul curve's rate taken off, as cost.py charges them)."""
+    at `curve`'s rate (the matmul rates just measured) taken off, as cost.py charges them)."""
     from paratrain.planner.hardware import _interpolate
 
     out = {}
@@ -120,7 +120,6 @@ def kind_seconds(device: str = "cpu") -> dict:
         fwd = _median(lambda fn=fn, x=x: fn(x))
         both = _median(lambda fn=fn, x=x, grad=grad: fn(x).backward(grad))
         out[kind] = [fwd / x.numel(), max(0.0, both - fwd) / x.numel()]
-    curve = [[2.0 * m * n * k, matmul_flops(torch.float32, device, m, n, k)] for m, n, k in SHAPES_MK[:3]]
     b, h, s, d = 8, 4, 128, 32
     q, k, v = (torch.randn(b, h, s, d, device=device, requires_grad=True) for _ in range(3))
     flops = 4 * b * h * s * s * d  # QK^T and the product with V
@@ -202,7 +201,7 @@ def _rank(device: str) -> dict:
     plain = update_seconds(lambda shapes: [torch.nn.Parameter(torch.zeros(n, device=device)) for n in shapes])
     dtensor = update_seconds(lambda shapes: [torch.nn.Parameter(distribute_tensor(torch.zeros(n, device=device), mesh,
                                                                                   [Shard(0)])) for n in shapes])
-    compute = {"kinds": kind_seconds(device), "update": plain, "dtensor_update": dtensor,
+    compute = {"kinds": kind_seconds(curve, device), "update": plain, "dtensor_update": dtensor,
                "matmul_flops": {"fp32": matmul_flops(torch.float32, device),
                                 "bf16": matmul_flops(torch.bfloat16, device)}, "matmul_curve": curve,
                "memory_Bps": memory_bandwidth(device), "op_s": op_s, "op_backward_s": op_backward_s,

@@ -16,9 +16,10 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from paratrain.planner.cost import Estimate, Plan, estimate
+from paratrain.planner.cost import estimate
 from paratrain.planner.hardware import Cluster
 from paratrain.planner.model import ModelProfile
+from paratrain.planner.plan import Estimate, Plan
 from paratrain.planner.schedule import valid
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv")

@@ -201,7 +201,7 @@ def state_bytes(s: Strategy) -> dict:
     gradients where present (the step sets them to None, so measure between backward and
     step to see them), and the optimizer's tensors (ZeroRedundancyOptimizer: this rank's share).
     Compare with ZeRO's per-rank model states for fp32 Adam: ddp 16P, ZeRO-1 4P + 4P + 8P/N,
-    ZeRO-2 4P + 12P/N, ZeRO-3 16P/N.
+    ZeRO-2 and ZeRO-3 16P/N here (FSDP2 shards the parameters at both stages).
     """
     params = [p for g in s.optimizer.param_groups for p in g["params"]]
     # a pipeline's one optimizer per local stage; ZeroRedundancyOptimizer: this rank's own optimizer
