@@ -1,6 +1,7 @@
 """The planner's accuracy and speed: predicted against measured, here and at published scale.
 
     python benchmarks/planner.py               # the local matrix: every strategy on 2 (and 4) ranks, 2 model sizes
+    python benchmarks/planner.py --calibrate --repeat 3   # ... calibrated in the same run, each row run 3 times
     python benchmarks/planner.py --published   # Korthikanti et al. 2022, Table 5, on A100-80GB presets
     python benchmarks/planner.py --scale       # one plan on 10,000 devices; the 1T search on 3,072
     python benchmarks/planner.py --testbed 100mbit   # ddp, ddp + PowerSGD, DiLoCo between 2 testbed hosts (root)
@@ -23,6 +24,9 @@ peak memory per rank beside the measured ones (the run's summary.json: the mean 
 first, synchronisations included, and model states at the optimizer step plus the
 saved-activation peak, memory.py). Goals: within 20% on time
 and 10% on memory; the planner's first choice the fastest measured plan or within 5% of it.
+This machine's speed drifts by 20-40% over minutes (the same run twice in a row: 67 and 110 ms a
+step): `--calibrate` measures it at the start of the benchmark rather than hours before, and
+`--repeat N` runs the matrix N times, forward and backward in turn, each row's step the median.
 """
 from __future__ import annotations
 
@@ -144,27 +148,43 @@ MATRIX = [  # (name, processes, sets)
 ]
 
 
-def local(steps: int, out: Path, only: list[str] | None) -> list[dict]:
+def local(steps: int, out: Path, only: list[str] | None, repeat: int = 1) -> list[dict]:
+    """Each row's run `repeat` times, the matrix in turn forward and backward (a drift of the
+    machine's speed over the benchmark then falls on every row alike); a row's measured step is the
+    median of its runs."""
+    from statistics import median
+
     from paratrain.config import load_config
     from paratrain.planner.commands import predict
 
-    rows = []
     todo = [(size, name, n, sets) for size, model in (("small", SMALL), ("large", LARGE))
             for name, n, sets in MATRIX if not only or name in only]
-    for i, (size, name, nproc, sets) in enumerate(todo, 1):
-        all_sets = [*COMMON, *model_sets(size), *sets, f"training.steps={steps}"]
-        run_dir = out / f"{size}-{name}".replace(" ", "_")
-        print(f"[{i}/{len(todo)}] {size} {name} ...", file=sys.stderr, flush=True)
-        cmd = [sys.executable, "-m", "paratrain", "run", "--nproc", str(nproc),
-               *[a for s in [*all_sets, f"run.dir={json.dumps(str(run_dir))}"] for a in ("--set", s)]]
-        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
-        if done.returncode != 0:
-            rows.append({"size": size, "name": name, "error": done.stderr.strip().splitlines()[-1]})
+    runs: dict = {}
+    for r in range(repeat):
+        for i, (size, name, nproc, sets) in enumerate(todo if r % 2 == 0 else todo[::-1], 1):
+            all_sets = [*COMMON, *model_sets(size), *sets, f"training.steps={steps}"]
+            run_dir = out / f"{size}-{name}-{r}".replace(" ", "_")
+            print(f"[{r * len(todo) + i}/{repeat * len(todo)}] {size} {name} ...", file=sys.stderr, flush=True)
+            cmd = [sys.executable, "-m", "paratrain", "run", "--nproc", str(nproc),
+                   *[a for s in [*all_sets, f"run.dir={json.dumps(str(run_dir))}"] for a in ("--set", s)]]
+            done = subprocess.run(cmd, capture_output=True, text=True,
+                                  env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+            got = runs.setdefault((size, name), {"sets": all_sets, "nproc": nproc, "steps": [], "error": None})
+            if done.returncode != 0:
+                got["error"] = done.stderr.strip().splitlines()[-1]
+                continue
+            summary = json.loads((run_dir / "summary.json").read_text())
+            got["steps"].append(summary["step_s_steady"])
+            got["measured_bytes"] = summary.get("measured_memory_bytes")
+    rows = []
+    for (size, name), got in runs.items():
+        if not got["steps"]:
+            rows.append({"size": size, "name": name, "error": got["error"]})
             continue
-        summary = json.loads((run_dir / "summary.json").read_text())
-        p = predict(load_config(None, all_sets), nproc)
-        rows.append({"size": size, "name": name, "measured_s": summary["step_s_steady"], "predicted_s": p["step_s"],
-                     "measured_bytes": summary.get("measured_memory_bytes"), "predicted_bytes": p["memory_bytes"]})
+        p = predict(load_config(None, got["sets"]), got["nproc"])
+        rows.append({"size": size, "name": name, "measured_s": median(got["steps"]), "runs_s": got["steps"],
+                     "predicted_s": p["step_s"], "measured_bytes": got["measured_bytes"],
+                     "predicted_bytes": p["memory_bytes"]})
     return rows
 
 
@@ -226,7 +246,9 @@ def print_local(rows: list[dict]) -> None:
             print(f"| {r['size']} | {r['name']} | failed: {r['error'][:80]} | | | | | |")
             continue
         mem = r["measured_bytes"]
-        print(f"| {r['size']} | {r['name']} | {r['measured_s'] * 1e3:.1f} ms | {r['predicted_s'] * 1e3:.1f} ms "
+        runs = r.get("runs_s", [])
+        spread = f" ({', '.join(f'{x * 1e3:.0f}' for x in runs)})" if len(runs) > 1 else ""
+        print(f"| {r['size']} | {r['name']} | {r['measured_s'] * 1e3:.1f} ms{spread} | {r['predicted_s'] * 1e3:.1f} ms "
               f"| {r['predicted_s'] / r['measured_s'] - 1:+.0%} | {mem / 2**20:.1f} MiB | "
               f"{r['predicted_bytes'] / 2**20:.1f} MiB | {r['predicted_bytes'] / mem - 1:+.0%} |")
     ok = [r for r in rows if "error" not in r]
@@ -251,6 +273,9 @@ def main() -> None:
     p.add_argument("--only", nargs="*", default=None)
     p.add_argument("--json", action="store_true")
     p.add_argument("--testbed", default="", metavar="RATE", help="the 2-host testbed rows at this rate (root)")
+    p.add_argument("--repeat", type=int, default=1, help="runs per row (the matrix forward, then backward, ...)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="calibrate this machine first, in this run, into a file of its own (the predictions use it)")
     args = p.parse_args()
     if args.published:
         rows = published()
@@ -260,7 +285,14 @@ def main() -> None:
         scale()
         return
     with tempfile.TemporaryDirectory(prefix="paratrain-planner-") as tmp:
-        rows = testbed(args.steps, Path(tmp), args.testbed) if args.testbed else local(args.steps, Path(tmp), args.only)
+        if args.calibrate:  # the predictions from figures measured minutes, not hours, before the runs
+            os.environ["PARATRAIN_CALIBRATION"] = str(Path(tmp) / "machine.toml")
+            link = ["--testbed", args.testbed] if args.testbed else []
+            cmd = [sys.executable, "-m", "paratrain", "calibrate", *link]
+            print("calibrating ...", file=sys.stderr, flush=True)
+            subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+        rows = (testbed(args.steps, Path(tmp), args.testbed) if args.testbed
+                else local(args.steps, Path(tmp), args.only, args.repeat))
     print(json.dumps(rows, indent=1)) if args.json else print_local(rows)
 
 

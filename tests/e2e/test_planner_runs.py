@@ -8,11 +8,23 @@ from tests.unit.test_planner import CALIBRATION
 
 
 def test_calibrate_writes_what_plan_reads(tmp_path):
-    out = cli(["calibrate", "--out", str(tmp_path / "machine.toml")], cwd=tmp_path, timeout=180)
-    assert out.returncode == 0, out.stderr
+    """... and keeps a testbed link measured before (re-measuring this machine does not lose it)."""
     from paratrain.planner.hardware import Calibration
 
+    earlier = CALIBRATION + "\n[links.testbed-100mbit]\nall_reduce = [1e-3, 1.2e7]\n"
+    (tmp_path / "machine.toml").write_text(earlier)
+    out = cli(["calibrate", "--out", str(tmp_path / "machine.toml")], cwd=tmp_path, timeout=180)
+    assert out.returncode == 0, out.stderr
+    assert "kept the link(s) measured before: testbed-100mbit" in out.stderr
+
     cal = Calibration.load(tmp_path / "machine.toml")
+    assert cal.links["testbed-100mbit"] == {"all_reduce": [1e-3, 1.2e7]}
+    assert cal.measured_at != "test"
+    # the tensor-parallel GPT's fixed costs: ends and per block, forward and backward
+    assert len(cal.tensor_parallel) == 4 and cal.tensor_parallel[2] + cal.tensor_parallel[3] > cal.op_s
+    # and each pipeline schedule's cost per action
+    assert set(cal.pipeline_action) == {"gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv"}
+    assert all(0 < a < 0.1 for a in cal.pipeline_action.values()), cal.pipeline_action
     assert cal.matmul_flops["fp32"] > 1e8 and cal.memory_Bps > 1e8 and cal.op_s > 0
     # every kind the profile tallies has its seconds per element, forward and backward
     from paratrain.planner.model import KINDS

@@ -288,6 +288,51 @@ def test_a_calibrated_cpu_times_arithmetic_kinds_per_element_and_the_update_per_
         assert est.optimizer_s == pytest.approx(tensors * per_tensor)
 
 
+def test_a_calibrated_tensor_parallel_gpt_pays_its_fixed_costs_per_block_and_at_its_ends():
+    """Where the built-in GPT's tensor-parallel fixed costs were calibrated (DTensor's dispatch and
+    the small all-reduces' latency inside), a tp plan's forward and backward pay them per block and
+    once for the ends, in place of a DTensor cost per operator; its all-reduces add only their
+    bytes (and ring steps past two ranks) on top, the embedding's sum and the head's gradient included."""
+    from dataclasses import replace
+
+    profile = transformer(4, 64, 4, 128, 32)
+    base = Device("cpu", {"fp32": 1e15}, {"fp32": 1e15}, 1e12, 1e18)
+    fixed = replace(base, tp_fixed_s=(3e-3, 5e-3, 1e-3, 2e-3))
+    link = Link(1e-3, 1e18)  # a latency only: with fixed costs calibrated it is theirs
+    plan = Plan(tp=2)
+    plain = estimate(plan, profile, Cluster(base, 2, 2, link, link), 8)
+    calibrated = estimate(plan, profile, Cluster(fixed, 2, 2, link, link), 8)
+    assert plain.comm_s == pytest.approx(2 * 4 * 2 * 2e-3)  # 2 all-reduces per block each way, 2 alphas each
+    assert calibrated.comm_s == pytest.approx(0.0, abs=1e-9)
+    assert calibrated.compute_s == pytest.approx(plain.compute_s + 4 * (1e-3 + 2e-3) + 3e-3 + 5e-3, rel=1e-6)
+    # the bytes of the embedding's all-reduce (and the head's gradient) are charged: one boundary each way
+    slow = Link(1e-3, 1e6)
+    with_bytes = estimate(plan, profile, Cluster(fixed, 2, 2, slow, slow), 8)
+    block = profile.in_dtype(4).blocks[0]  # the plan computes in fp32
+    per_block = 2 * cc.all_reduce(block.tp_bytes * 8, 2, slow) - 2 * 2e-3
+    ends = cc.all_reduce(block.boundary * 8, 2, slow) - 2e-3
+    assert with_bytes.comm_s == pytest.approx(2 * (4 * per_block + ends), rel=1e-6)
+
+
+@pytest.mark.parametrize("schedule,virtual", [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("zbv", 2)])
+def test_a_pipeline_runtimes_cost_per_action_is_simulated_and_recovered_by_calibration(schedule, virtual):
+    """A cost per action lengthens every action (F and B alike: the same as adding it to each
+    stage's forward and backward where the backward is not split); calibrate's solver recovers it
+    from a step measured with it."""
+    from paratrain.planner.calibrate import PIPELINE_MICROBATCHES, pipeline_action_seconds
+
+    n, a = 2 * virtual, 4e-4
+    f, b, send = [1e-3] * n, [2e-3] * n, [1e-4] * n
+    with_action = S.simulate(schedule, 2, 8, virtual, f, b, send, action=a)
+    assert with_action.makespan > S.simulate(schedule, 2, 8, virtual, f, b, send).makespan
+    if schedule in ("gpipe", "1f1b"):
+        added = S.simulate(schedule, 2, 8, virtual, [x + a for x in f], [x + a for x in b], send)
+        assert with_action.makespan == pytest.approx(added.makespan, rel=1e-4)  # the cache keys round
+    tiny = [1e-6] * n
+    measured = S.simulate(schedule, 2, PIPELINE_MICROBATCHES, virtual, tiny, tiny, send, action=a).makespan
+    assert pipeline_action_seconds({schedule: measured}, 1e-4)[schedule] == pytest.approx(a, rel=1e-3)
+
+
 def test_a_parameter_server_workers_gradients_are_measured_while_it_holds_them():
     """A worker has no optimizer (its servers step) and lets its gradients go after pushing them:
     its model states are taken at that moment, gradients included, as other strategies' are at

@@ -7,9 +7,19 @@ per core, one thread each):
 - memory bandwidth: a copy of a tensor far larger than the caches (read + write bytes / time);
 - an operator's fixed cost, forward (recorded by autograd) and backward, on a tiny tensor, and the
   same through a DTensor (tensor parallelism dispatches every op of its layers through one);
+- the built-in GPT's fixed cost under tensor parallelism on the two ranks, whatever its size: a
+  tiny GPT of 1 and of 9 blocks split as paratrain splits it, forward and backward with the
+  vocabulary-parallel loss, solved for seconds per block and for the ends (embeddings, head,
+  loss). DTensor dispatches each of a split layer's operators, and converts and redistributes its
+  inputs and outputs: several hundred dispatches a step that no single operator's cost predicts;
+  the small all-reduces inside are part of it (cost.py charges their bytes on top);
 - seconds per element, forward and backward, of the operators a CPU core spends its arithmetic on
   rather than memory (GeLU's erf, SiLU, tanh, layer norm, softmax; attention's softmax per score,
   past its products at the matmul rate): model.KINDS, on a megabyte of values;
+- the cost of each action of a pipeline schedule beyond its compute (torch.distributed.pipelining's
+  runtime: the schedule's loop, the stage's input and output handling, the zero-bubble schedules'
+  split backward), per schedule: tiny stages, 8 micro-batches, on the two ranks, solved through
+  the planner's own simulation of that schedule (schedule.py) with the loopback's p2p latency;
 - the update as the trainer runs it after backward (gradient clipping, the non-finite check's
   norms, eager AdamW, zero_grad) on many small and on few large parameters, solved for seconds per
   tensor and per parameter; the same with DTensor parameters (FSDP2 and tensor parallelism step on
@@ -135,6 +145,90 @@ def kind_seconds(curve: list, device: str = "cpu") -> dict:
     return out
 
 
+def tensor_parallel_seconds(mesh, device: str, layers: tuple[int, int] = (1, 9)) -> list[float]:
+    """[ends forward, ends backward, per block forward, per block backward] seconds of the built-in
+    GPT under tensor parallelism (parallelize.py, the vocabulary-parallel loss) at a size where
+    nothing but the fixed costs counts (width 8, 2 tokens), from a GPT of `layers[0]` and one of
+    `layers[1]` blocks. The two ranks of `mesh` run it together: its collectives are real."""
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    from paratrain.models.gpt import GPT, cross_entropy
+    from paratrain.strategies.tensor.parallelize import parallelize_gpt, replicated_loss
+
+    loss_fn = replicated_loss(cross_entropy)
+    tokens = torch.zeros(1, 2, dtype=torch.long, device=device)
+    times = []
+    for n in layers:
+        torch.manual_seed(0)  # the same weights on both ranks, as a run starts
+        model = parallelize_gpt(GPT(8, n_layer=n, n_head=2, d_model=8, block_size=2).to(device), mesh, False)
+
+        def forward(model=model):
+            with loss_parallel():
+                return loss_fn(model(tokens), tokens)
+
+        def both(model=model):
+            with loss_parallel():
+                loss_fn(model(tokens), tokens).backward()
+
+        fwd = _median(forward)
+        times.append((fwd, max(0.0, _median(both) - fwd)))
+    (f1, b1), (f2, b2) = times
+    span = layers[1] - layers[0]
+    block_f, block_b = max(0.0, (f2 - f1) / span), max(0.0, (b2 - b1) / span)
+    return [max(0.0, f1 - layers[0] * block_f), max(0.0, b1 - layers[0] * block_b), block_f, block_b]
+
+
+PIPELINE_MICROBATCHES = 8
+
+
+def pipeline_step_seconds(device: str) -> dict:
+    """schedule -> the median step of a pipeline of tiny stages (one 8 x 8 Linear each) over 8
+    micro-batches on the current group's two ranks, as paratrain's pipeline strategy builds it;
+    `pipeline_action_seconds` turns it into a cost per action."""
+    import torch.distributed as dist
+    from torch import nn
+    from torch.distributed.pipelining import PipelineStage
+
+    from paratrain.planner.schedule import MULTI
+    from paratrain.strategies.pipeline.pipeline import SCHEDULES, stages_of_rank
+
+    rank, m = dist.get_rank(), PIPELINE_MICROBATCHES
+    x = torch.ones(m, 8, device=device)
+    out = {}
+    for name, schedule_class in SCHEDULES.items():
+        v = 2 if name in MULTI else 1
+        ids = stages_of_rank(rank, 2, v, name)
+        stages = [PipelineStage(nn.Linear(8, 8).to(device), i, 2 * v, torch.device(device)) for i in ids]
+        schedule = schedule_class(stages if v > 1 else stages[0], m, loss_fn=lambda y, _: y.sum())
+        inputs, target = ([x] if 0 in ids else []), (x if 2 * v - 1 in ids else None)
+        out[name] = _median(lambda schedule=schedule, inputs=inputs, target=target:
+                            schedule.step(*inputs, target=target))
+    return out
+
+
+def pipeline_action_seconds(steps: dict, p2p_alpha: float) -> dict:
+    """schedule -> seconds per action: the cost per action at which the planner's simulation of the
+    same order (tiny stages, the sends at the loopback's p2p latency) takes the measured step. The
+    step grows with it monotonically, not quite linearly (the critical path moves from the sends to
+    the actions): found by bisection."""
+    from paratrain.planner.schedule import MULTI, simulate
+
+    out = {}
+    for name, measured in steps.items():
+        v = 2 if name in MULTI else 1
+        tiny = [1e-6] * (2 * v)  # an 8 x 8 product: microseconds
+
+        def step(action: float, name=name, v=v, tiny=tiny) -> float:
+            return simulate(name, 2, PIPELINE_MICROBATCHES, v, tiny, tiny, [p2p_alpha] * 2 * v, action).makespan
+
+        lo, hi = 0.0, measured
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if step(mid) < measured else (lo, mid)
+        out[name] = lo
+    return out
+
+
 def update_seconds(params_of) -> list[float]:
     """[seconds per parameter tensor, per parameter] of the trainer's update, from two sets: 96
     tensors of 1 Ki values, and 4 of 256 Ki. `params_of(shapes)` makes the parameters."""
@@ -197,6 +291,8 @@ def _rank(device: str) -> dict:
     mesh = init_device_mesh(device, (2,))
     dtensor_op_s, dtensor_op_backward_s = op_seconds(distribute_tensor(torch.ones(8, device=device), mesh,
                                                                        [Replicate()]), count=100)
+    tensor_parallel = tensor_parallel_seconds(mesh, device)
+    pipeline_steps = pipeline_step_seconds(device)
     curve = [[2.0 * m * n * k, matmul_flops(torch.float32, device, m, n, k)] for m, n, k in SHAPES_MK]
     plain = update_seconds(lambda shapes: [torch.nn.Parameter(torch.zeros(n, device=device)) for n in shapes])
     dtensor = update_seconds(lambda shapes: [torch.nn.Parameter(distribute_tensor(torch.zeros(n, device=device), mesh,
@@ -205,7 +301,8 @@ def _rank(device: str) -> dict:
                "matmul_flops": {"fp32": matmul_flops(torch.float32, device),
                                 "bf16": matmul_flops(torch.bfloat16, device)}, "matmul_curve": curve,
                "memory_Bps": memory_bandwidth(device), "op_s": op_s, "op_backward_s": op_backward_s,
-               "dtensor_op_s": dtensor_op_s, "dtensor_op_backward_s": dtensor_op_backward_s}
+               "dtensor_op_s": dtensor_op_s, "dtensor_op_backward_s": dtensor_op_backward_s,
+               "tensor_parallel": tensor_parallel, "pipeline_steps": pipeline_steps}
 
     def sync():
         if device == "cuda":
@@ -293,7 +390,10 @@ def calibrate(device: str = "cpu") -> Calibration:
                        memory_Bps=got["memory_Bps"], memory_bytes=_memory_bytes(device), op_s=got["op_s"],
                        op_backward_s=got["op_backward_s"], dtensor_op_s=got["dtensor_op_s"],
                        dtensor_op_backward_s=got["dtensor_op_backward_s"], kinds=got["kinds"],
-                       update=got["update"], dtensor_update=got["dtensor_update"], links={"loopback": per},
+                       update=got["update"], dtensor_update=got["dtensor_update"],
+                       tensor_parallel=got["tensor_parallel"],
+                       pipeline_action=pipeline_action_seconds(got["pipeline_steps"], per["p2p"][0]),
+                       links={"loopback": per},
                        measured_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
 
 

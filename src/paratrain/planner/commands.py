@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from paratrain.config import Config, ConfigError
@@ -221,6 +221,10 @@ def calibrate_command(args) -> int:
         print("paratrain calibrate: measuring matmul FLOP/s, memory bandwidth and 4 collectives over loopback ...",
               file=sys.stderr)
         cal = calibrate(args.device)
+        kept = _earlier_links(out, cal)
+        if kept:  # the testbed links measured before are kept: re-measuring this machine does not lose them
+            cal = replace(cal, links={**cal.links, **kept})
+            print(f"paratrain calibrate: kept the link(s) measured before: {', '.join(kept)}", file=sys.stderr)
     if args.testbed:
         print(f"paratrain calibrate: measuring 4 collectives between 2 testbed hosts at {args.testbed} ...",
               file=sys.stderr)
@@ -229,6 +233,15 @@ def calibrate_command(args) -> int:
     print(cal.to_toml(), end="")
     print(f"written: {out}", file=sys.stderr)
     return 0
+
+
+def _earlier_links(path: Path, cal: Calibration) -> dict:
+    """The links of the calibration at `path` that `cal` did not measure; none from an unreadable file."""
+    try:
+        earlier = Calibration.load(path) if path.is_file() else None
+    except (OSError, ValueError, TypeError):  # tomllib.TOMLDecodeError is a ValueError
+        return {}
+    return {k: v for k, v in earlier.links.items() if k not in cal.links} if earlier else {}
 
 
 # ---------------------------------------------------------------------------- a run's own plan

@@ -9,7 +9,8 @@
   element instead, and every operator's fixed dispatch cost; full recomputation adds a forward,
   selective its attention; tensor parallelism splits the matmuls and the split part of the
   traffic and adds two all-reduces per layer each way (Megatron: not overlapped);
-- the pipeline: schedule.simulate with those times and the point-to-point sends between stages;
+- the pipeline: schedule.simulate with those times, the point-to-point sends between stages and,
+  on a calibrated CPU, the schedule runtime's cost per action;
 - data parallelism: the gradient all-reduce (ddp, ZeRO-1) or reduce-scatter and all-gathers
   (ZeRO-2/3), hidden behind backward as far as the device overlaps communication with compute
   (`Cluster.overlap`: 1 on GPUs, which move bytes on their own engines; 0 on a CPU whose cores
@@ -195,13 +196,26 @@ def _time(lay: _Layout, est: Estimate, slowdown: float = 1.0) -> None:
         split = sum(b.traffic * b.tp_split for b in blocks) * share
         whole = sum(b.traffic * (1 - b.tp_split) for b in blocks) * share
         t_bytes = (split / tp + whole / (tp if plan.sequence_parallel else 1)) * mb / dev.memory_Bps
-        comm = sum(2 * cc.all_reduce(b.tp_bytes * mb, tp, tp_link) for b in blocks if b.tp_bytes) if tp > 1 else 0.0
+        comm = sum(2 * tp_all_reduce(b.tp_bytes * mb) for b in blocks if b.tp_bytes) if tp > 1 else 0.0
+        if tp > 1 and dev.tp_fixed_s and any(b is model.first for b in blocks):
+            comm += tp_all_reduce(model.blocks[0].boundary * mb if model.blocks else 0.0)  # the embedding's sum
         return fwd + t_bytes + kind_f, bwd + 2 * t_bytes + kind_b, comm
+
+    def tp_all_reduce(nbytes: float) -> float:
+        """A tensor-parallel all-reduce; where the device's tensor-parallel fixed costs were calibrated,
+        the two-rank latency is in them (`fixed`): only the bytes and any further ring steps here."""
+        seconds = cc.all_reduce(nbytes, tp, tp_link)
+        return max(0.0, seconds - 2 * tp_link.ab("all_reduce")[0]) if dev.tp_fixed_s and seconds else seconds
 
     def fixed(blocks: list[Block]) -> tuple[float, float]:
         """Each operator's cost whatever its size (forward, backward): dispatch and autograd on a CPU;
         under tensor parallelism every operator of a split layer goes through a DTensor."""
         ops = sum(b.ops for b in blocks)
+        if tp > 1 and dev.tp_fixed_s:  # calibrated on the built-in GPT: per block, and half the ends each end
+            ends_f, ends_b, block_f, block_b = dev.tp_fixed_s
+            layers = sum(b in model.blocks for b in blocks)
+            ends = sum(b is model.first or b is model.last for b in blocks) / 2
+            return layers * block_f + ends * ends_f, layers * block_b + ends * ends_b
         if tp > 1:
             return ops * dev.dtensor_op_s, ops * dev.dtensor_op_backward_s
         return ops * dev.op_s, ops * dev.op_backward_s
@@ -234,12 +248,15 @@ def _time(lay: _Layout, est: Estimate, slowdown: float = 1.0) -> None:
 
         send = [send_s(stage[-1].boundary * mb) for stage in lay.stages]
         est.bytes_per_step += 2 * plan.microbatches * sum(stage[-1].boundary * mb for stage in lay.stages) / pp
-        sim = simulate(plan.schedule, pp, plan.microbatches, v, f_times, b_times, send)
+        sim = simulate(plan.schedule, pp, plan.microbatches, v, f_times, b_times, send,
+                       dev.pipeline_action_s.get(plan.schedule, 0.0))
         pipeline_s = sim.makespan
         est.compute_s = max(sim.busy)
         est.bubble_s = pipeline_s - est.compute_s
     else:
-        pipeline_s = est.compute_s = plan.microbatches * (f_times[0] + b_times[0])
+        # hybrid runs a pipeline schedule even of one stage (1F1B's runtime): two actions per micro-batch
+        runtime = 2 * dev.pipeline_action_s.get("1f1b", 0.0) if plan.strategy() == "hybrid" else 0.0
+        pipeline_s = est.compute_s = plan.microbatches * (f_times[0] + b_times[0] + runtime)
     # Tensor parallelism's all-reduces run inside the busiest rank's actions: said as communication.
     tp_share = tp_total * plan.microbatches * (v / (pp * v) if pp > 1 else 1)
     est.compute_s -= tp_share

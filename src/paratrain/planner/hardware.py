@@ -61,6 +61,13 @@ class Device:
     # DTensor parameters (FSDP2, tensor parallelism). (0, 0): memory-bound (cost.ADAM_BYTES).
     update_s: tuple = (0.0, 0.0)
     dtensor_update_s: tuple = (0.0, 0.0)
+    # Calibrated CPU only: the built-in GPT's fixed cost under tensor parallelism on 2 ranks
+    # (calibrate.tensor_parallel_seconds): (ends forward, ends backward, per block forward, backward),
+    # the latency of the small all-reduces inside included. (): counted per operator (dtensor_op_s).
+    tp_fixed_s: tuple = ()
+    # Calibrated CPU only: schedule -> seconds each pipeline action costs beyond its compute
+    # (calibrate.pipeline_action_seconds); absent: none.
+    pipeline_action_s: dict = field(default_factory=dict)
 
     def matmul_efficiency(self, m: float, n: float) -> float:
         """The share of the achieved matmul rate an (m x n) output gets under wave quantization:
@@ -211,6 +218,8 @@ class Calibration:
     kinds: dict = field(default_factory=dict)  # kind -> [forward, backward] seconds per element
     update: list = field(default_factory=list)  # [seconds per parameter tensor, per parameter]
     dtensor_update: list = field(default_factory=list)
+    tensor_parallel: list = field(default_factory=list)  # [ends fwd, ends bwd, block fwd, block bwd] seconds
+    pipeline_action: dict = field(default_factory=dict)  # schedule -> seconds per action beyond compute
     # link name -> {collective -> [alpha_s, beta_Bps]}: "loopback" measured between local ranks
     links: dict = field(default_factory=dict)
     measured_at: str = ""
@@ -227,9 +236,13 @@ class Calibration:
         lines[lines.index("[matmul_flops]"):lines.index("[matmul_flops]")] = [
             "matmul_curve = [" + ", ".join(f"[{w:.6g}, {r:.6g}]" for w, r in self.matmul_curve) + "]",
             *[f"{name} = [{v[0]:.6g}, {v[1]:.6g}]"
-              for name, v in (("update", self.update), ("dtensor_update", self.dtensor_update)) if v], ""]
+              for name, v in (("update", self.update), ("dtensor_update", self.dtensor_update)) if v],
+            *(["tensor_parallel = [" + ", ".join(f"{x:.6g}" for x in self.tensor_parallel) + "]"]
+              if self.tensor_parallel else []), ""]
         if self.kinds:
             lines += ["", "[kinds]"] + [f"{k} = [{f:.6g}, {b:.6g}]" for k, (f, b) in self.kinds.items()]
+        if self.pipeline_action:
+            lines += ["", "[pipeline_action]"] + [f"{k} = {v:.6g}" for k, v in self.pipeline_action.items()]
         for link, per in self.links.items():
             lines += ["", f"[links.{link}]"]
             lines += [f"{c} = [{a:.6g}, {b:.6g}]" for c, (a, b) in per.items()]
@@ -260,6 +273,8 @@ class Calibration:
                         kind_s={k: (f / share, b / share) for k, (f, b) in self.kinds.items()},
                         update_s=tuple(x / share for x in self.update) if self.update else (0.0, 0.0),
                         dtensor_update_s=(tuple(x / share for x in self.dtensor_update) if self.dtensor_update
-                                          else (0.0, 0.0)))
+                                          else (0.0, 0.0)),
+                        tp_fixed_s=tuple(x / share for x in self.tensor_parallel),
+                        pipeline_action_s={k: v / share for k, v in self.pipeline_action.items()})
         net = self.link(link)
         return Cluster(device, devices, devices, net, net, overlap=1.0 if self.device == "cuda" else 0.0)

@@ -123,27 +123,30 @@ STEADY = 8  # above STEADY x pp micro-batches, simulate 4pp and 6pp and extrapol
 
 
 def simulate(schedule: str, pp: int, microbatches: int, virtual: int, f: list[float], b: list[float],
-             send: list[float]) -> Simulated:
+             send: list[float], action: float = 0.0) -> Simulated:
     """The step of `microbatches` micro-batches. Past the warm-up every schedule repeats the same
     pattern once per micro-batch (per round of pp, interleaved), so makespan, busy time and the
     activations held grow by the same amount per micro-batch from there on: above STEADY x pp
     micro-batches it simulates 4pp and 6pp and extends the line (exact where both are past the
     warm-up: tested against the full simulation), which keeps a plan on thousands of devices
-    within milliseconds. Results are cached on the times relative to the first stage's forward."""
+    within milliseconds. Results are cached on the times relative to the first stage's forward.
+    `action`: seconds every action costs beyond its stage's compute, F, B, I and W alike (torch's
+    schedule runtime on a CPU: calibrate.pipeline_action_seconds)."""
     unit = f[0] or 1.0
-    key = (schedule, pp, microbatches, virtual, *(round(x / unit, 4) for x in (*f, *b, *send)))
+    key = (schedule, pp, microbatches, virtual, round(action / unit, 4), *(round(x / unit, 4) for x in (*f, *b, *send)))
     sim = _cached(key)
     return Simulated(sim.makespan * unit, tuple(x * unit for x in sim.busy), sim.peak_held)
 
 
 @lru_cache(maxsize=65536)
 def _cached(key: tuple) -> Simulated:
-    schedule, pp, m, v, *times = key
+    schedule, pp, m, v, action, *times = key
     n = pp * v
     f, b, send = list(times[:n]), list(times[n:2 * n]), list(times[2 * n:])
     if m <= STEADY * pp:
-        return _simulate(schedule, pp, m, v, f, b, send)
-    lo, hi = _simulate(schedule, pp, 4 * pp, v, f, b, send), _simulate(schedule, pp, 6 * pp, v, f, b, send)
+        return _simulate(schedule, pp, m, v, f, b, send, action)
+    lo, hi = (_simulate(schedule, pp, 4 * pp, v, f, b, send, action),
+              _simulate(schedule, pp, 6 * pp, v, f, b, send, action))
     k = (m - 6 * pp) / (2 * pp)  # rounds of 2pp micro-batches past the larger simulation
 
     def extend(a: float, z: float) -> float:
@@ -177,7 +180,7 @@ def _compiled(schedule: str, pp: int, microbatches: int, virtual: int) -> tuple:
 
 
 def _simulate(schedule: str, pp: int, microbatches: int, virtual: int, f: list[float], b: list[float],
-              send: list[float]) -> Simulated:
+              send: list[float], action: float = 0.0) -> Simulated:
     """`f[s]`, `b[s]`: forward and whole-backward seconds of stage s for one micro-batch (I and W
     are half a backward each); `send[s]`: seconds to move one micro-batch's activation (or its
     gradient) across the boundary after stage s, paid where the two stages are on different ranks."""
@@ -193,8 +196,10 @@ def _simulate(schedule: str, pp: int, microbatches: int, virtual: int, f: list[f
     for s in range(last + 1):
         if s == last:
             wait[s][1] = wait[s][2] = 0.0  # the last stage's backward waits on its own forward
-    duration = [[f[s] + (send[s] if cross_next[s] else 0.0), b[s] + (send[s - 1] if cross_prev[s] else 0.0),
-                 b[s] / 2 + (send[s - 1] if cross_prev[s] else 0.0), b[s] / 2] for s in range(last + 1)]
+    out = [send[s] if cross_next[s] else 0.0 for s in range(last + 1)]
+    back = [send[s - 1] if cross_prev[s] else 0.0 for s in range(last + 1)]
+    duration = [[action + f[s] + out[s], action + b[s] + back[s], action + b[s] / 2 + back[s], action + b[s] / 2]
+                for s in range(last + 1)]
     delta = (1.0, -1.0, -(1 - W_SHARE), -W_SHARE)
     done = [-1.0] * slots
     free, busy, held, peak, nxt = [0.0] * pp, [0.0] * pp, [0.0] * pp, [0.0] * pp, [0] * pp
