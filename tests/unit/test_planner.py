@@ -26,6 +26,7 @@ op_s = 4e-6
 measured_at = "test"
 update = [5e-5, 4e-9]
 dtensor_update = [5e-4, 6e-9]
+tensor_parallel = [5e-3, 6e-3, 4e-3, 7e-3]
 
 [matmul_flops]
 fp32 = 5e10
@@ -34,6 +35,10 @@ bf16 = 1e9
 [kinds]
 gelu = [1e-9, 2e-9]
 attention = [1e-9, 4e-9]
+
+[pipeline_action]
+1f1b = 4e-4
+zbv = 6e-4
 
 [links.loopback]
 all_reduce = [1e-4, 1e9]
@@ -183,6 +188,10 @@ def test_calibration_round_trips_through_toml(tmp_path):
     again.write_text(cal.to_toml())
     assert Calibration.load(again) == cal and cal.link("loopback").beta_Bps == 1e9
     assert cal.kinds["gelu"] == [1e-9, 2e-9] and cal.update == [5e-5, 4e-9]
+    assert cal.tensor_parallel == [5e-3, 6e-3, 4e-3, 7e-3] and cal.pipeline_action == {"1f1b": 4e-4, "zbv": 6e-4}
+    # more ranks than cores: each pays its share of them, fixed costs included
+    shared = cal.cluster(4).device
+    assert shared.tp_fixed_s == (1e-2, 1.2e-2, 8e-3, 1.4e-2) and shared.pipeline_action_s["zbv"] == 1.2e-3
 
 
 def test_plan_prints_json_ranked_by_step_time(tmp_path, calibrated):
@@ -286,6 +295,13 @@ def test_a_calibrated_cpu_times_arithmetic_kinds_per_element_and_the_update_per_
     for zero, per_tensor in ((0, 1e-3), (1, 1e-3 / 2), (2, 5e-3), (3, 5e-3)):
         est = estimate(Plan(dp=2, zero=zero), profile, Cluster(timed, 2, 2, net, net), 4)
         assert est.optimizer_s == pytest.approx(tensors * per_tensor)
+    # hybrid's dp axis is FSDP2 even where it replicates: DTensor's cost per tensor, on a stage's tensors
+    from paratrain.planner.cost import _Layout
+
+    hybrid = Plan(dp=2, pp=2, microbatches=2, schedule="1f1b")
+    on_stage = _Layout.of(hybrid, profile, Cluster(timed, 4, 4, net, net), 4).local_tensors
+    assert 0 < on_stage < tensors
+    assert estimate(hybrid, profile, Cluster(timed, 4, 4, net, net), 4).optimizer_s == pytest.approx(on_stage * 5e-3)
 
 
 def test_a_calibrated_tensor_parallel_gpt_pays_its_fixed_costs_per_block_and_at_its_ends():

@@ -350,7 +350,8 @@ def _update_s(plan: Plan, dev, tensors: int, shard: float) -> float:
     AdamW's operators, clipping's and the non-finite check's norms) and per parameter, through
     DTensor's dispatch where the parameters are DTensors (FSDP2: ZeRO-2/3; tensor parallelism);
     ZeroRedundancyOptimizer (ZeRO-1) steps on its share of the tensors. Elsewhere memory-bound."""
-    dtensor = plan.tp > 1 or (plan.zero >= 2 and plan.dp > 1)
+    # hybrid's dp axis is FSDP2 even where it replicates: its parameters are DTensors too
+    dtensor = plan.tp > 1 or (plan.dp > 1 and (plan.zero >= 2 or plan.strategy() == "hybrid"))
     per_tensor, per_param = dev.dtensor_update_s if dtensor else dev.update_s
     if not (per_tensor or per_param):
         return shard * ADAM_BYTES / dev.memory_Bps
