@@ -1,4 +1,6 @@
-"""`paratrain run | worker | plan | calibrate | testbed`: the command line. Bad input: one line, exit code 2."""
+"""`paratrain run | worker | compare | report | plan | calibrate | testbed`: the command line.
+
+Bad input: one line, exit code 2."""
 from __future__ import annotations
 
 import argparse
@@ -68,8 +70,25 @@ def _parser() -> argparse.ArgumentParser:
     calib.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     calib.add_argument("--out", default="", metavar="TOML", help="where to write (default: $PARATRAIN_CALIBRATION "
                        "or ~/.config/paratrain/machine.toml)")
+    calib.add_argument("--if-missing", action="store_true", help="only where no calibration exists yet "
+                       "(make demo: the planner's predictions in its table)")
     calib.add_argument("--testbed", default="", metavar="RATE", help="also the link between two testbed hosts at "
                        "this rate, e.g. 100mbit (network namespaces; needs root)")
+
+    comp = sub.add_parser("compare", help="run strategies side by side on the same model, data and seed")
+    comp.add_argument("configs", nargs="+", metavar="MATRIX_OR_CONFIGS",
+                      help="a matrix file ([[entry]] tables over a base config) or two or more config files")
+    comp.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                      help="override a config value in every entry (repeatable)")
+    comp.add_argument("--nproc", type=int, default=None, help="processes per entry (default: the matrix's, else 2)")
+    comp.add_argument("--out", default="", metavar="DIR", help="the comparison directory, new or empty "
+                      "(default runs/compare-<time>)")
+    comp.add_argument("--target", type=float, default=None, help="eval loss for the time-to-target column")
+    comp.add_argument("--json", action="store_true", help="JSON instead of the table")
+    rep = sub.add_parser("report", help="one HTML page of plots from comparison or run directories")
+    rep.add_argument("dirs", nargs="+", metavar="DIR", help="comparison directories (paratrain compare) or run "
+                     "directories")
+    rep.add_argument("--out", default="", metavar="HTML", help="where to write (default DIR/report.html)")
 
     testbed = sub.add_parser("testbed", help="several hosts on this machine: network namespaces, limited links")
     tb = testbed.add_subparsers(dest="testbed_command", required=True, parser_class=_Parser)
@@ -157,6 +176,14 @@ def main(argv: list[str] | None = None) -> int:
             from paratrain.planner.commands import calibrate_command
 
             return calibrate_command(args)
+        if args.command == "compare":
+            from paratrain.lab.compare import compare_command
+
+            return compare_command(args)
+        if args.command == "report":
+            from paratrain.lab.report import report_command
+
+            return report_command(args)
         if args.command == "plan":
             from paratrain.planner.commands import plan_command
 

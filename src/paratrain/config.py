@@ -210,6 +210,9 @@ class RunConfig:
     # newest checkpoint that verifies. 0: a failure ends the run.
     max_restarts: int = field(default=3, metadata=NON_NEGATIVE)
     progress: Literal["auto", "bar", "lines", "off"] = "auto"
+    # Each rank also writes its scalars (losses, lr, throughput, bytes, the step's time split) for
+    # TensorBoard, with torch's SummaryWriter, to <run dir>/tensorboard/rank<R> (needs `tensorboard`).
+    tensorboard: bool = False
 
 
 @dataclass(frozen=True)

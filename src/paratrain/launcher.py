@@ -11,6 +11,7 @@ torchrun job per replica group (replica_groups.py).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -160,6 +161,9 @@ def preflight(cfg: Config, world_size: int, ckpt_path: Path | None, ckpt: dict |
     dims = layout(cfg, group_world(cfg, world_size))  # every rule that names a strategy or needs the process count
     if cfg.run.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("run.device = 'cuda': no CUDA device is visible; use 'cpu' or 'auto'")
+    if cfg.run.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("run.tensorboard = true: torch's SummaryWriter needs the tensorboard package; "
+                          "pip install 'paratrain[tensorboard]' (or tensorboard), or set it false")
     for key in ("model.factory", "model.loss", "data.factory"):  # user code must import
         section, name = key.split(".")
         if path := getattr(getattr(cfg, section), name):

@@ -2,7 +2,8 @@
 
 Each rank writes `metrics/rank<R>.jsonl`: one record per step (loss, learning rate, throughput,
 time split into data / compute / communication / optimizer / waiting, bytes sent) and one per
-evaluation. Rank 0 shows a rich progress bar at a terminal, plain periodic lines otherwise.
+evaluation; with `run.tensorboard`, the same scalars through torch's SummaryWriter. Rank 0 shows
+a rich progress bar at a terminal, plain periodic lines otherwise.
 """
 from __future__ import annotations
 
@@ -30,9 +31,24 @@ class StepStats:
     skipped: bool = False  # a straggler dropped this step's computation to keep pace (nothing computed)
 
 
+# (TensorBoard tag, step record key): what `run.tensorboard` writes per step
+TENSORBOARD = (("train/loss", "loss"), ("train/lr", "lr"), ("throughput/samples_per_s", "samples_per_s"),
+               ("throughput/tokens_per_s", "tokens_per_s"), ("comm/bytes_sent", "bytes_sent"),
+               ("time/step_s", "step_s"), ("time/compute_s", "compute_s"), ("time/comm_s", "comm_s"),
+               ("time/wait_s", "wait_s"), ("time/optim_s", "optim_s"), ("time/data_s", "data_s"))
+
+
 class MetricsLog:
-    def __init__(self, run_dir: Path, rank: int, start_step: int = 0, keep_all: bool = False):
+    def __init__(self, run_dir: Path, rank: int, start_step: int = 0, keep_all: bool = False,
+                 tensorboard: bool = False):
         self.path = Path(run_dir) / "metrics" / f"rank{rank}.jsonl"
+        # torch's own writer; purge_step drops what a previous start logged past the checkpoint resumed
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard" / f"rank{rank}"),
+                                    purge_step=start_step or None)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.step_times: list[float] = []
         self.bytes_sent = 0
@@ -68,6 +84,10 @@ class MetricsLog:
         self.file.write(json.dumps(rec) + "\n")
         self._count(rec)
         self.steps_this_start += 1
+        if self.tb is not None:
+            for tag, key in TENSORBOARD:
+                if isinstance(rec.get(key), (int, float)) and not math.isnan(rec[key]):
+                    self.tb.add_scalar(tag, rec[key], step)
         return rec
 
     def _count(self, rec: dict) -> None:
@@ -90,6 +110,9 @@ class MetricsLog:
         self.file.write(json.dumps(rec) + "\n")
         self.file.flush()
         self._count(rec)
+        if self.tb is not None:
+            self.tb.add_scalar("eval/loss", loss, step)
+            self.tb.flush()
 
     def summary(self) -> dict:
         t = sorted(self.step_times) or [0.0]
@@ -110,6 +133,8 @@ class MetricsLog:
 
     def close(self) -> None:
         self.file.close()
+        if self.tb is not None:
+            self.tb.close()
 
 
 def records_before(path: Path, step: int) -> str:

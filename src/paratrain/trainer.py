@@ -59,7 +59,8 @@ class Trainer:
         if ckpt is not None:
             self.step_num = self.checkpointer.restore(ckpt, self.strategy)
         # A worker restarted into the running job keeps its earlier records: it does not train those steps again.
-        self.metrics = MetricsLog(self.run_dir, topo.rank, self.step_num, keep_all=topo.alone)
+        self.metrics = MetricsLog(self.run_dir, topo.rank, self.step_num, keep_all=topo.alone,
+                                  tensorboard=cfg.run.tensorboard)
         # Memory is measured on this start's second step (the optimizer's state exists by then): memory.py
         self.measure_at, self.memory = self.step_num + 1, {}
 

@@ -215,6 +215,10 @@ def calibrate_command(args) -> int:
     from paratrain.planner.calibrate import calibrate, calibrate_testbed, save
 
     out = Path(args.out) if args.out else calibration_path()
+    if args.if_missing and out.is_file():
+        print(f"paratrain calibrate: {out} exists (measured {Calibration.load(out).measured_at}); kept",
+              file=sys.stderr)
+        return 0
     if args.testbed and out.is_file():  # a link added to this machine's calibration
         cal = Calibration.load(out)
     else:
