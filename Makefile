@@ -11,11 +11,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# Seven strategies and the planner's choice side by side on the demo's GPT (configs/demo_compare.toml):
+# Seven strategies and the planner's choice side by side on the demo's GPT (configs/compare/demo.toml):
 # a table, and report.html in the new runs/compare-<time>/ (about 5 minutes on 2 cores).
 demo: $(STAMP)
 	$(VENV)/bin/paratrain calibrate --if-missing
-	$(VENV)/bin/paratrain compare configs/demo_compare.toml
+	$(VENV)/bin/paratrain compare configs/compare/demo.toml
 
 # Two pytest workers: most tests wait on worker processes starting, timeouts and heartbeats, so
 # on 2 cores two at a time take about 0.7 of the time one at a time does (measured).

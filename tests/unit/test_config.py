@@ -34,11 +34,22 @@ def test_round_trip_through_dict():
 
 
 def test_shipped_configs_are_valid():
+    """... and every entry of the shipped comparison matrices (configs/compare/) on its process count."""
     from pathlib import Path
 
-    for path in sorted(Path(__file__).parents[2].joinpath("configs").glob("*.toml")):
+    from paratrain.lab.compare import read_matrix
+
+    configs = Path(__file__).parents[2].joinpath("configs")
+    for path in sorted(configs.glob("*.toml")):
         cfg = load_config(path)
         layout(cfg, cfg.run.nproc)
+    matrices = sorted(configs.glob("compare/*.toml"))
+    assert matrices
+    for path in matrices:
+        for entry in read_matrix([str(path)], [], None).entries:
+            cfg = load_config(entry.config, entry.sets)
+            if cfg.strategy.name != "auto":  # auto's layout is the planner's, on the calibrated machine
+                layout(cfg, entry.nproc)
 
 
 def _refused(argv: list[str], message: str, tmp_path, capsys) -> None:

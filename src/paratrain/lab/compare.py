@@ -229,7 +229,8 @@ def rows(runs: list[Run], target: float | None = None) -> list[dict]:
                "final_eval_loss": s.get("eval_loss"), "best_eval_loss": r.best_eval,
                "time_to_target_s": r.time_to(target) if target is not None else None,
                "samples_per_s": s.get("samples_per_s"), "step_s": s.get("step_s_steady"),
-               "split": {k: split.get(k) for k in ("compute_s", "comm_s", "wait_s", "bubble_s", "optim_s")},
+               "split": {k: split.get(k) for k in ("compute_s", "comm_s", "wait_s", "bubble_s", "optim_s", "data_s",
+                                                   "step_s")},
                "bytes_per_step_per_rank": max(s.get("bytes_sent_per_step_per_rank") or [0]) or s.get(
                    "bytes_sent_per_step"),
                "peak_memory_bytes": max(s.get("memory_bytes_per_rank") or [0]) or None,

@@ -19,7 +19,8 @@ per core, one thread each):
 - the cost of each action of a pipeline schedule beyond its compute (torch.distributed.pipelining's
   runtime: the schedule's loop, the stage's input and output handling, the zero-bubble schedules'
   split backward), per schedule: tiny stages, 8 micro-batches, on the two ranks, solved through
-  the planner's own simulation of that schedule (schedule.py) with the loopback's p2p latency;
+  the planner's own simulation of that schedule (schedule.py) with the sends' latency measured
+  beside it;
 - the update as the trainer runs it after backward (gradient clipping, the non-finite check's
   norms, eager AdamW, zero_grad) on many small and on few large parameters, solved for seconds per
   tensor and per parameter; the same with DTensor parameters (FSDP2 and tensor parallelism step on
@@ -183,8 +184,9 @@ PIPELINE_MICROBATCHES = 8
 
 def pipeline_step_seconds(device: str) -> dict:
     """schedule -> the median step of a pipeline of tiny stages (one 8 x 8 Linear each) over 8
-    micro-batches on the current group's two ranks, as paratrain's pipeline strategy builds it;
-    `pipeline_action_seconds` turns it into a cost per action."""
+    micro-batches on the current group's two ranks, as paratrain's pipeline strategy builds it,
+    and "p2p" -> one send of a micro-batch's activation; `pipeline_action_seconds` turns them into
+    a cost per action."""
     import torch.distributed as dist
     from torch import nn
     from torch.distributed.pipelining import PipelineStage
@@ -194,7 +196,13 @@ def pipeline_step_seconds(device: str) -> dict:
 
     rank, m = dist.get_rank(), PIPELINE_MICROBATCHES
     x = torch.ones(m, 8, device=device)
-    out = {}
+    one = x[:1].clone()  # a micro-batch's activation: the sends' latency, measured beside the steps
+
+    def p2p():
+        for send_first in (rank == 0, rank != 0):
+            dist.send(one, 1 - rank) if send_first else dist.recv(one, 1 - rank)
+
+    out = {"p2p": _median(p2p) / 2}
     for name, schedule_class in SCHEDULES.items():
         v = 2 if name in MULTI else 1
         ids = stages_of_rank(rank, 2, v, name)
@@ -206,13 +214,15 @@ def pipeline_step_seconds(device: str) -> dict:
     return out
 
 
-def pipeline_action_seconds(steps: dict, p2p_alpha: float) -> dict:
+def pipeline_action_seconds(steps: dict) -> dict:
     """schedule -> seconds per action: the cost per action at which the planner's simulation of the
-    same order (tiny stages, the sends at the loopback's p2p latency) takes the measured step. The
-    step grows with it monotonically, not quite linearly (the critical path moves from the sends to
-    the actions): found by bisection."""
+    same order (tiny stages, each send at the latency measured beside them) takes the measured step.
+    The step grows with it monotonically, not quite linearly (the critical path moves from the sends
+    to the actions): found by bisection. 0 where the measured step is no longer than the sends."""
     from paratrain.planner.schedule import MULTI, simulate
 
+    steps = dict(steps)
+    p2p_alpha = steps.pop("p2p")
     out = {}
     for name, measured in steps.items():
         v = 2 if name in MULTI else 1
@@ -392,7 +402,7 @@ def calibrate(device: str = "cpu") -> Calibration:
                        dtensor_op_backward_s=got["dtensor_op_backward_s"], kinds=got["kinds"],
                        update=got["update"], dtensor_update=got["dtensor_update"],
                        tensor_parallel=got["tensor_parallel"],
-                       pipeline_action=pipeline_action_seconds(got["pipeline_steps"], per["p2p"][0]),
+                       pipeline_action=pipeline_action_seconds(got["pipeline_steps"]),
                        links={"loopback": per},
                        measured_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
 
