@@ -99,7 +99,7 @@ def plots(runs: list[Run]) -> list[dict]:
         ax.barh(names, vals, left=left, color=colour, label=label)
         left = [a + b for a, b in zip(left, vals)]
     ax.invert_yaxis(), ax.set_xlabel("ms per step (the slowest rank)")
-    ax.legend(fontsize=8, ncol=6, loc="upper center", bbox_to_anchor=(0.5, -0.25), frameon=False)
+    ax.legend(fontsize=8, ncol=6, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     out.append({"title": "Where a step's time goes", "src": _png(fig),
                 "note": "compute includes the communication it overlaps (DDP's buckets, FSDP's prefetches); exposed "
                         "comm: the rest of the step; bubble: a pipeline's idle time inside its schedule"})
