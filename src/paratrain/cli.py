@@ -70,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     calib.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     calib.add_argument("--out", default="", metavar="TOML", help="where to write (default: $PARATRAIN_CALIBRATION "
                        "or ~/.config/paratrain/machine.toml)")
+    calib.add_argument("--repeats", type=int, default=9, help="timings per figure, their median kept (default 9; "
+                       "fewer: sooner and noisier)")
     calib.add_argument("--if-missing", action="store_true", help="only where no calibration exists yet "
                        "(make demo: the planner's predictions in its table)")
     calib.add_argument("--testbed", default="", metavar="RATE", help="also the link between two testbed hosts at "

@@ -277,6 +277,18 @@ def test_environment_and_data_errors_before_workers(sets, message, tmp_path, cap
     _refused(["run", "--nproc", "2", *_sets(sets)], message, tmp_path, capsys)
 
 
+def test_tensorboard_without_its_package_is_refused_before_workers(tmp_path, capsys, monkeypatch):
+    """run.tensorboard needs the tensorboard package (an extra): without it, one line before any worker."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard"
+                        else find_spec(name, *a))
+    monkeypatch.chdir(tmp_path)
+    _refused(["run", "--nproc", "2", *_sets(["run.tensorboard=true"])],
+             "run.tensorboard = true: torch's SummaryWriter needs the tensorboard package", tmp_path, capsys)
+
+
 @pytest.mark.parametrize("sets,message", [
     (["model.factory=no_such_module_xyz:build"], "model.factory = 'no_such_module_xyz:build': cannot import module"),
     (["model.loss=torch.nn.functional:no_such_loss"], "module 'torch.nn.functional' has no attribute 'no_such_loss'"),

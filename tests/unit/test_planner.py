@@ -221,6 +221,12 @@ def test_bad_plan_input_is_one_line_and_exit_2(tmp_path, args, says):
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and says in out.stderr, out.stderr
 
 
+def test_bad_calibrate_input_is_one_line_and_exit_2_before_measuring(tmp_path):
+    out = cli(["calibrate", "--repeats", "0", "--out", str(tmp_path / "m.toml")], cwd=tmp_path, timeout=60)
+    assert out.returncode == 2 and out.stderr == "paratrain: error: --repeats 0: must be an integer >= 1\n"
+    assert not (tmp_path / "m.toml").exists()
+
+
 def test_device_sweep_prints_scaling_and_draws_it(tmp_path):
     png = tmp_path / "sweep.png"
     out = cli(["plan", "--transformer", "layers=24,hidden=2048,heads=16,vocab=50257,seq=2048", "--global-batch",

@@ -30,6 +30,7 @@ per core, one thread each):
   16 KiB to 16 MiB, fitted by least squares to T(S) = steps x alpha + wire bytes(S) / beta with the
   ring's steps and wire bytes for two ranks (collectives.py), so that `plan` predicts those
   collectives with the same formulas it fitted. With `device = "cuda"`: the same on the GPU, with NCCL.
+Each figure is the median of `--repeats` timings (9; fewer: sooner and noisier).
 Written by hand: torch has no calibration of its own; the timing is torch's collectives themselves.
 """
 from __future__ import annotations
@@ -47,13 +48,16 @@ SIZES = [2**k for k in range(14, 25, 2)]  # 16 KiB .. 16 MiB
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "p2p")
 
 
-def _median(fn, repeats: int = 9) -> float:
-    """The median of `repeats` timings after one warm-up. The planner predicts a run's mean step, so
-    each figure is a typical call, not the best one: on this machine a collective's median is 1.5 to
-    2 times its best, with the caches and cores shared as in a step."""
+REPEATS = 9  # timings per figure (`paratrain calibrate --repeats`)
+
+
+def _median(fn, repeats: int | None = None) -> float:
+    """The median of `repeats` (default REPEATS) timings after one warm-up. The planner predicts a
+    run's mean step, so each figure is a typical call, not the best one: on this machine a
+    collective's median is 1.5 to 2 times its best, with the caches and cores shared as in a step."""
     fn()
     times = []
-    for _ in range(repeats):
+    for _ in range(repeats or REPEATS):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
@@ -255,7 +259,7 @@ def update_seconds(params_of) -> list[float]:
             bad_ranks(torch.zeros(()), params, 0, 1, False)
             opt.step()
 
-        return _median(update, 5)
+        return _median(update, min(5, REPEATS))
 
     small, large = (96, 1024), (4, 256 * 1024)
     t_small, t_large = timed(*small), timed(*large)
@@ -283,11 +287,13 @@ def _ops(device: str, rank: int, size: int) -> dict:
             "reduce_scatter": lambda: dist.reduce_scatter_single(half, x), "p2p": p2p}
 
 
-def _rank(device: str) -> dict:
+def _rank(device: str, repeats: int = REPEATS) -> dict:
     """On each of two ranks at once, as a run's ranks share the machine: compute first (both ranks
     computing, each with one thread), then seconds per collective and size; rank 0's are returned."""
     import torch.distributed as dist
 
+    global REPEATS
+    REPEATS = repeats  # this process is a rank of its own: the caller's setting comes as an argument
     dist.init_process_group("nccl" if device == "cuda" else "gloo")
     rank = dist.get_rank()
     if device == "cuda":
@@ -323,7 +329,7 @@ def _rank(device: str) -> dict:
     return {**compute, "times": times}
 
 
-def _link_times(device: str, rank: int, sizes: list[int], sync=lambda: None, repeats: int = 9) -> dict:
+def _link_times(device: str, rank: int, sizes: list[int], sync=lambda: None, repeats: int | None = None) -> dict:
     """Seconds of each collective at each size between the two ranks of the current group."""
     import torch.distributed as dist
 
@@ -390,10 +396,10 @@ def fit(sizes: list[int], seconds: list[float], steps: float, wire: float) -> tu
 SHAPES = {"all_reduce": (2, 1.0), "all_gather": (1, 0.5), "reduce_scatter": (1, 0.5), "p2p": (1, 1.0)}
 
 
-def calibrate(device: str = "cpu") -> Calibration:
+def calibrate(device: str = "cpu", repeats: int = REPEATS) -> Calibration:
     from paratrain.testing import run_ranks
 
-    got = run_ranks(_rank, 2, device)[0]
+    got = run_ranks(_rank, 2, device, repeats)[0]
     per = {c: list(fit(SIZES, got["times"][c], *SHAPES[c])) for c in COLLECTIVES}
     return Calibration(device=device, cores=os.cpu_count() or 1, matmul_flops=got["matmul_flops"],
                        matmul_curve=got["matmul_curve"],

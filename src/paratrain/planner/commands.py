@@ -214,6 +214,8 @@ def duration(seconds: float) -> str:
 def calibrate_command(args) -> int:
     from paratrain.planner.calibrate import calibrate, calibrate_testbed, save
 
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats {args.repeats}: must be an integer >= 1")
     out = Path(args.out) if args.out else calibration_path()
     if args.if_missing and out.is_file():
         print(f"paratrain calibrate: {out} exists (measured {Calibration.load(out).measured_at}); kept",
@@ -224,7 +226,7 @@ def calibrate_command(args) -> int:
     else:
         print("paratrain calibrate: measuring matmul FLOP/s, memory bandwidth and 4 collectives over loopback ...",
               file=sys.stderr)
-        cal = calibrate(args.device)
+        cal = calibrate(args.device, args.repeats)
         kept = _earlier_links(out, cal)
         if kept:  # the testbed links measured before are kept: re-measuring this machine does not lose them
             cal = replace(cal, links={**cal.links, **kept})
