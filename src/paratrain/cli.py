@@ -144,6 +144,21 @@ def _testbed_run(args, cfg, resume) -> int:
     return code
 
 
+def _lab(args) -> int:
+    """`paratrain compare | report` (lab/): each entry a `paratrain run` of its own."""
+    try:
+        if args.command == "compare":
+            from paratrain.lab.compare import compare_command
+
+            return compare_command(args)
+        from paratrain.lab.report import report_command
+
+        return report_command(args)
+    except ConfigError as e:
+        print(f"paratrain: error: {e}", file=sys.stderr)
+        return 2
+
+
 def _ended_before(args) -> int | None:
     """A worker restarted after its run ended on purpose (restarts.py): that exit code, else None."""
     from paratrain.restarts import previous_end, worker_run_dir
@@ -163,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     add_user_paths(getattr(args, "config", None))  # user code imports from here and beside the config
     if args.command == "worker" and (code := _ended_before(args)) is not None:
         return code  # before torch is imported: torch's agent's remaining restarts cost a second each
+    if args.command in ("compare", "report"):  # they read and start runs; torch is not imported here
+        return _lab(args)
     from paratrain.checkpoint import CheckpointWriteError
     from paratrain.launcher import launch, train
     from paratrain.nonfinite import NONFINITE_EXIT, NonFiniteError
@@ -178,14 +195,6 @@ def main(argv: list[str] | None = None) -> int:
             from paratrain.planner.commands import calibrate_command
 
             return calibrate_command(args)
-        if args.command == "compare":
-            from paratrain.lab.compare import compare_command
-
-            return compare_command(args)
-        if args.command == "report":
-            from paratrain.lab.report import report_command
-
-            return report_command(args)
         if args.command == "plan":
             from paratrain.planner.commands import plan_command
 

@@ -13,8 +13,8 @@ def test_calibrate_writes_what_plan_reads(tmp_path):
 
     earlier = CALIBRATION + "\n[links.testbed-100mbit]\nall_reduce = [1e-3, 1.2e7]\n"
     (tmp_path / "machine.toml").write_text(earlier)
-    # 3 timings per figure: what is checked here is what is measured and written, not its noise
-    out = cli(["calibrate", "--repeats", "3", "--out", str(tmp_path / "machine.toml")], cwd=tmp_path, timeout=180)
+    # 1 timing per figure: what is checked here is what is measured and written, not its noise
+    out = cli(["calibrate", "--repeats", "1", "--out", str(tmp_path / "machine.toml")], cwd=tmp_path, timeout=180)
     assert out.returncode == 0, out.stderr
     assert "kept the link(s) measured before: testbed-100mbit" in out.stderr
 
