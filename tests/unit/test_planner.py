@@ -341,7 +341,7 @@ def test_a_pipeline_runtimes_cost_per_action_is_simulated_and_recovered_by_calib
     """A cost per action lengthens every action (F and B alike: the same as adding it to each
     stage's forward and backward where the backward is not split); calibrate's solver recovers it
     from a step measured with it."""
-    from paratrain.planner.calibrate import PIPELINE_MICROBATCHES, pipeline_action_seconds
+    from paratrain.planner.framework import PIPELINE_MICROBATCHES, pipeline_action_seconds
 
     n, a = 2 * virtual, 4e-4
     f, b, send = [1e-3] * n, [2e-3] * n, [1e-4] * n

@@ -93,9 +93,9 @@ def plots(runs: list[Run]) -> list[dict]:
     out.append({"title": "Throughput and bytes sent", "src": _png(fig)})
 
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(ok) + 1.6))
-    left = [0.0] * len(ok)
+    left, splits = [0.0] * len(ok), [r.split() for r in ok]
     for key, label, colour in PARTS:
-        vals = [(r.split().get(key) or 0.0) * 1e3 for r in ok]
+        vals = [(sp.get(key) or 0.0) * 1e3 for sp in splits]
         ax.barh(names, vals, left=left, color=colour, label=label)
         left = [a + b for a, b in zip(left, vals)]
     ax.invert_yaxis(), ax.set_xlabel("ms per step (the slowest rank)")
