@@ -157,6 +157,9 @@ def _lab(args) -> int:
     except ConfigError as e:
         print(f"paratrain: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside an entry (an entry's own Ctrl-C is compare.py's): nothing to save
+        print(f"paratrain {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 def _ended_before(args) -> int | None:

@@ -3,10 +3,13 @@ row, the others run), and `paratrain report` draws what the runs recorded into o
 import base64
 import json
 import re
+import signal
+import subprocess
+import time
 
 import pytest
 
-from tests.helpers import TINY_GPT, cli
+from tests.helpers import ENV, MLP, PARATRAIN, TINY_GPT, cli
 
 MATRIX = """nproc = 2
 set = {sets}
@@ -92,3 +95,45 @@ def test_bad_compare_and_report_input_is_one_line_and_exit_2(tmp_path):
         out = cli(args, cwd=tmp_path, timeout=60)
         assert out.returncode == 2 and out.stderr.count("\n") == 1 and says in out.stderr, (args, out.stderr)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k.toml", "m.toml"]  # nothing written
+
+
+def test_ctrl_c_stops_the_running_entry_at_a_step_boundary_and_still_writes_the_table(tmp_path):
+    sets = [*MLP, "training.steps=100000", "faults.rank=0", "faults.delay_s=0.05", "training.eval_every=0"]
+    matrix = f'nproc = 2\nset = {json.dumps(sets)}\n[[entry]]\nname = "first"\nset = ["strategy.name=ddp"]\n' \
+             '[[entry]]\nname = "second"\nset = ["strategy.name=ddp"]\n'
+    (tmp_path / "m.toml").write_text(matrix)
+    run = subprocess.Popen([*PARATRAIN, "compare", "m.toml", "--out", "cmp"], cwd=tmp_path, env=ENV,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "cmp" / "first" / "metrics" / "rank0.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3) and time.time() < deadline:
+        time.sleep(0.3)
+    run.send_signal(signal.SIGINT)  # what Ctrl-C at a terminal sends this process (its runs have their own session)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 130 and "Traceback" not in err, err
+    rows = {r["name"]: r for r in json.loads((tmp_path / "cmp" / "compare.json").read_text())["entries"]}
+    assert rows["first"]["error"].startswith("interrupted after ") and rows["second"]["error"].startswith("not run")
+    assert (tmp_path / "cmp" / "report.html").is_file() and "first failed: interrupted" in " ".join(out.split())
+    # the entry stopped at a step boundary with its checkpoint, as `paratrain run` does on Ctrl-C
+    assert list((tmp_path / "cmp" / "first" / "checkpoints").glob("step-*"))
+    assert json.loads((tmp_path / "cmp" / "first" / "owner.json").read_text())["status"] == "interrupted"
+    assert not (tmp_path / "cmp" / "second").exists()
+
+
+def test_the_report_from_recorded_runs_draws_each_familys_plots(tmp_path):
+    """tests/data/demo-compare: what `make demo` recorded (configs, summaries, metrics, the pipeline's
+    timeline), no training here."""
+    from tests.helpers import ROOT
+
+    out = cli(["report", str(ROOT / "tests" / "data" / "demo-compare"), "--out", "page.html"], cwd=tmp_path,
+              timeout=120)
+    assert out.returncode == 0 and "(8 run(s))" in out.stdout, out.stderr
+    html = (tmp_path / "page.html").read_text()
+    titles = re.findall(r"<figcaption>(.*?)</figcaption>", html)
+    assert titles == ["Eval loss against step", "Eval loss against wall time", "Throughput and bytes sent",
+                      "Where a step&#39;s time goes", "Memory per rank",
+                      "The planner&#39;s prediction against the measured step", "Pipeline timeline: pipeline-1f1b",
+                      "Parameter server: staleness", "Replica drift"], titles
+    assert len(re.findall(r'<img src="data:image/png;base64,', html)) == len(titles)
+    for name in ("ddp", "zero3", "pipeline-1f1b", "tensor", "diloco", "ps-async", "ddp-powersgd", "auto"):
+        assert f"<td>{name}</td>" in html, name  # each entry's row in the table

@@ -4,8 +4,9 @@ A comparison is a list of entries, each a config (a base config plus its own ove
 `paratrain run` into its own directory under one comparison directory, one entry at a time (on a
 CPU, two runs at once would halve each other's cores and the comparison would measure that), with
 one progress bar over the whole matrix. An entry that fails is reported in its row with its own
-one-line error, and the others still run. The table, `compare.json` and `report.html` (report.py)
-come from what the runs wrote (runs.py).
+one-line error, and the others still run. Ctrl-C stops the running entry at a step boundary (with
+its checkpoint), skips the rest, and still writes the table and the report (exit 130). The table,
+`compare.json` and `report.html` (report.py) come from what the runs wrote (runs.py).
 
 The matrix file (TOML):
 
@@ -23,9 +24,11 @@ Written by hand: a matrix of runs is a loop over `paratrain run`; nothing in tor
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -141,12 +144,17 @@ def compare(matrix: Matrix, out: Path, progress: bool = True) -> list[Run]:
             plans.append((e, sets, steps, None))
         except ConfigError as err:
             plans.append((e, sets, 0, str(err)))
-    runs = []
+    runs, stop = [], ""
     with _Progress(sum(p[2] for p in plans), progress) as bar:
         for e, sets, steps, error in plans:
             bar.entry(e.name)
-            if error is None:
-                error = _run(e, sets, out / e.name, bar)
+            if stop:
+                error = f"not run: {stop}"
+            elif error is None:
+                try:
+                    error = _run(e, sets, out / e.name, bar)
+                except Interrupted as why:
+                    stop = error = str(why)
             run = read_run(out / e.name, e.name) if (out / e.name).is_dir() else Run(e.name, out / e.name)
             run.error = error or ""
             bar.done(steps)
@@ -154,24 +162,52 @@ def compare(matrix: Matrix, out: Path, progress: bool = True) -> list[Run]:
     return runs
 
 
+class Interrupted(Exception):
+    """Ctrl-C (or SIGTERM) during an entry: it stopped at a step boundary; the rest do not run."""
+
+
 def _run(e: Entry, sets: list[str], run_dir: Path, bar) -> str | None:
     """`paratrain run` for one entry; its one-line error (None: it finished)."""
     cmd = [sys.executable, "-m", "paratrain", "run", *([e.config] if e.config else []), "--nproc", str(e.nproc),
            *[a for s in sets for a in ("--set", s)]]
     log = run_dir.parent / f".{e.name}.stderr"
-    with open(log, "w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=os.environ.copy())
-        metrics = run_dir / "metrics" / "rank0.jsonl"
+    metrics = run_dir / "metrics" / "rank0.jsonl"
+    stopped = 0
+    with open(log, "w") as err, _signals_raise():
+        # Its own session: a Ctrl-C at the terminal reaches this process alone, which passes on one
+        # SIGINT (the run stops at its next step boundary with a checkpoint); a second passes on
+        # a second (the run stops at once).
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=os.environ.copy(),
+                                start_new_session=True)
         while proc.poll() is None:
-            time.sleep(0.5)
-            bar.at(_lines(metrics))
+            try:
+                time.sleep(0.5)
+                bar.at(_lines(metrics))
+            except KeyboardInterrupt:
+                stopped += 1
+                proc.send_signal(signal.SIGINT)
     text = log.read_text().strip()
     log.unlink()
+    if stopped:
+        raise Interrupted(f"interrupted after {_lines(metrics)} step(s)")
     if proc.returncode == 0:
         return None
     lines = [line for line in text.splitlines() if line.strip()]
     said = [line for line in lines if "error" in line.lower()] or lines
     return (said[-1].removeprefix("paratrain: error: ") if said else f"exit code {proc.returncode}").strip()
+
+
+@contextlib.contextmanager
+def _signals_raise():
+    """SIGTERM handled as Ctrl-C is (KeyboardInterrupt), so that a scheduler's stop is passed on too."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def _lines(path: Path) -> int:
@@ -303,4 +339,6 @@ def compare_command(args) -> int:
     else:
         print_table(table, matrix.target)
         print(f"comparison: {out}; report: {page}")
+    if any(r["error"].startswith("interrupted") for r in table):
+        return 128 + signal.SIGINT
     return 0 if not any(r["error"] for r in table) else 1

@@ -5,8 +5,9 @@ directory. The page embeds every plot as a PNG data URI (it opens with no networ
 beside it): eval loss against step and against wall time, throughput, bytes sent, the time of a
 step split into compute, exposed communication, waiting, bubble and the update, memory per rank,
 the planner's predicted step against the measured one, and where such runs are present the
-pipeline timelines (Gantt), the parameter server's staleness histogram and gossip's distance to
-the neighbours. matplotlib draws; jinja2 (already installed with torch) fills report.html.j2.
+pipeline timelines (Gantt), the parameter server's staleness histogram and the replicas' drift
+(local SGD and DiLoCo from their average, gossip from the neighbours). matplotlib draws; jinja2
+(already installed with torch) fills report.html.j2.
 """
 from __future__ import annotations
 
@@ -146,16 +147,23 @@ def plots(runs: list[Run]) -> list[dict]:
         ax.legend(fontsize=8)
         out.append({"title": "Parameter server: staleness", "src": _png(fig)})
 
-    drift = [(r.name, [(x["step"], x["neighbour_distance"]) for x in r.records() if "neighbour_distance" in x])
-             for r in ok]
-    drift = [d for d in drift if d[1]]
-    if drift:
-        fig, ax = plt.subplots(figsize=(7, 3.6))
-        for name, pts in drift:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name)
-        ax.set_yscale("log"), ax.set_xlabel("step"), ax.set_ylabel("distance to the neighbours' parameters")
-        ax.legend(fontsize=8)
-        out.append({"title": "Replica drift (gossip)", "src": _png(fig)})
+    # Replica drift: local SGD and DiLoCo record at each synchronisation how far this replica had
+    # moved from the average (RMS per parameter); gossip records each step its L2 distance to the
+    # neighbours' parameters. Two quantities, so two panels.
+    kinds = (("replica_rms_dist", "local SGD / DiLoCo: RMS distance from the average at each sync"),
+             ("neighbour_distance", "gossip: L2 distance to the neighbours' parameters"))
+    drift = {key: [(r.name, [(x["step"], x[key]) for x in r.records() if key in x]) for r in ok] for key, _ in kinds}
+    drift = {key: [d for d in curves if d[1]] for key, curves in drift.items()}
+    shown = [(key, label) for key, label in kinds if drift[key]]
+    if shown:
+        fig, axes = plt.subplots(1, len(shown), figsize=(6.5 * len(shown), 3.6), squeeze=False)
+        for ax, (key, label) in zip(axes[0], shown):
+            for name, pts in drift[key]:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 30 else None, ms=3,
+                        label=name)
+            ax.set_yscale("log"), ax.set_xlabel("step"), ax.set_ylabel(label.split(": ")[1]), ax.legend(fontsize=8)
+            ax.set_title(label.split(": ")[0], fontsize=9)
+        out.append({"title": "Replica drift", "src": _png(fig)})
     return out
 
 
