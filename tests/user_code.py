@@ -17,3 +17,50 @@ def dataset(split: str, cfg) -> TensorDataset:
     g = torch.Generator().manual_seed(0 if split == "train" else 1)
     x = torch.randn(256 if split == "train" else 64, 4, generator=g)
     return TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long())
+
+
+def bn_model(width: int = 4) -> nn.Module:
+    """A small conv net with BatchNorm (2-d and 1-d): its buffers are running statistics."""
+    return nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(width * 36, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def bn_dataset(split: str, cfg) -> TensorDataset:
+    """6 x 6 one-channel images, offset and scaled so that normalising matters; 3 classes."""
+    g = torch.Generator().manual_seed(0 if split == "train" else 1)
+    x = torch.randn(512 if split == "train" else 128, 1, 6, 6, generator=g) * 2.0 + 1.5
+    return TensorDataset(x, (x[:, 0, :3].mean((1, 2)) > x[:, 0, 3:].mean((1, 2))).long() + (x[:, 0, 0, 0] > 1.5).long())
+
+
+def resnet18(num_classes: int = 3) -> nn.Module:
+    """torchvision's ResNet-18 (BatchNorm after every convolution), built from its code, no weights
+    downloaded.
+
+    PyPI's torchvision 0.28.0 (the release for torch 2.13.0) is built against CUDA torch: beside
+    the CPU build its C++ operators (nms, roi_align, ...) cannot load, and `import torchvision`
+    stops where it registers fake kernels for two of them. ResNet-18 uses none of them: their
+    schemas are declared first, so that the import goes through. Only where torch itself is the
+    CPU build and torchvision a CUDA one; a matching pair imports as it is."""
+    import importlib.util
+    from pathlib import Path
+
+    version = Path(importlib.util.find_spec("torchvision").origin).with_name("version.py").read_text()
+    if torch.version.cuda is None and "+cu" in version and not hasattr(resnet18, "_declared"):
+        lib = torch.library.Library("torchvision", "DEF")
+        for op in ("nms", "qnms"):
+            lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        resnet18._declared = lib  # the library lives as long as the process
+    from torchvision.models import resnet18 as build
+
+    return build(num_classes=num_classes)
+
+
+def image_dataset(split: str, cfg) -> TensorDataset:
+    """3 x 12 x 12 images, 3 classes by where the bright square is."""
+    g = torch.Generator().manual_seed(0 if split == "train" else 1)
+    n = 256 if split == "train" else 64
+    y = torch.randint(0, 3, (n,), generator=g)
+    x = torch.randn(n, 3, 12, 12, generator=g) * 0.5
+    for i, c in enumerate(y.tolist()):
+        x[i, :, 4 * c:4 * c + 4, 4 * c:4 * c + 4] += 2.0
+    return TensorDataset(x, y)

@@ -57,6 +57,9 @@ class ModelConfig:
     dropout: float = field(default=0.0, metadata=FRACTION)
     # MLP (10 -> hidden -> 1 regression)
     hidden: int = field(default=20, metadata=AT_LEAST_1)
+    # BatchNorm layers normalise with the whole data-parallel batch's statistics (SyncBatchNorm) instead
+    # of each rank's share: ddp, zero1-3 and hybrid's dp axis then train what `single` trains.
+    sync_batchnorm: bool = False
 
 
 @dataclass(frozen=True)
@@ -415,6 +418,14 @@ def validate(cfg: Config) -> None:
     if ft.lighthouse and not re.fullmatch(r"https?://[^/:\s]+:\d+/?", ft.lighthouse):
         raise ConfigError(f"fault_tolerance.lighthouse = {ft.lighthouse!r}: must be http://host:port (torchft's "
                           "Lighthouse), or empty to start one on this machine")
+    sync_with = ("ddp", "zero1", "zero2", "zero3", "hybrid", "single")
+    if m.sync_batchnorm and cfg.strategy.name not in sync_with:
+        raise ConfigError(f"model.sync_batchnorm = true: for strategies that step together over a data-parallel "
+                          f"group ({', '.join(sync_with)}); strategy.name = {cfg.strategy.name!r} "
+                          "trains replicas apart, each on its own statistics")
+    if m.sync_batchnorm and ft.replica_groups:
+        raise ConfigError("model.sync_batchnorm = true: not with fault_tolerance.replica_groups (a replica "
+                          "group's statistics would need the others' at every step, which a lost group stops)")
     if cfg.optimizer.warmup_steps >= t.steps and cfg.optimizer.warmup_steps:
         raise ConfigError(f"optimizer.warmup_steps = {cfg.optimizer.warmup_steps}: "
                           f"must be < training.steps = {t.steps}")

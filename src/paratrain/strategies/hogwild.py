@@ -16,7 +16,9 @@ and a crashed run leaves nothing behind in /dev/shm.
 Hogwild is defined for SGD: other optimizers are refused. SGD's momentum, if set, is each
 process's own velocity (an extension; the paper's update is plain SGD). Gradients stay per
 process, and the logged training loss is this rank's own (averaging it would be communication).
-Every rank sees the same parameters, so rank 0's checkpoint is the whole state.
+The model's fp32 buffers (BatchNorm's running statistics) live in the same mapping, updated in
+place by every process's forward; integer buffers (BatchNorm's batch count) stay per process.
+Every rank sees the same parameters and statistics, so rank 0's checkpoint is the whole state.
 """
 from __future__ import annotations
 
@@ -27,7 +29,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
 from paratrain.comm import flatten, unflatten
 from paratrain.config import ConfigError
@@ -44,8 +45,9 @@ def shared_path(run_dir: str) -> Path:
     return root / f"paratrain-hogwild-{job}-{run}.f32"
 
 
-def share_parameters(params: list[nn.Parameter], path: Path, is_writer: bool, barrier) -> torch.Tensor:
-    """Make `params` views into one flat fp32 tensor mapped from `path`, shared by every rank."""
+def share_tensors(params: list[torch.Tensor], path: Path, is_writer: bool, barrier) -> torch.Tensor:
+    """Make `params` (parameters and fp32 buffers) views into one flat fp32 tensor mapped from
+    `path`, shared by every rank."""
     numel = sum(p.numel() for p in params)
     if is_writer:
         tmp = path.with_name(path.name + ".tmp")
@@ -73,7 +75,10 @@ class Hogwild(Strategy):
                               f"(run.device resolved to '{topo.device.type}')")
         super().__init__(cfg, topo, model, loss_fn)
         params = list(self.model.parameters())  # tied parameters once
-        self.shared = share_parameters(params, shared_path(cfg.run.dir), topo.is_main, self._barrier)
+        # fp32 buffers (BatchNorm's running statistics) shared too: every process's forward updates
+        # the one copy in place, lock-free, as the parameters are updated.
+        buffers = [b for b in self.model.buffers() if b.dtype == torch.float32]
+        self.shared = share_tensors(params + buffers, shared_path(cfg.run.dir), topo.is_main, self._barrier)
         self.optimizer = build_optimizer(cfg.optimizer, params)
 
     def _barrier(self) -> None:

@@ -34,6 +34,7 @@ from paratrain.config import Config
 from paratrain.data import Batch
 from paratrain.metrics import StepStats
 from paratrain.strategies.data_parallel.ft import QuorumStep, shut_down, torchft_manager, write_replica_record
+from paratrain.strategies.data_parallel.sync_batchnorm import synced
 from paratrain.strategies.data_parallel.zero import count_fsdp_traffic, shard_blocks
 from paratrain.strategies.pipeline.pipeline import Pipeline
 from paratrain.strategies.tensor.parallelize import DropoutRng, parallelize_gpt, replicated_loss
@@ -49,6 +50,7 @@ def shard_stage(part: nn.Module, cfg: Config, topo: Topology, meter: CommMeter) 
     if topo.size("tp") > 1:
         part = parallelize_gpt(part, topo.mesh["tp"], cfg.strategy.tensor.sequence_parallel)
     if topo.size("dp") > 1:
+        part = synced(cfg, topo, part)  # model.sync_batchnorm: statistics over the dp axis
         shard = cfg.strategy.dp_mode == "shard"
         mesh = topo.mesh["dp"] if shard else topo.mesh["dp", "dp_shard"]
         shard_blocks(part, mesh, reshard_after_forward=shard)

@@ -19,6 +19,7 @@ from paratrain.comm import CommMeter, counted, ring_allreduce_bytes
 from paratrain.data import Batch
 from paratrain.optim import build_optimizer
 from paratrain.strategies.base import StepStats, Strategy, local_step
+from paratrain.strategies.data_parallel.sync_batchnorm import synced
 
 
 class _HookState:
@@ -43,7 +44,7 @@ class DDP(Strategy):
         super().__init__(cfg, topo, model, loss_fn)
         opts, device, group = cfg.strategy.ddp, topo.device, topo.group("dp")
         self.model = DistributedDataParallel(
-            self.model,
+            synced(cfg, topo, self.model),
             device_ids=[device] if device.type == "cuda" else None,
             process_group=group,
             bucket_cap_mb=opts.bucket_mb,

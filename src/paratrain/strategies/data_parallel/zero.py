@@ -44,6 +44,7 @@ from paratrain.data import Batch
 from paratrain.optim import build_optimizer, optimizer_spec
 from paratrain.strategies.base import StepStats, Strategy, local_step, to_cpu
 from paratrain.strategies.data_parallel.ddp import DDP
+from paratrain.strategies.data_parallel.sync_batchnorm import synced
 
 _LOW_PRECISION = {"bf16": torch.bfloat16}
 
@@ -174,6 +175,7 @@ class _FullyShard(Strategy):
             # bf16 loses most precision. Blocks pass activations on in low precision.
             root_policy = MixedPrecisionPolicy(param_dtype=_LOW_PRECISION[mp], reduce_dtype=torch.float32,
                                                output_dtype=torch.float32)
+        self.model = synced(cfg, topo, self.model)
         shard_blocks(self.model, topo.mesh["dp"], self.reshard_after_forward, policy, root_policy)
         count_fsdp_traffic(self.model, self.meter)
         self.optimizer = build_optimizer(cfg.optimizer, self.model.parameters())  # over the shards (DTensors)

@@ -20,7 +20,8 @@ step a barrier. At a sync, where the ranks meet anyway, one small all-gather bri
 rank's loss (and, with a deadline, its step time), and `loss` is their mean over the global
 batch (`loss_ranks` = the replicas that computed the step). Every sync also records
 `replica_rms_dist` (RMS distance of this rank's parameters from the average, just before
-averaging) and `replicas` (how many are averaged). The last step always syncs, so the trained
+averaging) and `replicas` (how many are averaged). Floating-point buffers (BatchNorm's running
+statistics) are averaged at every sync too, as they are, with no codec. The last step always syncs, so the trained
 model is the average. A global batch is split as in ddp. Evaluation averages over the replicas.
 
 Compression (`strategy.compression.codec`, see paratrain.compression). diloco averages its
@@ -154,6 +155,12 @@ class LocalSGD(Strategy):
             local = self._to_average(params)
             mean = self._mean(local)
             self._apply(params, mean)
+            # Buffers (BatchNorm's running statistics) are not trained by the optimizer: averaged
+            # as they are, uncompressed, so that the replicas are one model again after a sync.
+            buffers = [b for b in self.module.buffers() if b.is_floating_point()]
+            if buffers:
+                for b, m in zip(buffers, unflatten(self.replicas.mean(flatten(buffers)), buffers)):
+                    b.copy_(m)
         # For every variant local - mean is this replica's offset from the average replica.
         stats.extra.update(replica_rms_dist=(local - mean).pow(2).mean().sqrt().item(),
                            replicas=len(self.replicas.ranks))

@@ -89,6 +89,27 @@ class _Optimizers:
             o.zero_grad(set_to_none=set_to_none)
 
 
+class _Stage(PipelineStage):
+    """torch's PipelineStage, except that its shape inference leaves the stage's buffers alone.
+
+    At the first step torch infers the shapes by running each stage's forward once more in
+    training mode: the first stage on the first micro-batch, the others on uninitialised tensors
+    of the right shape. A BatchNorm layer counts that as a batch and moves its running statistics
+    towards it (garbage, past the first stage). Its buffers are put back as they were."""
+
+    def _forward_metadata_inference(self, *args, **kwargs):
+        self._buffers_before = [b.detach().clone() for b in self.submod.buffers()]
+        return super()._forward_metadata_inference(*args, **kwargs)
+
+    def _post_metadata_inference_cleanup(self) -> None:
+        # after the backward inference too: its graph holds the buffers at their forward version
+        super()._post_metadata_inference_cleanup()
+        with torch.no_grad():
+            for b, before in zip(self.submod.buffers(), getattr(self, "_buffers_before", [])):
+                b.copy_(before)
+        self._buffers_before = []
+
+
 class Pipeline(Strategy):
     name = "pipeline"
 
@@ -109,7 +130,7 @@ class Pipeline(Strategy):
         # Left to torch: without static input/output/grad shapes, PipelineStage infers them at the
         # first step with send/recv_object_list (pickle) between neighbouring stages. Passing all four
         # shape sets (static mode) would avoid it; not done yet (paratrain.messages).
-        self.stages = [PipelineStage(part, s, num_stages, topo.device, group=topo.group("pp"))
+        self.stages = [_Stage(part, s, num_stages, topo.device, group=topo.group("pp"))
                        for part, s in zip(self.parts, self.stage_ids)]
         self.events: list[tuple] = []
         self.clock = StageClock(self.events)
