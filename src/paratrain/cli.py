@@ -17,8 +17,18 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("paratrain")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="paratrain", description="Distributed training for PyTorch models.")
+    p.add_argument("--version", action="version", version=f"paratrain {_version()}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def common(sp):
@@ -92,6 +102,14 @@ def _parser() -> argparse.ArgumentParser:
                      "directories")
     rep.add_argument("--out", default="", metavar="HTML", help="where to write (default DIR/report.html)")
 
+    conf = sub.add_parser("config", help="print the resolved config with every default (TOML), or --describe "
+                          "every key")
+    conf.add_argument("config", nargs="?", help="TOML config file (built-in defaults when omitted)")
+    conf.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                      help="override one config value (repeatable)")
+    conf.add_argument("--describe", action="store_true",
+                      help="every key: type, default, allowed values, meaning")
+
     testbed = sub.add_parser("testbed", help="several hosts on this machine: network namespaces, limited links")
     tb = testbed.add_subparsers(dest="testbed_command", required=True, parser_class=_Parser)
     up = tb.add_parser("up", help="create the hosts and their links (needs root)")
@@ -145,8 +163,13 @@ def _testbed_run(args, cfg, resume) -> int:
 
 
 def _lab(args) -> int:
-    """`paratrain compare | report` (lab/): each entry a `paratrain run` of its own."""
+    """`paratrain compare | report` (lab/: each entry a `paratrain run` of its own) and `paratrain
+    config` (reference.py): none needs torch."""
     try:
+        if args.command == "config":
+            from paratrain.reference import config_command
+
+            return config_command(args)
         if args.command == "compare":
             from paratrain.lab.compare import compare_command
 
@@ -181,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     add_user_paths(getattr(args, "config", None))  # user code imports from here and beside the config
     if args.command == "worker" and (code := _ended_before(args)) is not None:
         return code  # before torch is imported: torch's agent's remaining restarts cost a second each
-    if args.command in ("compare", "report"):  # they read and start runs; torch is not imported here
+    if args.command in ("compare", "report", "config"):  # they read and start runs; torch is not imported here
         return _lab(args)
     from paratrain.checkpoint import CheckpointWriteError
     from paratrain.launcher import launch, train

@@ -7,10 +7,12 @@ allowed; the CLI prints it and exits with code 2.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import re
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,17 +48,17 @@ def _is_import_path(value: str) -> bool:
 class ModelConfig:
     # Built-in models, or "custom": `factory` names a function returning an nn.Module.
     name: Literal["gpt", "mlp", "custom"] = "gpt"
-    factory: str = field(default="", metadata=IMPORT_PATH)
+    factory: str = field(default="", metadata=IMPORT_PATH)  # model.name = "custom": "pkg.mod:fn" -> nn.Module
     options: dict = field(default_factory=dict)  # keyword arguments for `factory`
     loss: str = field(default="", metadata=IMPORT_PATH)  # "pkg.mod:fn(output, target) -> scalar"
     # GPT (character level, nanoGPT-style)
-    n_layer: int = field(default=4, metadata=AT_LEAST_1)
-    n_head: int = field(default=4, metadata=AT_LEAST_1)
-    d_model: int = field(default=128, metadata=AT_LEAST_1)
-    block_size: int = field(default=64, metadata=AT_LEAST_1)
-    dropout: float = field(default=0.0, metadata=FRACTION)
+    n_layer: int = field(default=4, metadata=AT_LEAST_1)  # GPT: transformer blocks
+    n_head: int = field(default=4, metadata=AT_LEAST_1)  # GPT: attention heads per block
+    d_model: int = field(default=128, metadata=AT_LEAST_1)  # GPT: width (divisible by n_head)
+    block_size: int = field(default=64, metadata=AT_LEAST_1)  # GPT: context length in characters
+    dropout: float = field(default=0.0, metadata=FRACTION)  # GPT: dropout probability
     # MLP (10 -> hidden -> 1 regression)
-    hidden: int = field(default=20, metadata=AT_LEAST_1)
+    hidden: int = field(default=20, metadata=AT_LEAST_1)  # MLP: hidden width (10 -> hidden -> 1 regression)
     # BatchNorm layers normalise with the whole data-parallel batch's statistics (SyncBatchNorm) instead
     # of each rank's share: ddp, zero1-3 and hybrid's dp axis then train what `single` trains.
     sync_batchnorm: bool = False
@@ -67,29 +69,29 @@ class DataConfig:
     # pydoc: CPython's pydoc topics (shipped with Python); text: any UTF-8 file at `path`;
     # synthetic: regression data for the MLP; custom: `factory(split, config)` -> Dataset.
     name: Literal["pydoc", "text", "synthetic", "custom"] = "pydoc"
-    path: str = ""
-    factory: str = field(default="", metadata=IMPORT_PATH)
-    num_samples: int = field(default=4096, metadata=AT_LEAST_1)
-    eval_fraction: float = field(default=0.1, metadata=OPEN_FRACTION)
-    seed: int = 0
+    path: str = ""  # data.name = "text": the UTF-8 file
+    factory: str = field(default="", metadata=IMPORT_PATH)  # data.name = "custom": "pkg.mod:fn(split, config)"
+    num_samples: int = field(default=4096, metadata=AT_LEAST_1)  # synthetic: how many samples
+    eval_fraction: float = field(default=0.1, metadata=OPEN_FRACTION)  # share held out for evaluation
+    seed: int = 0  # the data's own seed (the split, synthetic samples)
 
 
 @dataclass(frozen=True)
 class DDPConfig:
-    bucket_mb: float = field(default=25.0, metadata=POSITIVE)
-    gradient_as_bucket_view: bool = True
+    bucket_mb: float = field(default=25.0, metadata=POSITIVE)  # DDP's gradient bucket size (MiB)
+    gradient_as_bucket_view: bool = True  # gradients are views into DDP's buckets (saves a copy)
 
 
 @dataclass(frozen=True)
 class ZeroConfig:
     # FSDP2 MixedPrecisionPolicy for zero2 / zero3: parameters and gradients in this dtype,
     # fp32 master weights and optimizer state.
-    mixed_precision: Literal["off", "bf16"] = "off"  # fp16 would need loss scaling
+    mixed_precision: Literal["off", "bf16"] = "off"  # zero2 / zero3 compute dtype (fp16 would need loss scaling)
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv"] = "1f1b"
+    schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv"] = "1f1b"  # torch's schedule
     microbatches: int = field(default=4, metadata=AT_LEAST_1)  # per data-parallel rank and step
     virtual_stages: int = field(default=1, metadata=AT_LEAST_1)  # stages per rank (interleaved: >= 2)
     split: Literal["params", "time"] = "params"  # balance stages by parameter count or measured time
@@ -106,13 +108,13 @@ class LocalSGDConfig:
     sync_every: int = field(default=8, metadata=AT_LEAST_1)  # H: local steps between synchronisations
     # DiLoCo's outer optimizer, applied to the averaged pseudo-gradient (start - local parameters)
     outer_lr: float = field(default=0.7, metadata=POSITIVE)
-    outer_momentum: float = field(default=0.9, metadata=FRACTION)
-    outer_nesterov: bool = True
+    outer_momentum: float = field(default=0.9, metadata=FRACTION)  # DiLoCo: the outer SGD's momentum
+    outer_nesterov: bool = True  # DiLoCo: Nesterov momentum in the outer SGD
     # Stragglers (DropCompute): "auto" bounds each round of H steps by time, H x the fastest rank's
     # median step time x (1 + deadline_slack); a rank behind it drops its remaining inner steps.
     # "off": every rank computes every step, and the round lasts as long as its slowest rank.
     deadline: Literal["off", "auto"] = "off"
-    deadline_slack: float = field(default=0.1, metadata=NON_NEGATIVE)
+    deadline_slack: float = field(default=0.1, metadata=NON_NEGATIVE)  # deadline = "auto": the margin
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,7 @@ class GossipConfig:
 @dataclass(frozen=True)
 class ParameterServerConfig:
     servers: int = field(default=1, metadata=AT_LEAST_1)  # the last ranks serve, the rest train (rank 0 trains)
-    mode: Literal["bsp", "asp", "ssp"] = "ssp"
+    mode: Literal["bsp", "asp", "ssp"] = "ssp"  # synchronous, asynchronous, or stale-synchronous (bounded)
     staleness: int = field(default=2, metadata=NON_NEGATIVE)  # SSP: how far a worker may run ahead
     # SSP: instead of a faster worker waiting for a straggler, the straggler's late steps are
     # dropped (not computed) and gradients staler than the bound discarded (parameter_server.py)
@@ -137,7 +139,8 @@ class CompressionConfig:
     # What ddp sends per gradient bucket, local_sgd / diloco per delta, gossip per message (CHOCO-SGD)
     # and the parameter server per push and pull (paratrain.compression).
     codec: Literal["none", "fp16", "bf16", "powersgd", "topk", "randomk", "sign", "int8"] = "none"
-    ratio: float = field(default=0.01, metadata=_check(lambda v: 0 < v <= 1, "a number in (0, 1]"))  # topk, randomk
+    # topk, randomk: the share of the elements sent
+    ratio: float = field(default=0.01, metadata=_check(lambda v: 0 < v <= 1, "a number in (0, 1]"))
     rank: int = field(default=4, metadata=AT_LEAST_1)  # powersgd: rank of the low-rank approximation
     error_feedback: bool = True  # carry what compression dropped into the next step
 
@@ -148,9 +151,9 @@ class StrategyConfig:
     name: Literal["single", "ddp", "zero1", "zero2", "zero3", "model_parallel", "pipeline", "tensor",
                   "hybrid", "local_sgd", "diloco", "gossip", "hogwild", "parameter_server", "auto"] = "ddp"
     # Degrees for `hybrid` (dp = 0: whatever the world size leaves after pp x tp).
-    dp: int = field(default=0, metadata=NON_NEGATIVE)
-    pp: int = field(default=1, metadata=AT_LEAST_1)
-    tp: int = field(default=1, metadata=AT_LEAST_1)
+    dp: int = field(default=0, metadata=NON_NEGATIVE)  # hybrid: data-parallel degree (0: the rest)
+    pp: int = field(default=1, metadata=AT_LEAST_1)  # hybrid: pipeline stages
+    tp: int = field(default=1, metadata=AT_LEAST_1)  # hybrid: tensor-parallel degree
     dp_mode: Literal["replicate", "shard"] = "replicate"  # hybrid's dp axis: DDP-like or ZeRO-3
     ddp: DDPConfig = field(default_factory=DDPConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
@@ -165,29 +168,34 @@ class StrategyConfig:
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    name: Literal["sgd", "adam", "adamw"] = "adamw"
-    lr: float = field(default=1e-3, metadata=POSITIVE)
-    momentum: float = field(default=0.0, metadata=FRACTION)
-    nesterov: bool = False
-    weight_decay: float = field(default=0.0, metadata=NON_NEGATIVE)
+    name: Literal["sgd", "adam", "adamw"] = "adamw"  # torch.optim's
+    lr: float = field(default=1e-3, metadata=POSITIVE)  # peak learning rate
+    momentum: float = field(default=0.0, metadata=FRACTION)  # sgd's momentum
+    nesterov: bool = False  # sgd: Nesterov momentum
+    weight_decay: float = field(default=0.0, metadata=NON_NEGATIVE)  # decoupled for adamw, L2 otherwise
+    # adam / adamw: the moments' decay rates
     betas: tuple[float, float] = field(default=(0.9, 0.95),
                                        metadata=_check(lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)"))
-    eps: float = field(default=1e-8, metadata=POSITIVE)
-    schedule: Literal["constant", "cosine"] = "constant"
-    warmup_steps: int = field(default=0, metadata=NON_NEGATIVE)
+    eps: float = field(default=1e-8, metadata=POSITIVE)  # adam / adamw: added to the denominator
+    schedule: Literal["constant", "cosine"] = "constant"  # the learning rate after warm-up
+    warmup_steps: int = field(default=0, metadata=NON_NEGATIVE)  # linear warm-up from 0 to lr
+    # cosine: the final learning rate, as a fraction of lr
     min_lr_ratio: float = field(default=0.1, metadata=_check(lambda v: 0 <= v <= 1, "a number in [0, 1]"))
-    grad_clip: float = field(default=0.0, metadata=NON_NEGATIVE)  # 0 = off
+    grad_clip: float = field(default=0.0, metadata=NON_NEGATIVE)  # max global gradient norm; 0 = off
 
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    steps: int = field(default=300, metadata=AT_LEAST_1)
+    steps: int = field(default=300, metadata=AT_LEAST_1)  # optimizer steps in all
     global_batch_size: int = field(default=32, metadata=AT_LEAST_1)  # samples per optimizer step
-    grad_accum_steps: int = field(default=1, metadata=AT_LEAST_1)
-    seed: int = 1234
-    eval_every: int = field(default=100, metadata=NON_NEGATIVE)  # 0 = only at the end
-    eval_batches: int = field(default=4, metadata=AT_LEAST_1)
-    log_every: int = field(default=10, metadata=AT_LEAST_1)
+    grad_accum_steps: int = field(default=1, metadata=AT_LEAST_1)  # micro-batches per step and rank
+    seed: int = 1234  # initial weights, dropout and the order of batches
+    eval_every: int = field(default=100, metadata=NON_NEGATIVE)  # evaluate every N steps; 0 = only at the end
+    # held-out batches per evaluation; "all": every whole global batch of the held-out split (a last
+    # partial batch is left out, as in training)
+    eval_batches: int | Literal["all"] = field(
+        default=4, metadata=_check(lambda v: v == "all" or v >= 1, 'an integer >= 1 or "all"'))
+    log_every: int = field(default=10, metadata=AT_LEAST_1)  # console progress every this many steps
     # A NaN or Inf loss or gradient on any rank: "stop" the job before the update (non-zero exit,
     # naming the step and rank), or "skip" the update on every rank and count it (nonfinite.py).
     on_nonfinite: Literal["stop", "skip"] = "stop"
@@ -195,24 +203,24 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    enabled: bool = True
-    every: int = field(default=0, metadata=NON_NEGATIVE)  # 0 = only at the end
-    keep: int = field(default=2, metadata=AT_LEAST_1)
+    enabled: bool = True  # write checkpoints (the final one at least)
+    every: int = field(default=0, metadata=NON_NEGATIVE)  # checkpoint every N steps; 0 = only at the end
+    keep: int = field(default=2, metadata=AT_LEAST_1)  # the newest this many are kept
 
 
 @dataclass(frozen=True)
 class RunConfig:
     dir: str = ""  # empty: runs/<name>-NNN, the next free number
-    name: str = "run"
+    name: str = "run"  # names runs/<name>-NNN
     nproc: int = field(default=1, metadata=AT_LEAST_1)  # local worker processes
-    device: Literal["auto", "cpu", "cuda"] = "cpu"
-    threads_per_rank: int = field(default=1, metadata=AT_LEAST_1)
+    device: Literal["auto", "cpu", "cuda"] = "cpu"  # auto: cuda where available (gloo on CPU, NCCL on CUDA)
+    threads_per_rank: int = field(default=1, metadata=AT_LEAST_1)  # torch threads per process on CPU
     # Process-group timeout; below a second even a healthy step's collectives time out.
     timeout_s: float = field(default=300.0, metadata=_check(lambda v: v >= 1, "a number of seconds >= 1"))
     # Restarts of the whole group after a worker fails (torch's elastic agent): each continues from the
     # newest checkpoint that verifies. 0: a failure ends the run.
     max_restarts: int = field(default=3, metadata=NON_NEGATIVE)
-    progress: Literal["auto", "bar", "lines", "off"] = "auto"
+    progress: Literal["auto", "bar", "lines", "off"] = "auto"  # auto: a bar at a terminal, else lines
     # Each rank also writes its scalars (losses, lr, throughput, bytes, the step's time split) for
     # TensorBoard, with torch's SummaryWriter, to <run dir>/tensorboard/rank<R> (needs `tensorboard`).
     tensorboard: bool = False
@@ -222,13 +230,15 @@ class RunConfig:
 class FaultsConfig:
     """Injected at one rank, for tests, benchmarks and demos of the asynchronous strategies."""
     rank: int = -1  # the faulty rank; -1: none
-    slowdown: float = field(default=1.0, metadata=_check(lambda v: v >= 1, "a number >= 1"))  # compute x this
-    delay_s: float = field(default=0.0, metadata=NON_NEGATIVE)  # and this much more per step
+    slowdown: float = field(default=1.0, metadata=_check(lambda v: v >= 1, "a number >= 1"))  # its compute takes x this
+    delay_s: float = field(default=0.0, metadata=NON_NEGATIVE)  # it waits this much more per step
     # Before this step (0-based; -1: never) the rank gets SIGKILL from itself: a crash, as an out-of-memory
     # kill or a lost machine is (exit -9, no clean-up).
     kill_at_step: int = -1
-    hang_at_step: int = -1  # ... SIGSTOP from itself: frozen, alive, silent (a hung driver, a stalled host)
-    leave_at_step: int = -1  # ... exits with code 0 without a word to its peers: a worker that quits, not a crash
+    # Before this step, SIGSTOP from itself: frozen, alive, silent (a hung driver, a stalled host).
+    hang_at_step: int = -1
+    # Before this step, it exits with code 0 without a word to its peers: a worker that quits, not a crash.
+    leave_at_step: int = -1
     # The rank's training loss is NaN at this step (0-based; -1: never). Under a pipeline only the last
     # stage computes a loss: a fault on an earlier stage injects nothing.
     nan_at_step: int = -1
@@ -326,7 +336,9 @@ def _build(cls, raw: Any, prefix: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in fields:
-            raise ConfigError(f"{prefix}{key}: unknown key; allowed: {', '.join(fields)}")
+            near = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.6)
+            hint = f"did you mean '{prefix}{near[0]}'? " if near else ""
+            raise ConfigError(f"{prefix}{key}: unknown key; {hint}allowed: {', '.join(fields)}")
     kwargs = {}
     for name, f in fields.items():
         if name not in raw:
@@ -350,6 +362,14 @@ def _convert(tp, value: Any, key: str):
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key + ".")
+    if origin in (typing.Union, types.UnionType):  # int | Literal["all"]: the first that takes it
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _convert(option, value, key)
+            except ConfigError as e:
+                errors.append(str(e).split(": must be ", 1)[-1])
+        raise ConfigError(f"{key} = {value!r}: must be {' or '.join(errors)}")
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:

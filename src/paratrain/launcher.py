@@ -252,6 +252,20 @@ def owned_run(cfg: Config, world_size: int, resume, discard_newer: bool):
         lock.finish(run.status)
 
 
+def advice(cfg: Config, world: int) -> list[str]:
+    """Settings that run but do not do what their name suggests: said, not refused (a smoke test of
+    a parameter server on 2 processes is fair)."""
+    out = []
+    if cfg.strategy.name == "parameter_server":
+        from paratrain.strategies.layout import layout
+
+        if layout(cfg, world).dp == 1:
+            out.append(f"strategy.name = 'parameter_server' on {world} processes is one worker and its "
+                       "server(s): one worker's asynchronous SGD is `single`'s training; use more processes "
+                       "for more workers")
+    return out
+
+
 def launch(cfg: Config, nproc: int | None = None, resume: str | Path | None = None,
            discard_newer: bool = False, nodes: Nodes = Nodes()) -> int:
     """Check everything, then train on `nproc` local processes (default: run.nproc); exit code.
@@ -287,6 +301,8 @@ def launch(cfg: Config, nproc: int | None = None, resume: str | Path | None = No
             write_json(run.run_dir / "plan.json",
                        {"chosen": choice.plan.describe(), "sets": choice.plan.config_sets(), "why": choice.reason,
                         "considered": choice.considered, "predicted": choice.estimate.to_dict()})
+        for line in advice(run.cfg, nproc * nodes.count):  # once the run is sure to start
+            print(f"paratrain: warning: {line}", file=sys.stderr)
         ckpt = run.plan.ckpt_path
         worker = ["-m", "paratrain", "worker", str(run.config_path)] + (["--resume", str(ckpt)] if ckpt else [])
         store, run_id = (nodes.host_store(), uuid.uuid4().hex) if nodes.many else (None, None)

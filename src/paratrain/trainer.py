@@ -52,7 +52,7 @@ class Trainer:
         self.shard = topo.data_shard()  # this rank's share of each batch: (which, of how many)
         self.batches = ShardedBatches(datasets.train, t.global_batch_size, *self.shard, t.seed)
         self.held_out = ShardedBatches(datasets.eval, t.global_batch_size, *self.shard, t.seed, split="eval")
-        self.eval_batches = [self.held_out.batch(i).to(topo.device) for i in range(t.eval_batches)]
+        self.eval_batches = self._eval_batches()
         self.checkpointer = Checkpointer(self.run_dir, cfg, topo)
         torch.manual_seed(t.seed + 1 + topo.rank)  # dropout streams differ across ranks
         self.step_num = 0
@@ -107,7 +107,12 @@ class Trainer:
         self.shard = shard
         self.batches.reshard(*shard)
         self.held_out.reshard(*shard)
-        self.eval_batches = [self.held_out.batch(i).to(self.topo.device) for i in range(self.cfg.training.eval_batches)]
+        self.eval_batches = self._eval_batches()
+
+    def _eval_batches(self) -> list:
+        n = self.cfg.training.eval_batches
+        n = self.held_out.steps_per_epoch if n == "all" else n
+        return [self.held_out.batch(i).to(self.topo.device) for i in range(n)]
 
     def _checkpoint_now(self) -> Path | None:
         """The checkpoint of the step just done, written now unless the step wrote it."""

@@ -75,7 +75,7 @@ INVALID = [
     (["model.dropout=1.5"], "model.dropout = 1.5: must be a number in [0, 1)"),
     (["model.d_model=100", "model.n_head=3"], "model.d_model = 100: must be divisible by model.n_head = 3"),
     (["model.colour=red"], "model.colour: unknown key; allowed: name, factory"),
-    (["trainin.steps=3"], "trainin: unknown key; allowed: model, data"),
+    (["trainin.steps=3"], "trainin: unknown key; did you mean 'training'? allowed: model, data"),
     (["training=3"], "training must be a table"),
     (["optimizer.betas=[0.9]"], "optimizer.betas = [0.9]: must be a list of 2 numbers"),
     (["checkpoint.enabled=maybe"], "checkpoint.enabled = 'maybe': must be true or false"),
@@ -115,6 +115,12 @@ INVALID = [
     (["fault_tolerance.replica_groups=2", "fault_tolerance.min_replicas=3"],
      "fault_tolerance.min_replicas = 3: must be <= fault_tolerance.replica_groups = 2"),
     (["fault_tolerance.lighthouse=host:29510"], "fault_tolerance.lighthouse = 'host:29510': must be http://host:port"),
+    (["model.hiden=8"], "model.hiden: unknown key; did you mean 'model.hidden'? allowed: name, factory"),
+    (["strategy.pipeline.micro_batches=2"], "did you mean 'strategy.pipeline.microbatches'?"),
+    (["model.sync_batchnorm=true", "strategy.name=gossip"], "model.sync_batchnorm = true: for strategies that step "
+     "together over a data-parallel group (ddp, zero1, zero2, zero3, hybrid, single); strategy.name = 'gossip'"),
+    (["model.sync_batchnorm=true", "fault_tolerance.replica_groups=2"],
+     "model.sync_batchnorm = true: not with fault_tolerance.replica_groups"),
 ]
 
 
@@ -326,3 +332,81 @@ def test_single_process_run_refuses_before_writing(source, sets, message, tmp_pa
     sets = ["strategy.name=single", "model.name=custom", "model.factory=usr:build",
             "model.loss=torch.nn.functional:mse_loss", "data.name=synthetic", "training.global_batch_size=8", *sets]
     _refused(["run", "--nproc", "1", *_sets(sets)], message, tmp_path, capsys)
+
+
+def test_config_prints_every_default_and_describes_every_key(tmp_path, capsys, monkeypatch):
+    """`paratrain config`: the resolved config as TOML, which loads back to the same config; and
+    `--describe`: every key of the dataclasses with type, default, allowed values and a meaning."""
+    import tomllib
+
+    from paratrain.reference import keys
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["config", "--set", "strategy.name=zero3", "--set", "model.options={width = 8}"]) == 0
+    text = capsys.readouterr().out
+    (tmp_path / "all.toml").write_text(text)
+    assert load_config(str(tmp_path / "all.toml"), []) == load_config(
+        None, ["strategy.name=zero3", "model.options={width = 8}"])
+    flat = tomllib.loads(text)
+    assert flat["training"]["eval_batches"] == 4 and flat["strategy"]["pipeline"]["schedule"] == "1f1b"
+    every = [k.name for k in keys()]
+    for name in every:  # every key written, with its value
+        section = flat
+        for part in name.split("."):
+            section = section[part]
+    assert main(["config", "--describe"]) == 0
+    described = capsys.readouterr().out
+    for k in keys():
+        assert k.meaning, k.name  # a comment beside each field in config.py
+        assert f"{k.name} ({k.type}, default " in described
+    assert "strategy.ps.mode (string, default \"ssp\"; allowed: \"bsp\", \"asp\", \"ssp\")" in described
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["all.toml"]  # nothing else written
+
+
+def test_the_readmes_configuration_table_names_every_key():
+    """The README's table of sections and keys, checked against the dataclasses: no key missing,
+    none that does not exist."""
+    import re
+    from pathlib import Path
+
+    from paratrain.reference import keys
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    table = readme.split("## Configuration", 1)[1].split("\n\n", 2)[2].split("\n\n", 1)[0]
+    listed = set()
+    for row in table.splitlines()[2:]:
+        section, cells = re.match(r"\| `([a-z_]+)` \| (.*) \|$", row).groups()
+        for key in re.findall(r"`\[?([a-z_.]+)\]?`", re.sub(r"\([^()]*\)", "", cells)):
+            listed.add(key if key.startswith(section + ".") else f"{section}.{key}")
+    want = {k.name for k in keys()}
+    # the strategy's sub-tables are named as tables ([strategy.ddp]): their keys by --describe
+    tables = {n for n in listed if n.count(".") == 1 and any(w.startswith(n + ".") for w in want)}
+    covered = {w for w in want if w in listed or any(w.startswith(t + ".") for t in tables)}
+    assert covered == want, sorted(want - covered)
+    assert listed - tables <= want, sorted(listed - tables - want)
+
+
+def test_version_and_a_one_worker_parameter_server_warning(capsys):
+    from paratrain.launcher import advice
+
+    with pytest.raises(SystemExit) as out:
+        main(["--version"])
+    assert out.value.code == 0 and capsys.readouterr().out.startswith("paratrain ")
+    ps = load_config(None, ["strategy.name=parameter_server"])
+    (said,) = advice(ps, 2)
+    assert "on 2 processes is one worker and its server(s)" in said
+    assert advice(ps, 3) == [] and advice(load_config(None, []), 2) == []
+
+
+def test_eval_batches_all_is_every_whole_held_out_batch(tmp_path):
+    """51 held-out samples (10% of 512) in global batches of 8: 6 whole batches, the 3 left over
+    out. "all" evaluates on the same 6 as eval_batches = 6, and not on what 1 sees."""
+    import paratrain
+    from tests.helpers import MLP
+
+    def eval_loss(n):
+        cfg = load_config(None, [*MLP, "strategy.name=single", "training.steps=2", "training.global_batch_size=8",
+                                 f"training.eval_batches={n}", f"run.dir={tmp_path / str(n)}"])
+        return paratrain.train(cfg).summary["eval_loss"]
+
+    assert eval_loss("all") == eval_loss(6) != eval_loss(1)
