@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             from paratrain.nodes import Nodes
 
             nodes = Nodes.parse(args.nnodes, args.node_rank, args.master)
-            return launch(cfg, args.nproc, resume, discard_newer=args.discard_newer, nodes=nodes)
+            return launch(cfg, args.nproc, resume, discard_newer=args.discard_newer, nodes=nodes).exit_code
         if args.command == "testbed":
             return _testbed_run(args, cfg, resume)
         train(cfg, resume=resume, discard_newer=args.discard_newer)

@@ -35,6 +35,7 @@ from paratrain.imports import import_callable
 from paratrain.nodes import Nodes, await_job, publish
 from paratrain.nonfinite import NONFINITE_EXIT, NonFiniteError
 from paratrain.restarts import OWNED_ENV, attempt, job_dir, record_end
+from paratrain.results import LaunchResult, load_model
 from paratrain.rundir import Plan, claim, notes, record_config, settle, write_json
 from paratrain.signals import HANDLED, Stopped
 from paratrain.topology import REJOIN_ENV, REPLICA_ENV
@@ -60,9 +61,22 @@ def _rejoins(cfg: Config):
 
 @dataclass
 class TrainResult:
-    model: nn.Module  # this rank's trained model, or its part of it (pipeline stages, shards)
+    """What `train` returns on each rank. `model` is what this rank trained with: the whole plain
+    model (single, ddp, zero1, local SGD, DiLoCo, gossip, Hogwild, a parameter-server worker), its
+    shards (zero2 / zero3: FSDP2 DTensors; tensor: DTensors), its pipeline stages (pipeline,
+    model_parallel, hybrid: the stages' modules), or on a parameter server's serving rank the
+    initial model (the server's report is `summary`). `full_model()` is the whole trained model on
+    any strategy."""
+    model: nn.Module
     summary: dict  # losses, step times, throughput, bytes sent
     run_dir: Path  # its last checkpoint holds the whole model, full tensors by name
+
+    def full_model(self, model: nn.Module | None = None) -> nn.Module:
+        """The whole trained model as one plain nn.Module on the CPU, whatever the layout: read from
+        the run's final checkpoint, which holds it gathered from every stage and shard (written by
+        rank 0 before train() returns there; other ranks: after a barrier). `model`: a fresh
+        instance to load it into, needed where train() was given a model of your own."""
+        return load_model(self.run_dir, model)
 
 
 def train(cfg: Config, *, resume: str | Path | None = None, model: nn.Module | None = None,
@@ -267,9 +281,10 @@ def advice(cfg: Config, world: int) -> list[str]:
 
 
 def launch(cfg: Config, nproc: int | None = None, resume: str | Path | None = None,
-           discard_newer: bool = False, nodes: Nodes = Nodes()) -> int:
-    """Check everything, then train on `nproc` local processes (default: run.nproc); exit code.
-    On several machines (`nodes`, nodes.py) node 0 does all of this and the others join it."""
+           discard_newer: bool = False, nodes: Nodes = Nodes()) -> LaunchResult:
+    """Check everything, then train on `nproc` local processes (default: run.nproc): the exit code,
+    the run directory, its summary and newest checkpoint (results.py). On several machines
+    (`nodes`, nodes.py) node 0 does all of this and the others join it."""
     if nodes.many:
         if cfg.strategy.name == "single":
             raise ConfigError("strategy.name = 'single': one process; --nnodes needs a distributed strategy")
@@ -277,7 +292,7 @@ def launch(cfg: Config, nproc: int | None = None, resume: str | Path | None = No
             raise ConfigError("fault_tolerance.replica_groups: on several machines each group is a torchrun job "
                               "of its own, typed on its machine (README: 'More than one machine'); not --nnodes")
         if nodes.rank > 0:
-            return _join(nproc, nodes)
+            return LaunchResult.of(_join(nproc, nodes), None)
         if not cfg.run.dir:
             raise ConfigError("--nnodes: set run.dir to a directory every node sees (shared storage); "
                               "node 0 writes checkpoints there and every node its ranks' metrics")
@@ -294,8 +309,7 @@ def launch(cfg: Config, nproc: int | None = None, resume: str | Path | None = No
         # In this process, but bad input is still refused before train() writes a run directory.
         # The checkpoint is settled inside train() and checked by the Trainer, not here.
         preflight(cfg, nproc, None)
-        train(cfg, resume=resume, discard_newer=discard_newer)
-        return 0
+        return LaunchResult.of(0, train(cfg, resume=resume, discard_newer=discard_newer).run_dir)
     with owned_run(cfg, nproc * nodes.count, resume, discard_newer) as run:
         if choice is not None:  # what was chosen and why, beside the config that runs it
             write_json(run.run_dir / "plan.json",
@@ -311,7 +325,7 @@ def launch(cfg: Config, nproc: int | None = None, resume: str | Path | None = No
                                        *(["--resume", str(ckpt.resolve())] if ckpt else [])],
                             "config": str(run.config_path.resolve()), "nproc": nproc, "id": run_id})
         code, run.status = _start(run.cfg, nproc, worker, run.run_dir, nodes, store, run_id)
-        return code
+    return LaunchResult.of(code, run.run_dir)
 
 
 def _join(nproc: int | None, nodes: Nodes) -> int:
