@@ -56,11 +56,11 @@ def resnet18(num_classes: int = 3) -> nn.Module:
 
 
 def image_dataset(split: str, cfg) -> TensorDataset:
-    """3 x 12 x 12 images, 3 classes by where the bright square is."""
+    """3 x 9 x 9 images, 3 classes by where the bright square is."""
     g = torch.Generator().manual_seed(0 if split == "train" else 1)
     n = 256 if split == "train" else 64
     y = torch.randint(0, 3, (n,), generator=g)
-    x = torch.randn(n, 3, 12, 12, generator=g) * 0.5
+    x = torch.randn(n, 3, 9, 9, generator=g) * 0.5
     for i, c in enumerate(y.tolist()):
-        x[i, :, 4 * c:4 * c + 4, 4 * c:4 * c + 4] += 2.0
+        x[i, :, 3 * c:3 * c + 3, 3 * c:3 * c + 3] += 2.0
     return TensorDataset(x, y)
