@@ -17,7 +17,8 @@ from paratrain.testing import run_ranks
 
 ROOT = Path(__file__).parents[1]
 PARATRAIN = [sys.executable, "-m", "paratrain"]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT)}  # workers import tests.user_code etc.
+# workers import tests.user_code etc. (and tests/shims: conftest.py)
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
 
 TINY_GPT = ["model.name=gpt", "model.n_layer=2", "model.n_head=2", "model.d_model=32", "model.block_size=16",
             "training.global_batch_size=8", "training.steps=20", "training.eval_every=10", "training.eval_batches=2",

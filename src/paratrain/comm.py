@@ -97,6 +97,14 @@ class CommMeter:
         self.add(ring_allreduce_bytes(tensor.numel() * tensor.element_size(), n), time.perf_counter() - t0)
         return tensor
 
+    def means(self, value: torch.Tensor, group) -> list[float]:
+        """The element-wise mean of a vector over `group`, counted."""
+        n = dist.get_world_size(group) if dist.is_initialized() else 1
+        value = value.reshape(-1)
+        if n > 1:
+            value = self.all_reduce(value.clone(), group) / n
+        return value.tolist()
+
     def mean(self, value: torch.Tensor, group) -> float:
         """The mean of a scalar over `group` (None: the world, or no group at all), counted."""
         n = dist.get_world_size(group) if dist.is_initialized() else 1

@@ -195,6 +195,11 @@ class TrainingConfig:
     # partial batch is left out, as in training)
     eval_batches: int | Literal["all"] = field(
         default=4, metadata=_check(lambda v: v == "all" or v >= 1, 'an integer >= 1 or "all"'))
+    # Metrics on the held-out batches beside the loss: "accuracy", "perplexity", or "pkg.mod:fn(output,
+    # target)" returning the batch's mean (evaluation.py)
+    eval_metrics: tuple[str, ...] = field(default=(), metadata=_check(
+        lambda v: all(n in ("accuracy", "perplexity") or _is_import_path(n) for n in v),
+        '"accuracy", "perplexity" or \'package.module:function\' names'))
     log_every: int = field(default=10, metadata=AT_LEAST_1)  # console progress every this many steps
     # A NaN or Inf loss or gradient on any rank: "stop" the job before the update (non-zero exit,
     # naming the step and rank), or "skip" the update on every rank and count it (nonfinite.py).

@@ -81,10 +81,11 @@ class TrainResult:
 
 def train(cfg: Config, *, resume: str | Path | None = None, model: nn.Module | None = None,
           loss_fn: Callable | None = None, datasets: Datasets | None = None,
-          discard_newer: bool = False) -> TrainResult:
+          discard_newer: bool = False, metrics: dict[str, Callable] | None = None) -> TrainResult:
     """Train in this process: alone (`single`), or as one rank of a job that torchrun started.
 
-    `model`, `loss_fn` and `datasets` override what the config names, for use from Python.
+    `model`, `loss_fn` and `datasets` override what the config names, for use from Python;
+    `metrics` ({name: fn(output, target) -> the batch's mean}) are evaluated beside the loss.
     """
     from paratrain.strategies import get_server, layout
     from paratrain.topology import Topology
@@ -143,7 +144,7 @@ def train(cfg: Config, *, resume: str | Path | None = None, model: nn.Module | N
             status = "finished"
             return TrainResult(model, report, run_dir)
         trainer = Trainer(cfg, topo, run_dir, resume=ckpt_path, checkpoint=ckpt, model=model, loss_fn=loss_fn,
-                          datasets=datasets)
+                          datasets=datasets, metrics=metrics)
         summary = trainer.fit()
         status = "finished"
         return TrainResult(trainer.strategy.module, summary, run_dir)

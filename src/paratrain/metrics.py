@@ -56,6 +56,7 @@ class MetricsLog:
         self.samples = self.tokens = 0
         self.last: dict = {}
         self.last_eval: float | None = None
+        self.last_metrics: dict = {}  # the last evaluation's metrics by name (evaluation.py)
         self.nonfinite_skipped = 0  # updates skipped under training.on_nonfinite = "skip"
         self.steps_this_start = 0  # the summary counts the whole run; this, the steps since the resume
         resumed = start_step or keep_all
@@ -94,6 +95,8 @@ class MetricsLog:
         """Add one record to the run's totals (records written before a resume included)."""
         if rec["kind"] == "eval":
             self.last_eval = rec["eval_loss"]
+            self.last_metrics = {k.removeprefix("eval_"): v for k, v in rec.items()
+                                 if k.startswith("eval_") and k != "eval_loss"}
             return
         self.nonfinite_skipped += bool(rec.get("nonfinite"))
         step_s, nbytes = rec.get("step_s", 0.0), rec.get("bytes_sent", 0)
@@ -105,13 +108,15 @@ class MetricsLog:
         if not math.isnan(rec.get("loss", math.nan)):
             self.last = rec
 
-    def log_eval(self, step: int, loss: float) -> None:
-        rec = {"kind": "eval", "step": step, "eval_loss": loss}
+    def log_eval(self, step: int, evals: dict) -> None:
+        """`evals`: {"eval_loss": ..., "eval_<metric>": ...} (evaluation.py)."""
+        rec = {"kind": "eval", "step": step, **evals}
         self.file.write(json.dumps(rec) + "\n")
         self.file.flush()
         self._count(rec)
         if self.tb is not None:
-            self.tb.add_scalar("eval/loss", loss, step)
+            for key, value in evals.items():
+                self.tb.add_scalar(f"eval/{key.removeprefix('eval_')}", value, step)
             self.tb.flush()
 
     def summary(self) -> dict:
@@ -119,6 +124,7 @@ class MetricsLog:
         total = sum(t)
         out = {"steps": len(self.step_times), "steps_this_start": self.steps_this_start,
                "final_loss": self.last.get("loss"), "eval_loss": self.last_eval,
+               "eval_metrics": self.last_metrics,
                "nonfinite_skipped": self.nonfinite_skipped,
                "step_s_mean": statistics.fmean(t), "step_s_median": t[(len(t) - 1) // 2],
                # past the first step (start-up): what a step costs on average, synchronisations included
@@ -166,15 +172,16 @@ class Progress:
             self.task = self.bar.add_task("train", total=total, completed=start, info="")
             self.bar.start()
 
-    def update(self, rec: dict, eval_loss: float | None) -> None:
+    def update(self, rec: dict, evals: dict | None) -> None:
         step = rec["step"] + 1
         tokens = "tokens_per_s" in rec
         rate = f"{rec['tokens_per_s']:,.0f} tok/s" if tokens else f"{rec['samples_per_s']:,.0f} samples/s"
-        info = f"loss {rec['loss']:.4f}" + (f"  eval {eval_loss:.4f}" if eval_loss is not None else "") \
+        said = "".join(f"  {k.removeprefix('eval_')} {v:.4g}" for k, v in (evals or {}).items() if k != "eval_loss")
+        info = f"loss {rec['loss']:.4f}" + (f"  eval {evals['eval_loss']:.4f}{said}" if evals else "") \
             + f"  {rate}  {1000 * rec['step_s']:.0f} ms/step"
         if self.mode == "bar":
             self.bar.update(self.task, completed=step, info=info)
-        elif self.mode == "lines" and (step % self.every == 0 or step == self.total or eval_loss is not None):
+        elif self.mode == "lines" and (step % self.every == 0 or step == self.total or evals is not None):
             print(f"step {step}/{self.total}  {info}", flush=True)
 
     def close(self) -> None:
@@ -212,6 +219,7 @@ def print_summary(summary: dict, bytes_per_rank: list[float], run_dir: Path, tit
     rows = [("steps", f"{summary['steps']}"),
             ("final train loss", f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "-"),
             ("final eval loss", f"{summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else "-"),
+            *((f"final eval {name}", f"{value:.4g}") for name, value in (summary.get("eval_metrics") or {}).items()),
             ("step time mean / p90", f"{1000 * summary['step_s_mean']:.1f} / {1000 * summary['step_s_p90']:.1f} ms")]
     if "tokens_per_s" in summary:
         rows.append(("throughput (all ranks)", f"{summary['tokens_per_s']:,.0f} tokens/s"))

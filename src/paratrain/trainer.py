@@ -13,6 +13,7 @@ from paratrain import messages, watchdog
 from paratrain.checkpoint import Checkpointer, check_compatible, read_checkpoint
 from paratrain.config import Config
 from paratrain.data import Datasets, ShardedBatches, build_datasets
+from paratrain.evaluation import build_metrics, named
 from paratrain.faults import FaultInjector
 from paratrain.memory import held, measured
 from paratrain.metrics import MetricsLog, Progress, predicted, print_summary
@@ -36,7 +37,7 @@ def initial_model(cfg: Config, model: nn.Module | None = None,
 class Trainer:
     def __init__(self, cfg: Config, topo: Topology, run_dir: Path, *, resume: Path | None = None,
                  checkpoint: dict | None = None, model: nn.Module | None = None, loss_fn: Callable | None = None,
-                 datasets: Datasets | None = None):
+                 datasets: Datasets | None = None, metrics: dict[str, Callable] | None = None):
         self.cfg, self.topo, self.run_dir = cfg, topo, Path(run_dir)
         t = cfg.training
         model, datasets = initial_model(cfg, model, datasets)
@@ -49,6 +50,7 @@ class Trainer:
         # registers there, and its servers judge it by this file (not the previous process's).
         self.heartbeat = watchdog.Heartbeat(self.run_dir, topo.rank).start(topo.processes)  # watchdog.py
         self.strategy = get_strategy(cfg.strategy.name, topo.replicas > 1)(cfg, topo, model, loss_fn)
+        self.strategy.metrics.update(build_metrics((), metrics))  # the Python API's own (evaluation.py)
         self.shard = topo.data_shard()  # this rank's share of each batch: (which, of how many)
         self.batches = ShardedBatches(datasets.train, t.global_batch_size, *self.shard, t.seed)
         self.held_out = ShardedBatches(datasets.eval, t.global_batch_size, *self.shard, t.seed, split="eval")
@@ -91,17 +93,17 @@ class Trainer:
         self.step_num += 1
         rec = self.metrics.log_step(step, stats, lr, data_s, time.perf_counter() - t0, t.global_batch_size,
                                    batch.tokens_per_sample)
-        eval_loss = None
+        evals = None
         with self.strategy.paused():
             if self._due(t.eval_every):
                 self.heartbeat.at(step, "evaluate")
-                eval_loss = self.strategy.evaluate(self.eval_batches)
+                evals = named(self.strategy.metrics, self.strategy.evaluate(self.eval_batches))
                 self.strategy.meter.take()  # evaluation traffic is not a training step's
-                self.metrics.log_eval(step, eval_loss)
+                self.metrics.log_eval(step, evals)
             if self.cfg.checkpoint.enabled and self._due(self.cfg.checkpoint.every):
                 self.heartbeat.at(step, "checkpoint")
                 self.checkpointer.save(self.step_num, self.strategy, self.batches.position(self.step_num))
-        return rec, eval_loss
+        return rec, evals
 
     def _reshard(self, shard: tuple[int, int]) -> None:
         self.shard = shard

@@ -126,7 +126,7 @@ def test_a_resumed_summary_counts_the_whole_run(tmp_path):
     log = MetricsLog(tmp_path, 0, 0)
     for step in range(3):
         log.log_step(step, StepStats(3.0 - step, 8, 0, bytes_sent=100), 0.1, 0.0, 1.0, 16, 0)
-    log.log_eval(2, 1.5)
+    log.log_eval(2, {"eval_loss": 1.5})
     log.close()
     log = MetricsLog(tmp_path, 0, start_step=2)  # resumed from the step-2 checkpoint: step 2 is redone
     log.log_step(2, StepStats(0.5, 8, 0, bytes_sent=300), 0.1, 0.0, 2.0, 16, 0)

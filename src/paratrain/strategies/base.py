@@ -54,6 +54,7 @@ import torch.nn as nn
 from paratrain.comm import CommMeter
 from paratrain.config import Config
 from paratrain.data import Batch
+from paratrain.evaluation import build_metrics, values
 from paratrain.metrics import StepStats
 from paratrain.nonfinite import check_update
 from paratrain.topology import Topology
@@ -77,6 +78,7 @@ class Strategy:
         what it wrapped (build_optimizer(cfg.optimizer, params) in the plain case)."""
         self.cfg, self.topo, self.loss_fn = cfg, topo, loss_fn
         self.meter = CommMeter()
+        self.metrics = build_metrics(cfg.training.eval_metrics)  # the trainer adds the API's
         self.model = model.to(topo.device)
         self.optimizer = None
 
@@ -104,8 +106,9 @@ class Strategy:
         return local_step(self, batch)
 
     @torch.no_grad()
-    def evaluate(self, batches: list[Batch]) -> float:
-        return self.meter.mean(local_eval(self, batches), self.topo.group("dp"))
+    def evaluate(self, batches: list[Batch]) -> list[float]:
+        """[loss, metric, ...] over the held-out batches, averaged over the members (evaluation.py)."""
+        return self.meter.means(local_eval(self, batches), self.topo.group("dp"))
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -186,10 +189,10 @@ def local_step(s: Strategy, batch: Batch, accumulate: Callable = nullcontext,
 
 @torch.no_grad()
 def local_eval(s: Strategy, batches: list[Batch], loss_context: Callable = nullcontext) -> torch.Tensor:
-    """This rank's mean loss over `batches` (its held-out shard), on its own model."""
+    """This rank's mean [loss, metric, ...] over `batches` (its held-out shard), on its own model."""
     s.model.eval()
     with loss_context():
-        total = sum(s.loss_fn(s.module(b.inputs), b.targets) for b in batches) / len(batches)
+        total = sum(values(s.loss_fn, s.metrics, s.module(b.inputs), b.targets) for b in batches) / len(batches)
     s.model.train()
     return total.detach().float()
 

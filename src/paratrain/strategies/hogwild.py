@@ -85,7 +85,7 @@ class Hogwild(Strategy):
         if self.topo.world_size > 1:
             dist.barrier(group=self.topo.group("dp"))
 
-    def evaluate(self, batches: list[Batch]) -> float:
+    def evaluate(self, batches: list[Batch]) -> list[float]:
         self._barrier()  # evaluate a still snapshot: every rank has finished its step
         return super().evaluate(batches)
 

@@ -207,6 +207,8 @@ def check_model_split(cfg: Config, model, pp: int) -> None:
     """The model (on the meta device in preflight) can be cut into pp x v stages: its blocks, any
     explicit split points."""
     v = pipeline_settings(cfg)[1]
+    if pp * v == 1:  # one stage: the whole model, whatever it is (split.whole_model)
+        return
     num_blocks = len(blocks_of(model))
     if pp * v > num_blocks:
         raise ConfigError(f"strategy: {pp * v} pipeline stages ({pp} ranks x {v}) for a model of {num_blocks} blocks")

@@ -192,7 +192,7 @@ class _FullyShard(Strategy):
         finally:
             self.model.set_requires_gradient_sync(True)
 
-    def evaluate(self, batches: list[Batch]) -> float:
+    def evaluate(self, batches: list[Batch]) -> list[float]:
         loss = super().evaluate(batches)
         # zero2 does not reshard after forward, and no backward follows here: free the gathered
         # parameters now rather than keep them unsharded until the next step's backward.

@@ -138,8 +138,8 @@ class Gossip(Strategy):
         return self.replicas.shard() or super().data_shard()  # after a loss: split over the survivors
 
     @torch.no_grad()
-    def evaluate(self, batches: list[Batch]) -> float:
-        return self.replicas.mean(local_eval(self, batches).reshape(1)).item()
+    def evaluate(self, batches: list[Batch]) -> list[float]:
+        return self.replicas.mean(local_eval(self, batches).reshape(-1)).tolist()
 
     def agree_to_stop(self, signum: int) -> int:
         return int(self.replicas.max(signum))  # over the survivors: a loss found here is agreed on here

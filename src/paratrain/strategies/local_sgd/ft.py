@@ -107,8 +107,8 @@ class _QuorumSync:
             stats.extra["committed"] = False
 
     @torch.no_grad()
-    def evaluate(self, batches) -> float:
-        return local_eval(self, batches).item()  # this replica's own, on its shard: no data moves outside syncs
+    def evaluate(self, batches) -> list[float]:
+        return local_eval(self, batches).tolist()  # this replica's own, on its shard: no data moves outside syncs
 
     def agree_on_members(self):
         return None  # each replica group's world is its own process

@@ -107,9 +107,9 @@ class LocalSGD(Strategy):
         return self.replicas.shard() or super().data_shard()  # after a loss: split over the survivors
 
     @torch.no_grad()
-    def evaluate(self, batches: list[Batch]) -> float:
-        own = local_eval(self, batches)  # this replica's loss on this rank's held-out shard
-        return self.replicas.mean(own.reshape(1)).item()
+    def evaluate(self, batches: list[Batch]) -> list[float]:
+        own = local_eval(self, batches)  # this replica's loss (and metrics) on this rank's held-out shard
+        return self.replicas.mean(own.reshape(-1)).tolist()
 
     @contextmanager
     def paused(self):

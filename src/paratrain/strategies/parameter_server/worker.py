@@ -341,8 +341,8 @@ class ParameterServer(Strategy):
         return self._members(Kind.BARRIER)
 
     @torch.no_grad()
-    def evaluate(self, batches: list[Batch]) -> float:
-        return self.meter.mean(local_eval(self, batches), self.agree_on_members())
+    def evaluate(self, batches: list[Batch]) -> list[float]:
+        return self.meter.means(local_eval(self, batches), self.agree_on_members())
 
     def close(self, run_dir):
         """Tell every server this worker is done; server 0's reply is the final barrier, whose

@@ -27,6 +27,7 @@ from paratrain import messages
 from paratrain.checkpoint import merge_states
 from paratrain.config import ConfigError
 from paratrain.data import Batch
+from paratrain.evaluation import values
 from paratrain.nonfinite import check_update
 from paratrain.optim import build_optimizer
 from paratrain.strategies.base import StepStats, Strategy, full_state, load_full_state
@@ -123,10 +124,14 @@ class Pipeline(Strategy):
         pp, rank = topo.size("pp"), topo.axis_rank("pp")
         num_stages = pp * v
         check_model_split(cfg, self.model, pp)
-        starts = self._split(self.model, num_stages)
         self.stage_ids = stages_of_rank(rank, pp, v, schedule)
         self.rank_of_stage = {s: r for r in range(pp) for s in stages_of_rank(r, pp, v, schedule)}
-        self.parts = [shard_stage(split.build_stage(self.model, starts, s).to(topo.device)) for s in self.stage_ids]
+        if num_stages == 1:
+            self.parts = [shard_stage(split.whole_model(self.model).to(topo.device))]
+        else:
+            starts = self._split(self.model, num_stages)
+            self.parts = [shard_stage(split.build_stage(self.model, starts, s).to(topo.device))
+                          for s in self.stage_ids]
         # Left to torch: without static input/output/grad shapes, PipelineStage infers them at the
         # first step with send/recv_object_list (pickle) between neighbouring stages. Passing all four
         # shape sets (static mode) would avoid it; not done yet (paratrain.messages).
@@ -222,7 +227,7 @@ class Pipeline(Strategy):
         nn.utils.clip_grads_with_norm_(params, max_norm, sq.sqrt().reshape(()))
 
     @torch.no_grad()
-    def evaluate(self, batches: list[Batch]) -> float:
+    def evaluate(self, batches: list[Batch]) -> list[float]:
         """A plain forward through the stages in order (no schedule: ZBV's cannot run without backward)."""
         group, me = self.topo.group("pp"), self.topo.axis_rank("pp")
         part_of = dict(zip(self.stage_ids, self.parts))
@@ -242,10 +247,15 @@ class Pipeline(Strategy):
                     send_tensor(x, group, self.rank_of_stage[s + 1])
             if self.has_last:
                 with self.loss_context():
-                    losses.append(self.loss_fn(x, b.targets))
+                    losses.append(values(self.loss_fn, self.metrics, x, b.targets))
         for part in self.parts:
             part.train()
-        return self._pipeline_loss(losses)
+        # the last stage's mean [loss, metric, ...], shared along the pipeline, then averaged over dp
+        local = torch.stack(losses).mean(0) if losses else torch.zeros(1 + len(self.metrics))
+        local = local.to(self.topo.device)
+        if self.topo.size("pp") > 1:
+            self.meter.all_reduce(local, self.topo.group("pp"))
+        return self.meter.means(local, self.topo.group("dp"))
 
     def state_dict(self, group=None) -> dict:
         return merge_states([full_state(part, opt) for part, opt in zip(self.parts, self.optimizer.optimizers)])

@@ -76,6 +76,15 @@ def balanced_split(costs: list[float], num_stages: int) -> list[int]:
     return starts[::-1]
 
 
+def whole_model(model: nn.Module) -> nn.Module:
+    """The one stage of a one-stage pipeline (hybrid with pp = 1): a copy of the whole model, any
+    model, with its output as a tensor (a transformers ModelOutput: its logits), since the pipeline
+    runtime sends and checks tensors. Parameter names stay the model's."""
+    part = copy.deepcopy(model)
+    part.register_forward_hook(lambda module, args, out: out.logits if hasattr(out, "logits") else out)
+    return part
+
+
 def build_stage(model: nn.Module, starts: list[int], stage: int) -> nn.Module:
     """A copy of `model` holding only stage `stage`'s blocks (and the ends that go with it)."""
     num_blocks = len(blocks_of(model))

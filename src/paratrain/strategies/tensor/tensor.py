@@ -40,5 +40,5 @@ class TensorParallel(Strategy):
         self.meter.add(sum(ring_bytes(op, nbytes, self.topo.size("tp")) for op, nbytes in ops), 0.0)
         return local_step(self, batch, loss_context=loss_parallel)
 
-    def evaluate(self, batches: list[Batch]) -> float:
-        return local_eval(self, batches, loss_context=loss_parallel).item()  # the same on every tp rank
+    def evaluate(self, batches: list[Batch]) -> list[float]:
+        return local_eval(self, batches, loss_context=loss_parallel).tolist()  # the same on every tp rank
