@@ -5,7 +5,9 @@ The first SIGTERM or SIGINT only sets a flag. After each step the ranks agree on
 (`Strategy.agree_to_stop`: one all-reduce of the signal number where ranks step together, the
 next synchronisation for local SGD and DiLoCo), so that a signal sent to one worker alone stops
 every rank at the same step; each writes its part of a checkpoint there, and the process exits
-with 128 + the signal number. A second signal does not wait: KeyboardInterrupt, at once.
+with 128 + the signal number. A second Ctrl-C does not wait: KeyboardInterrupt, at once. A
+second SIGTERM changes nothing: under SLURM every process of the job step gets the scheduler's
+signal, and torchrun's agent passes its own on too.
 
 torch's elastic agent (`paratrain run`, torchrun) forwards a signal it receives to every worker
 once and waits for them; the launcher kills them at a second one. Written here: torch offers no
@@ -47,9 +49,12 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.signum:  # the second one: stop now
+        # A second Ctrl-C stops now. A repeated SIGTERM does not: a scheduler signals every process
+        # of a job step (SLURM's --signal and scancel reach the workers directly) and torchrun's
+        # agent passes its own on, so a worker gets the one request twice within a moment.
+        if self.signum and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.signum = signum
+        self.signum = self.signum or signum
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
