@@ -19,9 +19,10 @@ demo: $(STAMP)
 
 # Two pytest workers: most tests wait on worker processes starting, timeouts and heartbeats, so
 # on 2 cores two at a time take about 0.7 of the time one at a time does (measured).
+WORKERS ?= 2
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n $(WORKERS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py
