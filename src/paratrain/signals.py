@@ -49,10 +49,11 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame) -> None:
-        # A second Ctrl-C stops now. A repeated SIGTERM does not: a scheduler signals every process
+        # A second signal after a Ctrl-C stops now (`paratrain run` passes a second Ctrl-C on to
+        # its workers as SIGTERM). A repeated SIGTERM does not: a scheduler signals every process
         # of a job step (SLURM's --signal and scancel reach the workers directly) and torchrun's
         # agent passes its own on, so a worker gets the one request twice within a moment.
-        if self.signum and signum == signal.SIGINT:
+        if self.signum and signal.SIGINT in (self.signum, signum):
             raise KeyboardInterrupt
         self.signum = self.signum or signum
 

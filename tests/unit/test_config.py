@@ -138,8 +138,6 @@ WORLD_INVALID = [
      "training.on_nonfinite = 'skip': parameter_server takes 'stop'"),
     (["strategy.name=ddp", "strategy.pp=2"], 2, "strategy.pp = 2: only strategy.name = 'hybrid' takes degrees"),
     (["strategy.name=single"], 2, "strategy.name = 'single': runs on 1 process, not 2"),
-    (["strategy.name=pipeline", "model.name=mlp", "data.name=synthetic", "strategy.pipeline.split=time"], 2,
-     "strategy.pipeline.split = 'time': times each block on token sequences, so the built-in gpt only"),
 
     (["strategy.name=ddp", "training.global_batch_size=9"], 2,
      "training.global_batch_size = 9: must be divisible by data-parallel ranks x grad_accum_steps = 2 x 1"),

@@ -155,9 +155,6 @@ def check_pipeline(cfg: Config, pp: int, dp: int) -> None:
     """Pipeline constraints that need no model (the model's blocks: pipeline.check_model_split)."""
     p = cfg.strategy.pipeline
     schedule, v, m = pipeline_settings(cfg)
-    if p.split == "time" and cfg.model.name != "gpt" and pp * v > 1:  # it times the blocks on token sequences
-        raise ConfigError(f"strategy.pipeline.split = 'time': times each block on token sequences, so the built-in "
-                          f"gpt only (model.name = {cfg.model.name!r}); use 'params' or split_points")
     if schedule in ("gpipe", "1f1b") and v != 1:
         raise ConfigError(f"strategy.pipeline.virtual_stages = {v}: schedule '{schedule}' takes 1 stage per rank; "
                           "use interleaved_1f1b or interleaved_zb for more")
