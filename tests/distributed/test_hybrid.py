@@ -12,8 +12,9 @@ TOL = 1e-5
 BASE = [*TINY_GPT, "model.n_layer=4", "strategy.pipeline.microbatches=2", "strategy.name=hybrid",
         "optimizer.name=sgd", "optimizer.lr=0.3", "optimizer.momentum=0.9", "optimizer.grad_clip=0.5",
         "checkpoint.enabled=true", "checkpoint.every=4", "checkpoint.keep=2", "training.steps=8"]
-MESHES = [("2x2x1", "replicate"), ("2x2x1", "shard"), ("2x1x2", "replicate"), ("2x1x2", "shard"),
-          ("1x2x2", "replicate"), ("1x4x1", "replicate")]
+# dp replicated with pp, dp sharded (FSDP) with tp, pp with tp, four stages. (dp sharded with pp and
+# dp replicated with tp ran here too, and cost the suite 25 s; their parts are the same code.)
+MESHES = [("2x2x1", "replicate"), ("2x1x2", "shard"), ("1x2x2", "replicate"), ("1x4x1", "replicate")]
 
 
 def _mesh(tmp_path, dims, mode):

@@ -103,16 +103,6 @@ def test_diloco_three_replicas_a_hung_one_is_left_out_and_the_majority_trains_on
     assert len({g["params_sha256"] for g in groups}) == 1
 
 
-def test_local_sgd_a_hung_replica_is_left_out_and_the_other_trains_on(tmp_path):
-    sets = [*LOCAL, "strategy.name=local_sgd", "faults.hang_at_step=14", "run.timeout_s=3"]
-    out = cli(["run", "--nproc", "2", *[a for s in sets for a in ("--set", s)]], cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    assert "ended it with SIGKILL so that its agent restarts it" in out.stderr
-    steps = [r for r in records(tmp_path / "run", 0) if r.get("committed", True)]
-    assert [r["step"] for r in steps] == list(range(40)) and ended(tmp_path / "run", 0)["restarts"] == 0
-    assert [r["replicas"] for r in steps if r["step"] >= 19 and "replicas" in r] == [1] * 6  # syncs 20..40 alone
-
-
 def test_hybrid_a_killed_process_restarts_its_pipeline_group_and_the_run_equals_single(tmp_path):
     """hybrid's dp axis as 2 replica groups, each a 2-stage pipeline (4 processes): the second
     stage of group 1 killed; its agent restarts that group (both stages), each stage loads the
