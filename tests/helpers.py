@@ -91,3 +91,29 @@ def cli(args: list[str], cwd, timeout: float = 240, env: dict | None = None) -> 
     """`paratrain ARGS` as a user types it, to the end."""
     return subprocess.run([*PARATRAIN, *args], cwd=cwd, env={**ENV, **(env or {})}, capture_output=True, text=True,
                           timeout=timeout)
+
+
+# ---------------------------------------------------------------------------- system packages
+
+
+def apt_install(packages: list[str], commands: list[str]) -> None:
+    """Debian's `packages`, installed with apt-get (as root) unless `commands` are all found already;
+    the test is skipped, saying why, where they cannot be had."""
+    import shutil
+
+    import pytest
+
+    if all(shutil.which(c) for c in commands):
+        return
+    names = " and ".join(packages)
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip(f"Debian's {names} are not installed, and apt-get as root is not available here to install them")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-q", *packages]
+    out = subprocess.run(install, env=env, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:  # package lists missing or stale: fetch them once
+        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=600)
+        out = subprocess.run(install, env=env, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0 or not all(shutil.which(c) for c in commands):
+        said = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        pytest.skip(f"apt-get could not install Debian's {names}: {said}")

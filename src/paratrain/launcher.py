@@ -35,7 +35,7 @@ from paratrain.imports import import_callable
 from paratrain.nodes import Nodes, await_job, publish
 from paratrain.nonfinite import NONFINITE_EXIT, NonFiniteError
 from paratrain.restarts import OWNED_ENV, attempt, job_dir, record_end
-from paratrain.results import LaunchResult, load_model
+from paratrain.results import LaunchResult, TrainResult
 from paratrain.rundir import Plan, claim, notes, record_config, settle, write_json
 from paratrain.signals import HANDLED, Stopped
 from paratrain.topology import REJOIN_ENV, REPLICA_ENV
@@ -57,26 +57,6 @@ def _rejoins(cfg: Config):
     from paratrain.strategies.parameter_server.protocol import rejoins
 
     return lambda rank: rejoins(cfg) and rank != 0
-
-
-@dataclass
-class TrainResult:
-    """What `train` returns on each rank. `model` is what this rank trained with: the whole plain
-    model (single, ddp, zero1, local SGD, DiLoCo, gossip, Hogwild, a parameter-server worker), its
-    shards (zero2 / zero3: FSDP2 DTensors; tensor: DTensors), its pipeline stages (pipeline,
-    model_parallel, hybrid: the stages' modules), or on a parameter server's serving rank the
-    initial model (the server's report is `summary`). `full_model()` is the whole trained model on
-    any strategy."""
-    model: nn.Module
-    summary: dict  # losses, step times, throughput, bytes sent
-    run_dir: Path  # its last checkpoint holds the whole model, full tensors by name
-
-    def full_model(self, model: nn.Module | None = None) -> nn.Module:
-        """The whole trained model as one plain nn.Module on the CPU, whatever the layout: read from
-        the run's final checkpoint, which holds it gathered from every stage and shard (written by
-        rank 0 before train() returns there; other ranks: after a barrier). `model`: a fresh
-        instance to load it into, needed where train() was given a model of your own."""
-        return load_model(self.run_dir, model)
 
 
 def train(cfg: Config, *, resume: str | Path | None = None, model: nn.Module | None = None,

@@ -1,5 +1,5 @@
-"""What the Python API hands back: `launch`'s result, and `load_model`, the trained model as one
-plain `nn.Module` whatever layout trained it.
+"""What the Python API hands back: `launch`'s result, `train`'s on each rank, and `load_model`, the
+trained model as one plain `nn.Module` whatever layout trained it.
 
 A checkpoint file (`<run dir>/checkpoints/step-NNNNNNNN.pt`, written by checkpoint.py with
 `torch.save`, read back with `weights_only=True`) is a dict:
@@ -51,6 +51,26 @@ class LaunchResult:
         if self.checkpoint is None:
             raise ConfigError(f"run {self.run_dir}: no checkpoint to load a model from (checkpoint.enabled = false?)")
         return load_model(self.checkpoint, model)
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns on each rank. `model` is what this rank trained with: the whole plain
+    model (single, ddp, zero1, local SGD, DiLoCo, gossip, Hogwild, a parameter-server worker), its
+    shards (zero2 / zero3: FSDP2 DTensors; tensor: DTensors), its pipeline stages (pipeline,
+    model_parallel, hybrid: the stages' modules), or on a parameter server's serving rank the
+    initial model (the server's report is `summary`). `full_model()` is the whole trained model on
+    any strategy."""
+    model: nn.Module
+    summary: dict  # losses, step times, throughput, bytes sent
+    run_dir: Path  # its last checkpoint holds the whole model, full tensors by name
+
+    def full_model(self, model: nn.Module | None = None) -> nn.Module:
+        """The whole trained model as one plain nn.Module on the CPU, whatever the layout: read from
+        the run's final checkpoint, which holds it gathered from every stage and shard (written by
+        rank 0 before train() returns there; other ranks: after a barrier). `model`: a fresh
+        instance to load it into, needed where train() was given a model of your own."""
+        return load_model(self.run_dir, model)
 
 
 def load_model(path: str | Path, model: nn.Module | None = None) -> nn.Module:

@@ -6,44 +6,20 @@ whole page is not blank. The same check finds a broken image when one is planted
 Debian's `chromium` and `chromium-driver` are installed here with apt-get when they are missing
 and this runs as root; otherwise the test is skipped and says why. selenium (a test extra) drives
 the browser through the chromedriver Debian ships, so nothing is downloaded at test time."""
-import os
 import shutil
-import subprocess
 
-import pytest
-
-from tests.helpers import ROOT, cli
+from tests.helpers import ROOT, apt_install, cli
 
 RECORDED = ROOT / "tests" / "data" / "demo-compare"
 IMAGES = "return Array.from(document.images).map(i => [i.complete, i.naturalWidth])"
-
-
-def _chromium() -> tuple[str, str]:
-    """(chromium, chromedriver), installing Debian's packages when they are missing."""
-    found = shutil.which("chromium"), shutil.which("chromedriver")
-    if all(found):
-        return found
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip("Debian's chromium and chromium-driver are not installed, and apt-get as root is not "
-                    "available here to install them")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", "chromium", "chromium-driver"]
-    out = subprocess.run(install, env=env, capture_output=True, text=True, timeout=600)
-    if out.returncode != 0:  # package lists missing or stale: fetch them once
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=600)
-        out = subprocess.run(install, env=env, capture_output=True, text=True, timeout=600)
-    found = shutil.which("chromium"), shutil.which("chromedriver")
-    if out.returncode != 0 or not all(found):
-        said = (out.stderr.strip().splitlines() or ["no output"])[-1]
-        pytest.skip(f"apt-get could not install Debian's chromium and chromium-driver: {said}")
-    return found
 
 
 def test_the_report_opens_in_headless_chromium_with_every_image_and_no_console_error(tmp_path):
     page = tmp_path / "report.html"
     out = cli(["report", str(RECORDED), "--out", str(page)], cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr
-    chromium, chromedriver = _chromium()
+    apt_install(["chromium", "chromium-driver"], ["chromium", "chromedriver"])
+    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 

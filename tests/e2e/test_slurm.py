@@ -16,24 +16,9 @@ from pathlib import Path
 import pytest
 
 from paratrain.testing import free_port
-from tests.helpers import ENV, MLP, ROOT, records
+from tests.helpers import ENV, MLP, ROOT, apt_install, records
 
 SCRIPT = ROOT / "examples" / "slurm" / "paratrain.sbatch"
-
-
-def _installed() -> None:
-    if all(shutil.which(c) for c in ("sbatch", "slurmctld", "slurmd", "munged")):
-        return
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip("Debian's slurm-wlm and munge are not installed, and apt-get as root is not available here")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", "slurm-wlm", "munge"]
-    out = subprocess.run(install, env=env, capture_output=True, text=True, timeout=600)
-    if out.returncode != 0:  # package lists missing or stale: fetch them once
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=600)
-        out = subprocess.run(install, env=env, capture_output=True, text=True, timeout=600)
-    if out.returncode != 0:
-        pytest.skip(f"apt-get could not install slurm-wlm and munge: {(out.stderr.strip().splitlines() or [''])[-1]}")
 
 
 def _munge() -> None:
@@ -59,7 +44,7 @@ def _munge() -> None:
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
     """SLURM_CONF of a one-node cluster (this machine, 2 CPUs), its daemons running."""
-    _installed()
+    apt_install(["slurm-wlm", "munge"], ["sbatch", "slurmctld", "slurmd", "munged"])
     _munge()
     d = tmp_path_factory.mktemp("slurm")
     host = socket.gethostname()
