@@ -17,11 +17,11 @@ losses). A watcher stops the job once the target is reached (SIGTERM to its torc
 at `--cap` steps, or after `--run-limit` seconds.
 
 Counted, from run_dir/metrics/rank0.jsonl:
-- time to target = sum of step_s over steps 0..k (k: the eval record's step; step_s is the whole
+- time to target = sum of step_s over steps 1..k (k: the eval record's step; step_s is the whole
   step from fetching the batch to the optimizer step, incl. communication and DiLoCo's sync);
   evaluation, start-up and rendezvous are not counted.
-- bytes sent per rank = sum of bytes_sent over steps 0..k (rank 0; the codecs' ring accounting,
-  symmetric across ranks), bytes/step = that / (k + 1); "bytes ratio vs ddp" compares bytes/step.
+- bytes sent per rank = sum of bytes_sent over steps 1..k (rank 0; the codecs' ring accounting,
+  symmetric across ranks), bytes/step = that / k; "bytes ratio vs ddp" compares bytes/step.
 Goals: at 100 Mbit/s the best strategy reaches the target >= 5x sooner than ddp; PowerSGD
 rank 4 sends >= 30x fewer bytes per step than ddp (per compressed step: torch's hook all-reduces
 its first 2 steps uncompressed, which the whole-run figure shows too). Needs root. Other load on the machine makes
@@ -78,7 +78,7 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
 
 
 def counted(evals: list[dict], diloco: bool) -> list[dict]:
-    return [e for e in evals if not diloco or (e["step"] + 1) % H == 0]
+    return [e for e in evals if not diloco or e["step"] % H == 0]
 
 
 def stop_agents() -> None:
@@ -136,8 +136,8 @@ def run_one(rate: str, label: str, sets: list[str], args, stop_when) -> dict:
 def summarise(run: dict, target: float) -> dict:
     steps, evals = run["steps"], run["evals"]
     hit = next((e for e in evals if e["eval_loss"] <= target), None)
-    k = hit["step"] if hit else (evals[-1]["step"] if evals else len(steps) - 1)
-    upto = steps[:k + 1]
+    k = hit["step"] if hit else (evals[-1]["step"] if evals else len(steps))  # steps count from 1
+    upto = steps[:k]
     t = sum(r["step_s"] for r in upto)
     nbytes = sum(r.get("bytes_sent", 0) for r in upto)
     last = evals[-1]["eval_loss"] if evals else float("nan")
@@ -192,8 +192,8 @@ def main() -> None:
         rows = []
         for label, sets in STRATEGIES:
             if target is None:  # the first job defines the target: ddp's loss after target_steps steps
-                run = run_one(rate, label, sets, args, lambda ev: any(e["step"] + 1 >= args.target_steps for e in ev))
-                at = next(e for e in run["evals"] if e["step"] + 1 == args.target_steps)
+                run = run_one(rate, label, sets, args, lambda ev: any(e["step"] >= args.target_steps for e in ev))
+                at = next(e for e in run["evals"] if e["step"] == args.target_steps)
                 target = at["eval_loss"] * 1.001
             else:
                 def reached(ev, target=target):

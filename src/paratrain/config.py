@@ -33,6 +33,7 @@ AT_LEAST_1 = _check(lambda v: v >= 1, "an integer >= 1")
 NON_NEGATIVE = _check(lambda v: v >= 0, "a number >= 0")
 FRACTION = _check(lambda v: 0 <= v < 1, "a number in [0, 1)")
 OPEN_FRACTION = _check(lambda v: 0 < v < 1, "a number in (0, 1)")
+A_STEP = _check(lambda v: v == -1 or v >= 1, "a step number >= 1 (steps count from 1), or -1 for never")
 IMPORT_PATH = _check(lambda v: v == "" or _is_import_path(v), "'package.module:function' or empty")
 
 
@@ -240,16 +241,16 @@ class FaultsConfig:
     rank: int = -1  # the faulty rank; -1: none
     slowdown: float = field(default=1.0, metadata=_check(lambda v: v >= 1, "a number >= 1"))  # its compute takes x this
     delay_s: float = field(default=0.0, metadata=NON_NEGATIVE)  # it waits this much more per step
-    # Before this step (0-based; -1: never) the rank gets SIGKILL from itself: a crash, as an out-of-memory
-    # kill or a lost machine is (exit -9, no clean-up).
-    kill_at_step: int = -1
+    # Before this step (steps count from 1; -1: never) the rank gets SIGKILL from itself: a crash, as an
+    # out-of-memory kill or a lost machine is (exit -9, no clean-up).
+    kill_at_step: int = field(default=-1, metadata=A_STEP)
     # Before this step, SIGSTOP from itself: frozen, alive, silent (a hung driver, a stalled host).
-    hang_at_step: int = -1
+    hang_at_step: int = field(default=-1, metadata=A_STEP)
     # Before this step, it exits with code 0 without a word to its peers: a worker that quits, not a crash.
-    leave_at_step: int = -1
-    # The rank's training loss is NaN at this step (0-based; -1: never). Under a pipeline only the last
-    # stage computes a loss: a fault on an earlier stage injects nothing.
-    nan_at_step: int = -1
+    leave_at_step: int = field(default=-1, metadata=A_STEP)
+    # The rank's training loss is NaN at this step (steps count from 1; -1: never). Under a pipeline only the
+    # last stage computes a loss: a fault on an earlier stage injects nothing.
+    nan_at_step: int = field(default=-1, metadata=A_STEP)
 
 
 @dataclass(frozen=True)

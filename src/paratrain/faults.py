@@ -8,7 +8,8 @@
   torch's agent does not count as a failure.
 - `nan_at_step`, `slowdown`, `delay_s`: a divergence and a straggler.
 
-A fault happens once: a group that torch's agent restarted (TORCHELASTIC_RESTART_COUNT > 0) does
+Steps count from 1: `kill_at_step = 5` acts before the fifth step, after four are done. A fault
+happens once: a group that torch's agent restarted (TORCHELASTIC_RESTART_COUNT > 0) does
 not repeat it, as a transient fault would not recur. Configured under `[faults]` and applied by the
 trainer around each step, whatever the strategy; what survives a fault is for the strategy and
 the launcher to show.
@@ -31,7 +32,7 @@ class FaultInjector:
         self.active = cfg.rank == rank
         self.cfg = cfg
 
-    step = -1  # the step being taken, set by before_step
+    step = 0  # the step being taken (counted from 1), set by before_step
 
     def before_step(self, step: int) -> None:
         self.step = step

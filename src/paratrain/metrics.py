@@ -2,8 +2,10 @@
 
 Each rank writes `metrics/rank<R>.jsonl`: one record per step (loss, learning rate, throughput,
 time split into data / compute / communication / optimizer / waiting, bytes sent) and one per
-evaluation; with `run.tensorboard`, the same scalars through torch's SummaryWriter. Rank 0 shows
-a rich progress bar at a terminal, plain periodic lines otherwise.
+evaluation. Steps count from 1 everywhere (records, progress lines, checkpoints, messages): step N
+is the N-th optimizer step, its record is written once it is done, and an evaluation or checkpoint
+"at step N" is of the model after it. With `run.tensorboard`, the same scalars through torch's
+SummaryWriter. Rank 0 shows a rich progress bar at a terminal, plain periodic lines otherwise.
 """
 from __future__ import annotations
 
@@ -43,12 +45,13 @@ class MetricsLog:
                  tensorboard: bool = False):
         self.path = Path(run_dir) / "metrics" / f"rank{rank}.jsonl"
         # torch's own writer; purge_step drops what a previous start logged past the checkpoint resumed
+        # (the checkpoint of step N keeps steps 1..N)
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard" / f"rank{rank}"),
-                                    purge_step=start_step or None)
+                                    purge_step=start_step + 1 if start_step else None)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.step_times: list[float] = []
         self.bytes_sent = 0
@@ -61,7 +64,7 @@ class MetricsLog:
         self.steps_this_start = 0  # the summary counts the whole run; this, the steps since the resume
         resumed = start_step or keep_all
         until = float("inf") if keep_all else start_step
-        kept = records_before(self.path, until) if resumed and self.path.exists() else ""
+        kept = records_through(self.path, until) if resumed and self.path.exists() else ""
         if resumed:  # resume: the records before the checkpoint stay, and count in the summary
             self.path.write_text(kept)
             for rec in map(json.loads, kept.splitlines()):
@@ -143,9 +146,9 @@ class MetricsLog:
             self.tb.close()
 
 
-def records_before(path: Path, step: int) -> str:
-    """The whole lines of a metrics file with records of steps before `step` (a resume's history)."""
-    return "".join(line + "\n" for line in Path(path).read_text().splitlines() if _step_of(line) < step)
+def records_through(path: Path, step: int) -> str:
+    """The whole lines of a metrics file with records of steps 1..`step` (a resume's history)."""
+    return "".join(line + "\n" for line in Path(path).read_text().splitlines() if _step_of(line) <= step)
 
 
 def _step_of(line: str) -> float:
@@ -173,7 +176,7 @@ class Progress:
             self.bar.start()
 
     def update(self, rec: dict, evals: dict | None) -> None:
-        step = rec["step"] + 1
+        step = rec["step"]
         tokens = "tokens_per_s" in rec
         rate = f"{rec['tokens_per_s']:,.0f} tok/s" if tokens else f"{rec['samples_per_s']:,.0f} samples/s"
         said = "".join(f"  {k.removeprefix('eval_')} {v:.4g}" for k, v in (evals or {}).items() if k != "eval_loss")

@@ -283,12 +283,12 @@ def _move_aside(run_dir: Path) -> None:
 
 
 def _carry_metrics(src: Path, dst: Path, step: int) -> None:
-    """A fork's history: the source run's step and eval records before the checkpoint's step."""
-    from paratrain.metrics import records_before
+    """A fork's history: the source run's step and eval records up to the checkpoint's step."""
+    from paratrain.metrics import records_through
 
     for path in sorted((src / "metrics").glob("rank*.jsonl")):
         (dst / "metrics").mkdir(exist_ok=True)
-        (dst / "metrics" / path.name).write_text(records_before(path, step))
+        (dst / "metrics" / path.name).write_text(records_through(path, step))
 
 
 def write_json(path: Path, obj: dict) -> None:

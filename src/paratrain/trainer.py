@@ -69,9 +69,10 @@ class Trainer:
     def step(self) -> tuple[dict, float | None]:
         """One optimizer step on one global batch, then evaluation and checkpoint when due."""
         t = self.cfg.training
-        step = self.step_num = self.strategy.begin_step(self.step_num)
-        self.heartbeat.at(step, "train_step")
-        self.faults.before_step(step)
+        step = self.step_num = self.strategy.begin_step(self.step_num)  # the index of the batch and the lr
+        number = step + 1  # steps count from 1 in records, progress, checkpoints and messages (metrics.py)
+        self.heartbeat.at(number, "train_step")
+        self.faults.before_step(number)
         if (shard := self.strategy.data_shard()) != self.shard:  # survivors take over a lost replica's share
             self._reshard(shard)
         t0 = time.perf_counter()
@@ -82,8 +83,8 @@ class Trainer:
         try:
             with measured(self.strategy, self.memory) if step == self.measure_at else nullcontext():
                 stats = self.strategy.train_step(batch)
-        except NonFiniteError as e:  # named by the step as the progress lines count it
-            raise NonFiniteError(e.ranks, step + 1, e.where, e.outcome) from None
+        except NonFiniteError as e:
+            raise NonFiniteError(e.ranks, number, e.where, e.outcome) from None
         if not stats.skipped:  # a straggler computes slower; a step it dropped costs it nothing
             stats.compute_s += self.faults.after_step(stats.compute_s)
         # What a codec saved, counted at its calls; taken once, so a step that sent nothing reports none.
@@ -91,17 +92,17 @@ class Trainer:
         if ratio is not None:
             stats.extra.setdefault("compression_ratio", ratio)
         self.step_num += 1
-        rec = self.metrics.log_step(step, stats, lr, data_s, time.perf_counter() - t0, t.global_batch_size,
+        rec = self.metrics.log_step(number, stats, lr, data_s, time.perf_counter() - t0, t.global_batch_size,
                                    batch.tokens_per_sample)
         evals = None
         with self.strategy.paused():
             if self._due(t.eval_every):
-                self.heartbeat.at(step, "evaluate")
+                self.heartbeat.at(number, "evaluate")
                 evals = named(self.strategy.metrics, self.strategy.evaluate(self.eval_batches))
                 self.strategy.meter.take()  # evaluation traffic is not a training step's
-                self.metrics.log_eval(step, evals)
+                self.metrics.log_eval(number, evals)
             if self.cfg.checkpoint.enabled and self._due(self.cfg.checkpoint.every):
-                self.heartbeat.at(step, "checkpoint")
+                self.heartbeat.at(number, "checkpoint")
                 self.checkpointer.save(self.step_num, self.strategy, self.batches.position(self.step_num))
         return rec, evals
 

@@ -134,20 +134,23 @@ def read_peer(path: Path, now: float | None = None) -> Peer | None:
     local = b["host"] == socket.gethostname()
     step, doing = b["step"], b["doing"]
     recorded = _last_step(path.parent.parent / "metrics" / f"rank{b['rank']}.jsonl")
-    if recorded + 1 > step and doing not in ENDED:  # steps the heartbeat had not caught up with
+    # Steps the heartbeat had not caught up with: a record of step N is written as step N ends, after
+    # the heartbeat said "train_step" at N and before it says what follows at N.
+    behind = recorded > step or (recorded == step and doing == "train_step")
+    if behind and recorded > 0 and doing not in ENDED:
         step, doing = recorded + 1, "train_step"  # past its last step record: in the next step
     return Peer(b["rank"], b["pid"], b["host"], step, doing, now - b["time"],
                 process_state(b["pid"]) if local else "remote")
 
 
 def _last_step(metrics: Path) -> int:
-    """The last step a metrics file records (-1: none)."""
+    """The last step a metrics file records (0: none; steps count from 1)."""
     try:
         with open(metrics, "rb") as f:
             f.seek(max(0, f.seek(0, os.SEEK_END) - 8192))
             lines = f.read().splitlines()
     except OSError:
-        return -1
+        return 0
     for line in reversed(lines):
         try:
             rec = json.loads(line)
@@ -155,7 +158,7 @@ def _last_step(metrics: Path) -> int:
             continue
         if rec.get("kind") == "step":
             return int(rec["step"])
-    return -1
+    return 0
 
 
 def process_state(pid: int) -> str:

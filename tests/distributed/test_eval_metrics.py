@@ -34,7 +34,7 @@ def test_metrics_under_each_strategy(tmp_path):
         assert set(got) == {"accuracy", "top_logit"} and 0 <= got["accuracy"] <= 1, name
     for name in lockstep | apart:  # every evaluation's record carries them
         evals = records(tmp_path / name, 0, "eval")
-        assert [e["step"] for e in evals] == [4, 9, 14] and all("eval_accuracy" in e for e in evals), name
+        assert [e["step"] for e in evals] == [5, 10, 15] and all("eval_accuracy" in e for e in evals), name
     gpt_oracle = fit(config(gpt, "strategy.name=single", run_dir=tmp_path / "gpt-single"))["summary"]
     for name in ("tensor", "pipeline"):  # vocabulary-sharded DTensor logits; the last stage's
         s = out[f"gpt-{name}"][0]["summary"]

@@ -165,15 +165,15 @@ def test_resume_from_sync_checkpoint_equals_uninterrupted_compressed_diloco(two_
 
 @pytest.mark.parametrize("codec", ["none", "int8"])
 def test_diloco_survives_a_killed_worker(tmp_path, codec):
-    kill_at = 6
+    kill_at = 6  # the steps taken before the kill, as the seventh begins
     cfg = config(MLP, "strategy.name=diloco", PLAIN_SGD, "strategy.local_sgd.sync_every=2", "training.steps=16",
                  "training.eval_every=0", "checkpoint.every=4", "run.timeout_s=5", "faults.rank=2",
-                 f"faults.kill_at_step={kill_at}", f"strategy.compression.codec={codec}", run_dir=tmp_path / "kill")
+                 f"faults.kill_at_step={kill_at + 1}", f"strategy.compression.codec={codec}", run_dir=tmp_path / "kill")
     a, b, lost = run_ranks(stepwise, 3, cfg, allow_missing=True, timeout_s=120)
-    assert lost is None  # it left before step 6 without a word
+    assert lost is None  # it left before step 7 without a word
     a, b = a["steps"], b["steps"]
     assert len(a) == len(b) == 16  # the survivors finished every step
-    # Nothing is sent between syncs: they noticed at the first collective of the sync of step 7 and agreed.
+    # Nothing is sent between syncs: they noticed at the first collective of the sync of step 8 and agreed.
     assert a[kill_at]["wait_s"] == 0 and a[kill_at + 1]["wait_s"] > 0
     for step, (ra, rb) in enumerate(zip(a, b)):
         if step % 2 == 1:  # sync steps: replicas identical, averaged over 3 ranks, then 2

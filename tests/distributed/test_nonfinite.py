@@ -12,7 +12,7 @@ from paratrain.testing import RankFailed, run_ranks
 from paratrain.topology import Topology
 from tests.helpers import MLP, TINY_GPT, config, fit
 
-NAN_AT_3 = ["faults.rank=1", "faults.nan_at_step=3", "training.steps=8", "checkpoint.every=2"]
+NAN_AT_4 = ["faults.rank=1", "faults.nan_at_step=4", "training.steps=8", "checkpoint.every=2"]
 
 
 def _fit_or_error(cfg):
@@ -28,8 +28,8 @@ def _all_finite(params: dict) -> bool:
 
 
 def test_stop_names_step_and_rank_on_every_rank_and_writes_no_bad_checkpoint(tmp_path):
-    out = run_ranks(_fit_or_error, 2, config(MLP, "strategy.name=ddp", *NAN_AT_3, run_dir=tmp_path / "r"))
-    assert out == [("stopped", 4, [1])] * 2  # the 4th step, as the progress lines count it
+    out = run_ranks(_fit_or_error, 2, config(MLP, "strategy.name=ddp", *NAN_AT_4, run_dir=tmp_path / "r"))
+    assert out == [("stopped", 4, [1])] * 2  # the step the fault named, as records and progress lines count
     ckpts = list_checkpoints(tmp_path / "r")
     assert [step_of(p) for p in ckpts] == [2]  # none at or after the bad step
     assert _all_finite(read_checkpoint(ckpts[-1])["strategy"]["model"])
@@ -51,7 +51,7 @@ def test_skip_leaves_the_update_out_on_every_rank(tmp_path, strategy, base):
 
 
 def test_replicas_that_update_alone_decide_alone(tmp_path):
-    cfg = config(MLP, "strategy.name=local_sgd", *NAN_AT_3, run_dir=tmp_path / "r")
+    cfg = config(MLP, "strategy.name=local_sgd", *NAN_AT_4, run_dir=tmp_path / "r")
     with pytest.raises(RankFailed, match=r"rank 1:[\s\S]*NonFiniteError: step 4: non-finite loss on rank 1"):
         run_ranks(fit, 2, cfg)
 

@@ -29,10 +29,10 @@ SSP_BOUND = (2 - 1) * (2 * 1 + 1)  # W = 2 workers, s = 1: (W-1)(2s+1), see para
 # shards and optimizer state, and the schedule.
 RESUMABLE = [*PS, "strategy.ps.mode=bsp", "model.dropout=0.1", "optimizer.schedule=cosine",
              "optimizer.warmup_steps=4", "checkpoint.every=10", "checkpoint.keep=3"]
-KILL_AT = 8
+KILL_AT = 8  # the steps the worker takes before it is killed, as the ninth begins
 # Gentler SGD and more steps than MLP's defaults: there the eval loss is not monotone even for single.
 KILL = [*PS, "strategy.ps.mode=bsp", "optimizer.momentum=0.5", "optimizer.lr=0.02", "training.steps=40",
-        "faults.rank=1", f"faults.kill_at_step={KILL_AT}"]
+        "faults.rank=1", f"faults.kill_at_step={KILL_AT + 1}"]
 
 
 # ---------------------------------------------------------------------------- rank functions
@@ -137,7 +137,7 @@ def test_ssp_keeps_its_staleness_bound_and_asp_does_not(runs):
 def test_drop_behind_keeps_the_bound_and_the_fast_worker_does_not_wait(runs):
     run_dir = runs["tmp"] / "ssp-drop"
     report, fast, slow = server_report(run_dir), records(run_dir, 0), records(run_dir, 1)
-    assert [r["step"] for r in fast] == [r["step"] for r in slow] == list(range(20))  # one step numbering
+    assert [r["step"] for r in fast] == [r["step"] for r in slow] == list(range(1, 21))  # one step numbering
     # The bound, from what was recorded: the server's histogram of applied gradients, each worker's replies.
     assert report["staleness_bound"] == SSP_BOUND and report["max_staleness"] <= SSP_BOUND
     assert max(r.get("staleness", 0) for r in fast + slow) <= SSP_BOUND

@@ -19,21 +19,23 @@ def test_run_two_processes_writes_metrics_checkpoints_and_summary(tmp_path):
     run_dir = tmp_path / "runs" / "e2e-001"
     for rank in (0, 1):
         steps = records(run_dir, rank)
-        assert [r["step"] for r in steps] == list(range(20))
+        assert [r["step"] for r in steps] == list(range(1, 21))  # steps count from 1, as the progress lines do
         for key in ("loss", "lr", "tokens_per_s", "samples_per_s", "compute_s", "comm_s", "optim_s",
                     "data_s", "bytes_sent"):
             assert all(key in r for r in steps), key
         assert all(r["bytes_sent"] > 0 for r in steps)
-        assert [r["step"] for r in records(run_dir, rank, "eval")] == [9, 19]
+        assert [r["step"] for r in records(run_dir, rank, "eval")] == [10, 20]
+    # One step numbering: the evaluations, the checkpoints and the progress lines name the same steps.
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000010.pt", "step-00000020.pt"]
-    assert "step 20/20" in out.stdout and "final eval loss" in out.stdout  # progress lines + summary
+    said = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("step ") and " eval " in line]
+    assert said == ["10/20", "20/20"] and "final eval loss" in out.stdout  # progress lines + summary
     assert json.loads((run_dir / "config.json").read_text())["run"]["dir"] == "runs/e2e-001"
 
     # A second run never touches the first; resuming a finished run with more steps continues it.
     again = cli(["run", str(ROOT / "configs/demo.toml"), "--nproc", "2", *SETS,
                  "--set", "run.name=e2e", "--set", "training.steps=25", "--resume", "runs/e2e-001"], cwd=tmp_path)
     assert again.returncode == 0, again.stderr
-    assert [r["step"] for r in records(run_dir, 0)] == list(range(25))
+    assert [r["step"] for r in records(run_dir, 0)] == list(range(1, 26))
     assert "step-00000025.pt" in {p.name for p in (run_dir / "checkpoints").iterdir()}
 
 
@@ -58,7 +60,7 @@ def test_a_bad_newest_checkpoint_falls_back_and_a_bad_file_fails_before_workers(
     assert out.returncode == 0, out.stderr
     assert "step-00000020.pt' cannot be read" in out.stderr and "trying the one before" in out.stderr
     assert "resumed from step 10 of r" in out.stderr
-    assert [r["step"] for r in records(tmp_path / "r")] == list(range(30))
+    assert [r["step"] for r in records(tmp_path / "r")] == list(range(1, 31))
     # The bad file is set aside, out of the rotation, so that the good one is kept.
     assert {p.name for p in ckpts.iterdir()} == {"step-00000010.pt", "step-00000020.pt.corrupt", "step-00000030.pt"}
     assert good.read_bytes() == before and read_checkpoint(ckpts / "step-00000030.pt")["step"] == 30

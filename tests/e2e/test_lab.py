@@ -74,7 +74,7 @@ def test_compare_runs_each_entry_reports_a_failure_in_its_row_and_the_report_dra
         recs = [json.loads(line) for line in (tmp_path / "cmp" / "pipeline" / "metrics" / f"rank{rank}.jsonl").open()]
         steps = [r for r in recs if r["kind"] == "step"]
         loss = events.Scalars("train/loss")
-        assert [e.step for e in loss] == [r["step"] for r in steps] == list(range(8))
+        assert [e.step for e in loss] == [r["step"] for r in steps] == list(range(1, 9))
         assert [e.value for e in loss] == [pytest.approx(r["loss"], rel=1e-6) for r in steps]
         assert [e.step for e in events.Scalars("eval/loss")] == [r["step"] for r in recs if r["kind"] == "eval"]
         for tag in ("train/lr", "throughput/samples_per_s", "comm/bytes_sent", "time/compute_s", "time/comm_s"):

@@ -35,7 +35,7 @@ def test_ddp_on_two_nodes_restarts_both_after_a_kill_and_equals_the_uninterrupte
     assert "restart 1: continuing from" in errs[0] and "step-00000004.pt" in errs[0]
     final = lambda d: read_checkpoint(list_checkpoints(d)[-1])["strategy"]["model"]
     assert max_param_diff(final(tmp_path / "run"), final(ref)) == 0.0
-    assert [r["step"] for r in records(tmp_path / "run", 1)] == list(range(STEPS))
+    assert [r["step"] for r in records(tmp_path / "run", 1)] == list(range(1, STEPS + 1))
 
 
 def test_diloco_on_two_nodes_goes_on_at_once_without_a_lost_node(tmp_path):
@@ -64,7 +64,7 @@ def test_diloco_on_two_nodes_goes_on_at_once_without_a_lost_node(tmp_path):
     assert time.monotonic() - t0 < 30, err  # one timeout and a few seconds of heartbeats, not 300 s
     assert "lost rank(s) [1]; continuing on ranks [0]" in err
     assert "node(s) [1] did not finish" in err
-    assert [r["step"] for r in records(tmp_path / "run", 0)] == list(range(steps))
+    assert [r["step"] for r in records(tmp_path / "run", 0)] == list(range(1, steps + 1))
     assert (tmp_path / "run" / "checkpoints" / f"step-{steps:08d}.pt").exists()
 
 

@@ -57,7 +57,7 @@ def test_concurrent_starts_never_share_a_directory(tmp_path):
     assert [d.name for d in dirs] == ["same-001", "same-002"]
     assert sorted(json.loads((d / "config.json").read_text())["optimizer"]["lr"] for d in dirs) == [0.01, 0.02]
     for d in dirs:  # each trained with its own settings, from its own records
-        assert _steps(d) == list(range(40))
+        assert _steps(d) == list(range(1, 41))
         assert read_checkpoint(list_checkpoints(d)[-1])["config"]["optimizer"]["lr"] == \
             json.loads((d / "config.json").read_text())["optimizer"]["lr"]
 
@@ -76,7 +76,7 @@ def test_a_live_run_refuses_a_second_start_and_a_resume(tmp_path):
     # Killed (-9): the lock went with it, so the run can be continued.
     out = _run(tmp_path, "training.steps=400", extra=("--resume", "r"))
     assert out.returncode == 0, out.stderr
-    assert _steps(tmp_path / "r") == list(range(400))
+    assert _steps(tmp_path / "r") == list(range(1, 401))
 
 
 def test_changed_settings_are_recorded_beside_the_first_config(tmp_path):
@@ -105,7 +105,7 @@ def test_resuming_an_older_checkpoint_forks_and_never_deletes_newer_work(tmp_pat
     assert "resumed from step 20 of r" in out.stderr and "forks into runs/r-001" in out.stderr
     assert {p.name: p.read_bytes() for p in ckpts.iterdir()} == before  # the original run is untouched
     fork = tmp_path / "runs" / "r-001"
-    assert _steps(fork) == list(range(60))  # its history up to step 20 came along: the summary counts it all
+    assert _steps(fork) == list(range(1, 61))  # its history up to step 20 came along: the summary counts it all
     assert [step_of(p) for p in list_checkpoints(fork)] == [50, 60]  # rotation within the fork only
     # --resume of the original directory continues from its newest: step 60 is there, nothing to do.
     line = _one_line(_run(tmp_path, "training.steps=60", extra=("--resume", "r")))
@@ -120,7 +120,7 @@ def test_discard_newer_says_what_it_deletes_and_continues_in_place(tmp_path):
     assert ("deleting its newer checkpoints: step-00000030.pt, step-00000040.pt, step-00000050.pt, "
             "step-00000060.pt") in out.stderr
     assert [step_of(p) for p in list_checkpoints(tmp_path / "r")] == [10, 20, 30, 40]
-    assert _steps(tmp_path / "r") == list(range(40))
+    assert _steps(tmp_path / "r") == list(range(1, 41))
 
 
 def test_an_explicit_run_dir_is_honoured_on_resume(tmp_path):
@@ -130,7 +130,7 @@ def test_an_explicit_run_dir_is_honoured_on_resume(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "resumed from step 60 of r, into elsewhere" in out.stderr
     assert {p.name: p.read_bytes() for p in ckpts.iterdir()} == before
-    assert (tmp_path / "r" / "config.json").exists() and _steps(tmp_path / "elsewhere") == list(range(70))
+    assert (tmp_path / "r" / "config.json").exists() and _steps(tmp_path / "elsewhere") == list(range(1, 71))
     assert json.loads((tmp_path / "elsewhere" / "config.json").read_text())["run"]["dir"] == "elsewhere"
 
 
@@ -153,7 +153,7 @@ def test_a_start_that_died_before_its_first_checkpoint_does_not_block_its_name(t
     assert out.returncode == 0, out.stderr
     assert "held a start that ended before its first checkpoint; its files are kept in r/attempts/001" in out.stderr
     assert (tmp_path / "r" / "attempts" / "001" / "metrics" / "rank0.jsonl").stat().st_size > 0
-    assert _steps(tmp_path / "r") == list(range(20))
+    assert _steps(tmp_path / "r") == list(range(1, 21))
     # --resume of a directory with no checkpoint yet starts it from step 0 instead of failing.
     assert _run(tmp_path, "run.dir=fresh", "checkpoint.enabled=false").returncode == 0
     assert _one_line(_run(tmp_path, "run.dir=fresh", "checkpoint.enabled=false")).endswith(
@@ -241,11 +241,11 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_resume_continues(tmp_path, t
     assert len(lines) == 1 and "paratrain: stopped by SIGTERM; newest checkpoint r/checkpoints/step-" in lines[0], err
     (ckpt,) = list_checkpoints(tmp_path / "r")
     step = read_checkpoint(ckpt)["step"]
-    assert _steps(tmp_path / "r", 0) == _steps(tmp_path / "r", 1) == list(range(step))  # both ranks, one step
+    assert _steps(tmp_path / "r", 0) == _steps(tmp_path / "r", 1) == list(range(1, step + 1))  # both ranks, one step
     assert json.loads((tmp_path / "r" / "owner.json").read_text())["status"] == "interrupted"
     out = _run(tmp_path, *_ddp(f"training.steps={step + 3}"), extra=("--resume", "r", "--nproc", "2"))
     assert out.returncode == 0, out.stderr
-    assert f"resumed from step {step} of r" in out.stderr and _steps(tmp_path / "r") == list(range(step + 3))
+    assert f"resumed from step {step} of r" in out.stderr and _steps(tmp_path / "r") == list(range(1, step + 4))
 
 
 def test_a_second_ctrl_c_stops_at_once(tmp_path):

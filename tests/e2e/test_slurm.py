@@ -135,12 +135,12 @@ def test_a_batch_job_stops_on_sigterm_with_a_checkpoint_and_the_next_submission_
     assert ended["exit_code"] == 143 and "stopped by SIGTERM after step" in ended["why"], log
     stop = int(ended["why"].split("after step ")[1].split(";")[0])
     assert 60 <= stop < 150 and (run_dir / "checkpoints" / f"step-{stop:08d}.pt").exists(), log
-    assert [r["step"] for r in records(run_dir, 0)] == [r["step"] for r in records(run_dir, 1)] == list(range(stop))
+    assert [r["step"] for r in records(run_dir, 0)] == [r["step"] for r in records(run_dir, 1)] == [*range(1, stop + 1)]
 
     again = _submit(slurm, tmp_path)
     _wait_gone(slurm, again, 240)
     log = (tmp_path / f"pt-{again}.out").read_text()
     assert f"resumed from step {stop} of runs/mlp-pt" in log, log
-    assert [r["step"] for r in records(run_dir, 0)] == list(range(150))
+    assert [r["step"] for r in records(run_dir, 0)] == list(range(1, 151))
     assert (run_dir / "checkpoints" / "step-00000150.pt").exists()
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 150

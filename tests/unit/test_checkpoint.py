@@ -95,9 +95,9 @@ def test_resumed_metrics_drop_a_half_written_line(tmp_path):
 
     path = tmp_path / "metrics" / "rank0.jsonl"
     path.parent.mkdir()
-    path.write_text('{"kind": "step", "step": 0}\n{"kind": "step", "step": 1}\n{"kind": "step", "st')
-    MetricsLog(tmp_path, 0, start_step=1).close()
-    assert path.read_text() == '{"kind": "step", "step": 0}\n'
+    path.write_text('{"kind": "step", "step": 1}\n{"kind": "step", "step": 2}\n{"kind": "step", "st')
+    MetricsLog(tmp_path, 0, start_step=1).close()  # the checkpoint of step 1: steps from 1
+    assert path.read_text() == '{"kind": "step", "step": 1}\n'
 
 
 def test_dropped_steps_count_no_samples_and_keep_the_last_computed_loss(tmp_path):
@@ -106,16 +106,16 @@ def test_dropped_steps_count_no_samples_and_keep_the_last_computed_loss(tmp_path
     from paratrain.metrics import MetricsLog, StepStats
 
     log = MetricsLog(tmp_path, 0, 0)
-    log.log_step(0, StepStats(2.5, 8, 0), 0.1, 0.0, 1.0, 16, 0)
-    rec = log.log_step(1, StepStats(math.nan, 0, 0, skipped=True), 0.1, 0.0, 1.0, 16, 0)
+    log.log_step(1, StepStats(2.5, 8, 0), 0.1, 0.0, 1.0, 16, 0)
+    rec = log.log_step(2, StepStats(math.nan, 0, 0, skipped=True), 0.1, 0.0, 1.0, 16, 0)
     summary = log.summary()
     log.close()
     assert rec["samples_per_s"] == 0 and rec["skipped"]
     assert summary["samples_per_s"] == 16 / 2.0  # the dropped step's time counts, its batch does not
     assert summary["final_loss"] == 2.5
     log = MetricsLog(tmp_path, 0, 0)  # a dropped sync step carries the mean over the ranks that computed
-    log.log_step(0, StepStats(2.5, 8, 0), 0.1, 0.0, 1.0, 16, 0)
-    log.log_step(1, StepStats(2.0, 0, 0, skipped=True), 0.1, 0.0, 1.0, 16, 0)
+    log.log_step(1, StepStats(2.5, 8, 0), 0.1, 0.0, 1.0, 16, 0)
+    log.log_step(2, StepStats(2.0, 0, 0, skipped=True), 0.1, 0.0, 1.0, 16, 0)
     assert log.summary()["final_loss"] == 2.0
     log.close()
 
@@ -124,14 +124,14 @@ def test_a_resumed_summary_counts_the_whole_run(tmp_path):
     from paratrain.metrics import MetricsLog, StepStats
 
     log = MetricsLog(tmp_path, 0, 0)
-    for step in range(3):
-        log.log_step(step, StepStats(3.0 - step, 8, 0, bytes_sent=100), 0.1, 0.0, 1.0, 16, 0)
-    log.log_eval(2, {"eval_loss": 1.5})
+    for step in (1, 2, 3):
+        log.log_step(step, StepStats(4.0 - step, 8, 0, bytes_sent=100), 0.1, 0.0, 1.0, 16, 0)
+    log.log_eval(3, {"eval_loss": 1.5})
     log.close()
-    log = MetricsLog(tmp_path, 0, start_step=2)  # resumed from the step-2 checkpoint: step 2 is redone
-    log.log_step(2, StepStats(0.5, 8, 0, bytes_sent=300), 0.1, 0.0, 2.0, 16, 0)
+    log = MetricsLog(tmp_path, 0, start_step=2)  # resumed from the step-2 checkpoint: step 3 is redone
+    log.log_step(3, StepStats(0.5, 8, 0, bytes_sent=300), 0.1, 0.0, 2.0, 16, 0)
     summary = log.summary()
     log.close()
     assert summary["steps"] == 3 and summary["final_loss"] == 0.5
     assert summary["samples_per_s"] == 48 / 4.0 and summary["bytes_sent_per_step"] == 500 / 3
-    assert summary["eval_loss"] is None  # the eval after step 2 was dropped with that step
+    assert summary["eval_loss"] is None  # the eval after step 3 was dropped with that step

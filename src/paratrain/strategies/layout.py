@@ -310,7 +310,7 @@ def _parameter_server(cfg: Config, world_size: int) -> ServerDims:
     if f.rank >= workers:
         raise ConfigError(f"faults.rank = {f.rank}: a server (ranks {workers}..{world_size - 1} serve); "
                           f"faults act on training steps: pick a worker, 0..{workers - 1}")
-    if f.rank == 0 and max(f.kill_at_step, f.hang_at_step, f.leave_at_step) >= 0:
+    if f.rank == 0 and max(f.kill_at_step, f.hang_at_step, f.leave_at_step) >= 1:
         raise ConfigError("faults.rank = 0: parameter_server's rank 0 is the chief worker (checkpoints, "
                           "summary) and cannot be lost; fault another worker")
     if ps.drop_behind and ps.mode != "ssp":

@@ -185,7 +185,7 @@ class QuorumStep:
         if "committed" in stats.extra and self.topo.group_rank == 0:
             error = self.manager.errored()
             why = str(error.original_exception).partition("\n")[0] if error else "another group's vote"
-            print(f"paratrain: replica group {self.topo.replica}: step {self.manager.current_step()} not committed "
+            print(f"paratrain: replica group {self.topo.replica}: step {self.manager.current_step() + 1} not committed "
                   f"({why}); taking it again with the groups still alive", file=sys.stderr, flush=True)
         return stats
 

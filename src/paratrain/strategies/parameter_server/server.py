@@ -313,7 +313,7 @@ class Server:
         self.joined_at[worker] = self.clock[worker]
         self.rejoined.append(worker)
         if self.index == 0:
-            print(f"paratrain: parameter server: worker {worker} rejoined at step {self.clock[worker]}; "
+            print(f"paratrain: parameter server: worker {worker} rejoined at step {self.clock[worker] + 1}; "
                   f"workers {sorted(self.live)}", file=sys.stderr, flush=True)
         self._send_current(worker)
 

@@ -220,7 +220,7 @@ class ParameterServer(Strategy):
         self.channels[s] = self._channel(s)
         self._pull(s, Kind.RECONNECT, clock)
         print(f"paratrain: rank {self.topo.rank}: parameter server {s} (rank {rank}) restarted; reconnected at "
-              f"step {clock}, its parameters pulled", file=sys.stderr, flush=True)
+              f"step {clock + 1}, its parameters pulled", file=sys.stderr, flush=True)
 
     def _ask(self, s: int, exchange, clock: int):
         """`exchange(channel)` with server s, once more after reconnecting if its channel failed."""
