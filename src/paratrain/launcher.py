@@ -170,7 +170,10 @@ def preflight(cfg: Config, world_size: int, ckpt_path: Path | None, ckpt: dict |
     with torch.device("meta"):  # shapes only, no memory
         model = build_model(cfg, datasets.vocab_size)
     if dims.pp > 1:
-        check_model_split(cfg, model, dims.pp)
+        check_model_split(cfg, model, dims.pp, dims.dp)
+        from paratrain.strategies.pipeline.split import check_traceable
+
+        check_traceable(cfg, model, datasets, dims.pp, dims.dp * cfg.fault_tolerance.groups)
     if cfg.model.name == "custom" or cfg.data.name == "custom" or cfg.model.loss:
         # User code: its shapes are checked here. The built-in models, data and losses fit each other
         # by construction (config.validate pairs them), and a meta forward costs the launcher 1.1 s

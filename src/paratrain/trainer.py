@@ -49,10 +49,12 @@ class Trainer:
         # Beating before the strategy is made: a parameter-server worker restarted into the job (apart.py)
         # registers there, and its servers judge it by this file (not the previous process's).
         self.heartbeat = watchdog.Heartbeat(self.run_dir, topo.rank).start(topo.processes)  # watchdog.py
-        self.strategy = get_strategy(cfg.strategy.name, topo.replicas > 1)(cfg, topo, model, loss_fn)
-        self.strategy.metrics.update(build_metrics((), metrics))  # the Python API's own (evaluation.py)
         self.shard = topo.data_shard()  # this rank's share of each batch: (which, of how many)
         self.batches = ShardedBatches(datasets.train, t.global_batch_size, *self.shard, t.seed)
+        strategy = get_strategy(cfg.strategy.name, topo.replicas > 1)
+        example = {"example": self.batches.batch(0).inputs.to(topo.device)} if strategy.traces_model else {}
+        self.strategy = strategy(cfg, topo, model, loss_fn, **example)
+        self.strategy.metrics.update(build_metrics((), metrics))  # the Python API's own (evaluation.py)
         self.held_out = ShardedBatches(datasets.eval, t.global_batch_size, *self.shard, t.seed, split="eval")
         self.eval_batches = self._eval_batches()
         self.checkpointer = Checkpointer(self.run_dir, cfg, topo)

@@ -228,6 +228,23 @@ def test_non_finite_numbers_in_a_toml_file(toml, message, tmp_path, capsys, monk
 
 # Broken user code, written next to the run (the current directory): (module source, sets, message).
 USER_MODEL = "import torch.nn as nn\ndef build(width=1):\n    return nn.Linear(10, width)\n"
+# Blocks in an nn.ModuleList: a pipeline traces the model (pipeline/split.py).
+BLOCKS = """import torch.nn as nn
+class Blocks(nn.Module):
+    def __init__(self, tie):
+        super().__init__()
+        self.first, self.out = nn.Linear(10, 10), nn.Linear(10, 10 if tie else 1)
+        self.blocks = nn.ModuleList(nn.Linear(10, 10) for _ in range(4))
+        if tie:
+            self.out.weight = self.first.weight
+    def forward(self, x):
+        x = self.first(x)
+        for b in self.blocks:
+            x = b(x)
+        return self.out({end})
+def build(width=4, tie=False):
+    return Blocks(tie)
+"""
 BROKEN = [
     ("def build(:\n", [], "model.factory = 'usr:build': importing 'usr' failed: SyntaxError"),
     ("import numpy\nraise RuntimeError('no GPU here')\n", [],
@@ -250,6 +267,8 @@ BROKEN = [
      "model.factory = 'usr:build': forward on one batch of the data fails: RuntimeError"),
     ("import torch.nn as nn\ndef build(width=4):\n    return nn.ReLU()\n", [],
      "model.factory = 'usr:build': the model has no trainable parameters"),
+    (BLOCKS.format(end="-x if x.sum() > 0 else x"), ["strategy.name=pipeline"],
+     "model: Blocks cannot be traced into pipeline stages by torch.distributed.pipelining: "),
     (USER_MODEL + "def data(split, cfg):\n    raise OSError('no such bucket')\n",
      ["data.name=custom", "data.factory=usr:data"], "data.factory = 'usr:data' raised OSError: no such bucket at"),
     (USER_MODEL + "def data(split, cfg):\n    return 42\n", ["data.name=custom", "data.factory=usr:data"],
@@ -267,6 +286,24 @@ def test_broken_user_code_is_one_line_naming_it(source, sets, message, tmp_path,
     sets = ["model.name=custom", "model.factory=usr:build", "model.loss=torch.nn.functional:mse_loss",
             "data.name=synthetic", "data.num_samples=160", "training.global_batch_size=8", *sets]
     _refused(["run", "--nproc", "2", *_sets(sets)], message, tmp_path, capsys)
+
+
+def test_a_tied_model_traced_into_more_than_two_sharded_stages_is_refused(tmp_path, capsys, monkeypatch):
+    """Its tied copies are summed over the pp ranks shard by shard: a middle stage holds none."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "usr.py").write_text(BLOCKS.format(end="x"))
+    monkeypatch.setattr("sys.path", list(__import__("sys").path))
+    __import__("sys").modules.pop("usr", None)
+    sets = ["model.name=custom", "model.factory=usr:build", "model.loss=torch.nn.functional:mse_loss",
+            "model.options={tie=true}", "strategy.name=hybrid",
+            "strategy.pp=4", "data.name=synthetic", "data.num_samples=160", "training.global_batch_size=8"]
+    _refused(["run", "--nproc", "8", *_sets(sets)], "strategy.pp = 4: Blocks ties ['first.weight', 'out.weight'], "
+             "whose copies on its pipeline stages are kept equal across them; with a sharded dp axis that needs "
+             "every pp rank to hold one: use pp = 2, or dp = 1", tmp_path, capsys)
+    # its blocks found: as many stages as it has blocks, no more
+    _refused(["run", "--nproc", "8", *_sets([*sets, "model.options={tie=false}", "strategy.pp=8",
+                                              "strategy.pipeline.schedule=gpipe"])],
+             "strategy: 8 pipeline stages (8 ranks x 1) for a model of 4 blocks", tmp_path, capsys)
 
 
 @pytest.mark.parametrize("sets,message", [

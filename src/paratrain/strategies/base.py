@@ -69,6 +69,9 @@ class Strategy:
     # all-reduce a step lets them agree on a non-finite update. False: replicas that update alone.
     lockstep: ClassVar[bool] = True
     checkpoints_on_stop: ClassVar[bool] = True  # False where a signal cannot gather a checkpoint
+    # Built with `example=`, this rank's inputs of one batch: a pipeline traces a model that has
+    # no stage forward of its own on it (pipeline/split.py).
+    traces_model: ClassVar[bool] = False
 
     model: nn.Module  # what this rank computes with (wrapped: DDP, FSDP, stages)
     optimizer: torch.optim.Optimizer | None  # None where this rank never steps (parameter-server workers)

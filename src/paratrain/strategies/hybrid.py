@@ -61,12 +61,12 @@ def shard_stage(part: nn.Module, cfg: Config, topo: Topology, meter: CommMeter) 
 class Hybrid(Pipeline):
     name = "hybrid"
 
-    def __init__(self, cfg: Config, topo, model: nn.Module, loss_fn):
+    def __init__(self, cfg: Config, topo, model: nn.Module, loss_fn, example: torch.Tensor | None = None):
         tp = topo.size("tp") > 1
         # Called by Pipeline.__init__ on each stage, once the base class has made self.meter.
         super().__init__(cfg, topo, model, replicated_loss(loss_fn) if tp else loss_fn,
                          shard_stage=lambda part: shard_stage(part, cfg, topo, self.meter),
-                         loss_context=loss_parallel if tp else nullcontext)
+                         loss_context=loss_parallel if tp else nullcontext, example=example)
         self.dropout_rng = DropoutRng(cfg, topo)  # replicated activations under plain TP (parallelize.py)
 
     def train_step(self, batch: Batch) -> StepStats:
@@ -80,8 +80,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 class FaultTolerantHybrid(QuorumStep, Hybrid):
-    def __init__(self, cfg: Config, topo, model: nn.Module, loss_fn):
-        super().__init__(cfg, topo, model, loss_fn)
+    def __init__(self, cfg: Config, topo, model: nn.Module, loss_fn, example: torch.Tensor | None = None):
+        super().__init__(cfg, topo, model, loss_fn, example)
         self.manager = torchft_manager(cfg, topo, self._live_state, self._load_live)
         self.params = [p for part in self.parts for p in part.parameters()]
 

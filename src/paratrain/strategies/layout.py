@@ -186,12 +186,42 @@ def check_pipeline(cfg: Config, pp: int, dp: int) -> None:
 
 
 def blocks_of(model: nn.Module) -> list[nn.Module]:
+    """The run of blocks a pipeline cuts between: the GPT's `layers`, an nn.Sequential's children,
+    or another model's block list (`block_list`; its stages are traced, pipeline/split.py)."""
     if isinstance(getattr(model, "layers", None), nn.ModuleDict):
         return list(model.layers.values())
     if isinstance(model, nn.Sequential):
         return list(model)
-    raise ConfigError(f"model: {type(model).__name__} cannot be split into pipeline stages; "
-                      "use the built-in gpt or an nn.Sequential")
+    if (path := block_list(model)) is not None:
+        return list(model.get_submodule(path))
+    raise ConfigError(f"model: {type(model).__name__} cannot be split into pipeline stages: it has no run of "
+                      "blocks; use the built-in gpt, an nn.Sequential, or a model whose blocks are one "
+                      "nn.ModuleList of modules of one type (as transformers models' are)")
+
+
+def is_traced(model: nn.Module) -> bool:
+    """Whether a pipeline traces `model` into stages (pipeline/split.py): neither the GPT, whose
+    stages are pruned copies, nor an nn.Sequential, whose stages are runs of its children."""
+    return not (isinstance(getattr(model, "layers", None), nn.ModuleDict) or isinstance(model, nn.Sequential))
+
+
+def tied_parameters(model: nn.Module) -> list[list[str]]:
+    """Groups of names under which one parameter is registered (tied embeddings)."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return [group for group in names.values() if len(group) > 1]
+
+
+def block_list(model: nn.Module) -> str | None:
+    """The name of the model's longest nn.ModuleList of two or more modules of one type (a
+    transformers GPT-2's `transformer.h`, a Llama's `model.layers`): its blocks. The outermost where
+    two are as long. None: it has none."""
+    best, size = None, 1
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) > size and len({type(b) for b in m}) == 1:
+            best, size = name, len(m)
+    return best
 
 
 def check_split_points(points: tuple[int, ...], num_blocks: int, num_stages: int) -> list[int]:
@@ -203,12 +233,17 @@ def check_split_points(points: tuple[int, ...], num_blocks: int, num_stages: int
     return [0, *points]
 
 
-def check_model_split(cfg: Config, model, pp: int) -> None:
+def check_model_split(cfg: Config, model, pp: int, dp: int = 1) -> None:
     """The model (on the meta device in preflight) can be cut into pp x v stages: its blocks, any
     explicit split points."""
     v = pipeline_settings(cfg)[1]
     if pp * v == 1:  # one stage: the whole model, whatever it is (split.whole_model)
         return
+    if is_traced(model) and dp > 1 and pp > 2 and tied_parameters(model):
+        # a middle stage without a copy would add a full-size zero to the other stages' dp shards
+        raise ConfigError(f"strategy.pp = {pp}: {type(model).__name__} ties {tied_parameters(model)[0]}, whose "
+                          "copies on its pipeline stages are kept equal across them; with a sharded dp axis "
+                          "that needs every pp rank to hold one: use pp = 2, or dp = 1")
     num_blocks = len(blocks_of(model))
     if pp * v > num_blocks:
         raise ConfigError(f"strategy: {pp * v} pipeline stages ({pp} ranks x {v}) for a model of {num_blocks} blocks")

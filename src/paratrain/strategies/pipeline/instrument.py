@@ -49,8 +49,9 @@ class StageClock:
             self.events.append((kind, index, chunk, t0, time.perf_counter()))
             if kind == "F":
                 input_bytes[chunk] = last_input[0]
-                if sends_forward:
-                    self.p2p_bytes += out.numel() * out.element_size()
+                if sends_forward:  # a traced stage may send several tensors (activations and a mask)
+                    outs = out if isinstance(out, tuple) else (out,)
+                    self.p2p_bytes += sum(t.numel() * t.element_size() for t in outs if torch.is_tensor(t))
             elif kind == "B" and sends_backward:
                 self.p2p_bytes += input_bytes.get(chunk, 0)
             return out

@@ -14,6 +14,7 @@ weight-gradient (W) work (instrument.py), from which the timeline chart and the 
 """
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -36,7 +37,9 @@ from paratrain.strategies.layout import (
     blocks_of,
     check_model_split,
     check_split_points,
+    is_traced,
     pipeline_settings,
+    tied_parameters,
 )
 from paratrain.strategies.pipeline import split
 from paratrain.strategies.pipeline.instrument import StageClock
@@ -52,23 +55,42 @@ def stages_of_rank(rank: int, pp: int, v: int, schedule: str) -> list[int]:
     return [rank + k * pp for k in range(v)]  # looped: rank r holds r, r+p, r+2p, ...
 
 
-_WIRE_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+_WIRE_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.bool, torch.long]
 
 
-def send_tensor(x: torch.Tensor, group, dst: int) -> None:
-    """Shape header first: gloo aborts the process when a receive buffer is smaller than the message."""
-    header = torch.zeros(9, dtype=torch.long)
-    header[0], header[1:1 + x.dim()], header[8] = x.dim(), torch.tensor(x.shape), _WIRE_DTYPES.index(x.dtype)
-    dist.send(header.to(x.device), dst=dist.get_global_rank(group, dst), group=group)
-    dist.send(x.contiguous(), dst=dist.get_global_rank(group, dst), group=group)
+def send_tensors(xs: tuple[torch.Tensor, ...], group, dst: int) -> None:
+    """A stage's outputs (a traced stage's may be several: activations and a mask). A header first
+    with each one's rank, shape and dtype: gloo aborts the process when a receive buffer is smaller
+    than the message."""
+    header = torch.zeros(1 + 10 * len(xs), dtype=torch.long)
+    header[0] = len(xs)
+    for i, x in enumerate(xs):
+        h = header[1 + 10 * i:11 + 10 * i]
+        h[0], h[1:1 + x.dim()], h[9] = x.dim(), torch.tensor(x.shape), _WIRE_DTYPES.index(x.dtype)
+    dst = dist.get_global_rank(group, dst)
+    dist.send(torch.tensor([header.numel()], device=xs[0].device), dst=dst, group=group)
+    dist.send(header.to(xs[0].device), dst=dst, group=group)
+    for x in xs:
+        dist.send(x.contiguous(), dst=dst, group=group)
 
 
-def recv_tensor(group, src: int, device: torch.device) -> torch.Tensor:
-    header = torch.zeros(9, dtype=torch.long, device=device)
-    dist.recv(header, src=dist.get_global_rank(group, src), group=group)
-    x = torch.empty(header[1:1 + int(header[0])].tolist(), dtype=_WIRE_DTYPES[int(header[8])], device=device)
-    dist.recv(x, src=dist.get_global_rank(group, src), group=group)
-    return x
+def recv_tensors(group, src: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    src = dist.get_global_rank(group, src)
+    size = torch.zeros(1, dtype=torch.long, device=device)
+    dist.recv(size, src=src, group=group)
+    header = torch.zeros(int(size), dtype=torch.long, device=device)
+    dist.recv(header, src=src, group=group)
+    xs = []
+    for i in range(int(header[0])):
+        h = header[1 + 10 * i:11 + 10 * i]
+        xs.append(torch.empty(h[1:1 + int(h[0])].tolist(), dtype=_WIRE_DTYPES[int(h[9])], device=device))
+        dist.recv(xs[-1], src=src, group=group)
+    return tuple(xs)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP-sharded DTensor (hybrid's dp axis), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class _Optimizers:
@@ -114,24 +136,36 @@ class _Stage(PipelineStage):
 class Pipeline(Strategy):
     name = "pipeline"
 
+    traces_model = True
+
     def __init__(self, cfg, topo, model, loss_fn, shard_stage: Callable[[nn.Module], nn.Module] = lambda part: part,
-                 loss_context: Callable = nullcontext):
+                 loss_context: Callable = nullcontext, example: torch.Tensor | None = None):
         """`shard_stage`: how each stage is sharded further (the hybrid strategy: tensor parallel,
-        FSDP); `loss_context`: around the loss (hybrid with tp: the vocabulary-parallel loss)."""
+        FSDP); `loss_context`: around the loss (hybrid with tp: the vocabulary-parallel loss);
+        `example`: this rank's inputs of one batch (the trainer's), for a model that is traced."""
         super().__init__(cfg, topo, model, loss_fn)
         self.loss_context = loss_context
         schedule, v, m = self.settings = pipeline_settings(cfg)
         pp, rank = topo.size("pp"), topo.axis_rank("pp")
         num_stages = pp * v
-        check_model_split(cfg, self.model, pp)
+        check_model_split(cfg, self.model, pp, topo.size("dp"))
         self.stage_ids = stages_of_rank(rank, pp, v, schedule)
         self.rank_of_stage = {s: r for r in range(pp) for s in stages_of_rank(r, pp, v, schedule)}
+        self.traced = num_stages > 1 and is_traced(self.model)
         if num_stages == 1:
             self.parts = [shard_stage(split.whole_model(self.model).to(topo.device))]
+        elif self.traced:
+            if example is None:
+                raise ConfigError(f"model: {type(self.model).__name__} is traced into stages on an example "
+                                  "batch, which this strategy was not given (Trainer gives it)")
+            stages = split.traced_stages(self.model, self._split(self.model, num_stages), example.tensor_split(m)[0])
+            self.parts = [shard_stage(stages[s]) for s in self.stage_ids]
         else:
             starts = self._split(self.model, num_stages)
             self.parts = [shard_stage(split.build_stage(self.model, starts, s).to(topo.device))
                           for s in self.stage_ids]
+        self.tied_names = tied_parameters(self.model) if num_stages > 1 else []
+        self.tied = self._tied_copies(self.tied_names)
         # Left to torch: without static input/output/grad shapes, PipelineStage infers them at the
         # first step with send/recv_object_list (pickle) between neighbouring stages. Passing all four
         # shape sets (static mode) would avoid it; not done yet (paratrain.messages).
@@ -177,6 +211,7 @@ class Pipeline(Strategy):
                                target=batch.targets if self.has_last else None,
                                losses=losses if self.has_last else None)
         t1 = time.perf_counter()
+        self.sum_tied_gradients()
         self.average_gradients()
         self.clip_gradients()
         # This stage's own loss (the last stage's; others have none), on the device: NCCL reduces no CPU tensor.
@@ -195,6 +230,49 @@ class Pipeline(Strategy):
         return StepStats(loss, batch.num_samples, batch.num_tokens, compute_s=busy, comm_s=comm_s,
                          optim_s=t2 - t1, wait_s=max(0.0, t1 - t0 - busy), bytes_sent=nbytes,
                          extra=({} if finite else {"nonfinite": True}) | ({} if committed else {"committed": False}))
+
+    def _tied_copies(self, groups: list[list[str]]) -> list[tuple[list[nn.Parameter], nn.Parameter, list[int]]]:
+        """For each parameter the model registers under several names: (this rank's copies of it,
+        the original, the pp ranks holding a copy), the same list on every pp rank."""
+        if not groups:
+            return []
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        mine = []
+        for names in groups:
+            copies = {id(p): p for part in self.parts for n, p in part.named_parameters(remove_duplicate=False)
+                      if n in names}
+            mine.append(list(copies.values()))
+        held = [[bool(c) for c in mine]]
+        if self.topo.size("pp") > 1:
+            held = messages.all_gather(held[0], group=self.topo.group("pp"))
+        return [(copies, params[names[0]], [r for r, h in enumerate(held) if h[i]])
+                for i, (names, copies) in enumerate(zip(groups, mine))]
+
+    def sum_tied_gradients(self) -> None:
+        """Every copy of a tied parameter (a traced stage holds one where it uses it: the input
+        embedding on the first stage, the output head on the last) gets the sum of the copies'
+        gradients, the gradient the one parameter gets in a single process; the copies start
+        equal and take the same update, so they stay equal (Megatron's embedding all-reduce).
+        Under hybrid's FSDP each copy is sharded alike over dp: the local shards are summed."""
+        for copies, param, ranks in self.tied:
+            if len(ranks) <= 1 and len(copies) <= 1:  # one copy in all
+                continue
+            total = torch.zeros_like(_local(copies[0].detach()) if copies else param, device=self.topo.device)
+            for p in copies:
+                if p.grad is not None:
+                    total += _local(p.grad)
+            if len(ranks) > 1:
+                self.meter.all_reduce(total, self.topo.group("pp"))
+            for p in copies:
+                if p.grad is not None:
+                    _local(p.grad).copy_(total)
+                elif hasattr(p, "to_local"):  # a copy this stage did not use, FSDP-sharded
+                    from torch.distributed.tensor import DTensor
+
+                    p.grad = DTensor.from_local(total.clone(), p.device_mesh, p.placements, shape=p.shape,
+                                                stride=p.stride())
+                else:
+                    p.grad = total.clone()
 
     def average_gradients(self) -> None:
         """After the schedule's backward: nothing here (the stages' dp axis, if any, is FSDP's); torchft
@@ -217,7 +295,7 @@ class Pipeline(Strategy):
         max_norm = self.cfg.optimizer.grad_clip
         if not max_norm:
             return
-        grads = [p.grad for part in self.parts for p in part.parameters() if p.grad is not None]
+        grads = [p.grad for p in self._distinct_parameters() if p.grad is not None]
         norm = nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.topo.device)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         sq = (norm.float() ** 2).reshape(1)
@@ -225,6 +303,15 @@ class Pipeline(Strategy):
             dist.all_reduce(sq, group=self.topo.group("pp"))
         params = [p for part in self.parts for p in part.parameters()]
         nn.utils.clip_grads_with_norm_(params, max_norm, sq.sqrt().reshape(()))
+
+    def _distinct_parameters(self) -> list[nn.Parameter]:
+        """This rank's parameters, a tied parameter's copies counted once in the whole pipeline (on
+        the first pp rank holding one), so that the norm over the ranks is the single model's."""
+        others = set()
+        for copies, _, ranks in self.tied:
+            mine = copies[1:] if ranks and ranks[0] == self.topo.axis_rank("pp") else copies
+            others |= {id(p) for p in mine}
+        return [p for part in self.parts for p in part.parameters() if id(p) not in others]
 
     @torch.no_grad()
     def evaluate(self, batches: list[Batch]) -> list[float]:
@@ -235,19 +322,24 @@ class Pipeline(Strategy):
         for part in self.parts:
             part.eval()
         losses = []
-        for b in batches:
-            x = b.inputs
+        # A traced stage runs on the micro-batch shape it was traced with: the batch in m pieces.
+        pieces = [(x, y) for b in batches for x, y in zip(b.inputs.tensor_split(self.settings[2]),
+                                                         b.targets.tensor_split(self.settings[2]))] \
+            if self.traced else [(b.inputs, b.targets) for b in batches]
+        for inputs, targets in pieces:
+            x = (inputs,)
             for s in range(last + 1):
                 if self.rank_of_stage[s] != me:
                     continue
                 if s > 0 and self.rank_of_stage[s - 1] != me:
-                    x = recv_tensor(group, self.rank_of_stage[s - 1], self.topo.device)
-                x = part_of[s](x)
+                    x = recv_tensors(group, self.rank_of_stage[s - 1], self.topo.device)
+                x = part_of[s](*x)
+                x = x if isinstance(x, tuple) else (x,)
                 if s < last and self.rank_of_stage[s + 1] != me:
-                    send_tensor(x, group, self.rank_of_stage[s + 1])
+                    send_tensors(x, group, self.rank_of_stage[s + 1])
             if self.has_last:
                 with self.loss_context():
-                    losses.append(values(self.loss_fn, self.metrics, x, b.targets))
+                    losses.append(values(self.loss_fn, self.metrics, x[0], targets))
         for part in self.parts:
             part.train()
         # the last stage's mean [loss, metric, ...], shared along the pipeline, then averaged over dp
@@ -258,9 +350,25 @@ class Pipeline(Strategy):
         return self.meter.means(local, self.topo.group("dp"))
 
     def state_dict(self, group=None) -> dict:
-        return merge_states([full_state(part, opt) for part, opt in zip(self.parts, self.optimizer.optimizers)])
+        state = merge_states([full_state(part, opt) for part, opt in zip(self.parts, self.optimizer.optimizers)])
+        # A tied parameter's optimizer state under the one name the plain model's optimizer knows it by
+        # (its first), as every other layout writes it; its copies' states are that one's.
+        optim, aliases = state["optimizer"], {n for names in self.tied_names for n in names[1:]}
+        optim["state"] = {k: v for k, v in optim["state"].items() if k not in aliases}
+        for g in optim["param_groups"]:
+            g["params"] = [n for n in g["params"] if n not in aliases]
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        optim = state["optimizer"]
+        optim = {"state": dict(optim["state"]), "param_groups": [dict(g) for g in optim["param_groups"]]}
+        for first, *others in self.tied_names:  # every copy starts from the one state (state_dict)
+            for n in others:
+                if first in optim["state"]:
+                    optim["state"][n] = copy.deepcopy(optim["state"][first])  # torch's loader moves what it loads
+                for g in optim["param_groups"]:
+                    g["params"] = g["params"] + [n] if first in g["params"] else g["params"]
+        state = {**state, "optimizer": optim}
         for part, opt in zip(self.parts, self.optimizer.optimizers):
             load_full_state(part, opt, state)
 

@@ -1,22 +1,38 @@
 """Cutting a model into pipeline stages: which consecutive blocks each stage holds.
 
 A model is a run of blocks: the GPT's `layers` (embeddings ride with the first stage, the
-final norm and head with the last), or the children of an `nn.Sequential`. Stages are chosen
+final norm and head with the last), the children of an `nn.Sequential`, or any other model's
+longest nn.ModuleList of like blocks (layout.block_list: a transformers model's). Stages are chosen
 to minimise the most expensive stage (linear partition by dynamic programming), where a block
 costs its parameter count or its measured forward + backward time; or the user names the cut
 points. Each stage is a pruned copy of the model, so parameter names stay those of the whole
 model and a checkpoint loads under any layout (the torchtitan convention).
+
+A model of the third kind has no stage forward of its own (a transformers GPT-2's forward always
+runs its embeddings, all its blocks and its head): torch.distributed.pipelining's tracer
+(`pipeline()`, torch.export underneath) captures its forward on one micro-batch and cuts the graph
+at the first block of each stage. Its stage modules keep the model's parameter names, so the
+checkpoints are the same as the other layouts'. A parameter registered under two names (a tied
+input and output embedding) is copied into every stage that uses it: `layout.tied_parameters` finds them, and
+the pipeline keeps the copies equal (pipeline.py). A traced stage runs on the micro-batch shape it
+was traced with (torch.export specialises shapes).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import logging
 import time
+import warnings
 from collections import OrderedDict
 
 import torch
 import torch.nn as nn
 
-from paratrain.strategies.layout import blocks_of
+from paratrain.config import Config, ConfigError
+from paratrain.data import Datasets
+from paratrain.strategies.layout import block_list, blocks_of, is_traced
 
 
 def _numel(m: nn.Module | None) -> int:
@@ -25,7 +41,7 @@ def _numel(m: nn.Module | None) -> int:
 
 def param_costs(model: nn.Module) -> list[float]:
     costs = [float(_numel(b)) for b in blocks_of(model)]
-    if isinstance(model, nn.Sequential):
+    if not hasattr(model, "tok_emb"):  # a Sequential's blocks are all of it; a traced model's ends are not weighed
         return costs
     costs[0] += _numel(model.tok_emb) + _numel(model.pos_emb)
     costs[-1] += _numel(model.norm) + _numel(model.head)
@@ -83,6 +99,94 @@ def whole_model(model: nn.Module) -> nn.Module:
     part = copy.deepcopy(model)
     part.register_forward_hook(lambda module, args, out: out.logits if hasattr(out, "logits") else out)
     return part
+
+
+def traced(model: nn.Module, starts: list[int], example: torch.Tensor):
+    """torch's Pipe of `model` cut before each stage's first block (starts[1:]), traced on one
+    micro-batch of inputs, `example`; `.get_stage_module(s)` is stage s."""
+    from torch.distributed.pipelining import SplitPoint, pipeline
+
+    path = block_list(model)
+    model = copy.deepcopy(model)
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", False):  # a transformers model's cache: an output torch.export cannot flatten
+        config.use_cache = False
+    with warnings.catch_warnings():  # torch's own deprecation inside its tracer (LeafSpec), nothing the user can do
+        warnings.filterwarnings("ignore", message=".*treespec.*", category=FutureWarning)
+        return pipeline(model, mb_args=(example,), split_spec={f"{path}.{i}": SplitPoint.BEGINNING for i in starts[1:]})
+
+
+def traced_stages(model: nn.Module, starts: list[int], example: torch.Tensor) -> list[nn.Module]:
+    """Every stage of the traced model, each taking exactly what the stage before it returns.
+
+    torch's tracer passes a value straight from the stage that makes it to every later stage that
+    uses it (a transformers model's attention mask, made once by the first stage, goes to every
+    block): a skip over the stages in between, which torch's traced-stage runtime routes but a
+    PipelineStage, one stage's outputs into the next's inputs, cannot. So each stage also
+    returns the values that later stages need and it does not (threaded through it)."""
+    pipe = traced(model, starts, example)
+    graph = pipe.split_gm.graph
+    made: dict = {}  # node -> ("in", name) | (stage, output index)
+    uses: list[list] = []  # per stage: the values its arguments are, in order
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            made[node] = ("in", node.name)
+        elif node.op == "call_module":
+            made[node] = (len(uses), 0)
+            uses.append([made[a] for a in node.args])
+        elif node.op == "call_function" and node.args and node.args[0] in made:  # getitem of a stage's outputs
+            made[node] = (made[node.args[0]][0], node.args[1])
+    wires = [uses[0]]  # what stage k is given: what stages k.. use and stages before k made
+    for k in range(1, len(uses)):
+        later = [v for j in range(k, len(uses)) for v in uses[j] if v[0] == "in" or v[0] < k]
+        wires.append(list(dict.fromkeys(later)))
+    stages = []
+    for k in range(len(uses)):
+        stage = pipe.get_stage_module(k)
+        if k + 1 < len(uses):
+            takes = [wires[k].index(v) for v in uses[k]]
+            gives = [(True, v[1]) if v[0] == k else (False, wires[k].index(v)) for v in wires[k + 1]]
+            stage.forward = _threaded(stage.forward, takes, gives)  # an instance attribute: names stay the model's
+        stages.append(stage)
+    return stages
+
+
+def _threaded(forward, takes: list[int], gives: list[tuple[bool, int]]):
+    def threaded(*wire):
+        out = forward(*[wire[i] for i in takes])
+        out = out if isinstance(out, tuple) else (out,)
+        return tuple(out[i] if own else wire[i] for own, i in gives)
+    return threaded
+
+
+@contextlib.contextmanager
+def _logging_off():
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def check_traceable(cfg: Config, model: nn.Module, datasets: Datasets, pp: int, dp: int) -> None:
+    """Before any worker starts: a model that the pipeline would trace is traced here, on the meta
+    device (shapes only; 0.8 s for the 2-layer GPT-2 here), so that one torch.export cannot
+    capture is one line instead of a traceback on every rank."""
+    from paratrain.imports import describe
+    from paratrain.strategies.layout import pipeline_settings
+
+    _, v, m = pipeline_settings(cfg)
+    if pp * v == 1 or not is_traced(model):
+        return
+    points = cfg.strategy.pipeline.split_points
+    starts = [0, *points] if points else balanced_split(param_costs(model), pp * v)
+    micro = datasets.train.get(torch.arange(cfg.training.global_batch_size // dp // m)).inputs
+    try:  # torch.export logs the graph it failed on (40 lines): the one line below says it
+        with contextlib.redirect_stderr(io.StringIO()), _logging_off():
+            traced(model, starts, micro.to("meta"))
+    except Exception as e:  # noqa: BLE001 - torch.export on user code
+        raise ConfigError(f"model: {type(model).__name__} cannot be traced into pipeline stages by "
+                          f"torch.distributed.pipelining: {describe(e.__cause__ or e)}") from None
 
 
 def build_stage(model: nn.Module, starts: list[int], stage: int) -> nn.Module:
