@@ -14,7 +14,6 @@ weight-gradient (W) work (instrument.py), from which the timeline chart and the 
 """
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -43,6 +42,7 @@ from paratrain.strategies.layout import (
 )
 from paratrain.strategies.pipeline import split
 from paratrain.strategies.pipeline.instrument import StageClock
+from paratrain.strategies.pipeline.tied import TiedCopies
 
 SCHEDULES = {"gpipe": schedules.ScheduleGPipe, "1f1b": schedules.Schedule1F1B,
              "interleaved_1f1b": schedules.ScheduleInterleaved1F1B,
@@ -86,11 +86,6 @@ def recv_tensors(group, src: int, device: torch.device) -> tuple[torch.Tensor, .
         xs.append(torch.empty(h[1:1 + int(h[0])].tolist(), dtype=_WIRE_DTYPES[int(h[9])], device=device))
         dist.recv(xs[-1], src=src, group=group)
     return tuple(xs)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of an FSDP-sharded DTensor (hybrid's dp axis), or the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class _Optimizers:
@@ -164,8 +159,7 @@ class Pipeline(Strategy):
             starts = self._split(self.model, num_stages)
             self.parts = [shard_stage(split.build_stage(self.model, starts, s).to(topo.device))
                           for s in self.stage_ids]
-        self.tied_names = tied_parameters(self.model) if num_stages > 1 else []
-        self.tied = self._tied_copies(self.tied_names)
+        self.tied = TiedCopies(tied_parameters(self.model) if num_stages > 1 else [], self.model, self.parts, topo)
         # Left to torch: without static input/output/grad shapes, PipelineStage infers them at the
         # first step with send/recv_object_list (pickle) between neighbouring stages. Passing all four
         # shape sets (static mode) would avoid it; not done yet (paratrain.messages).
@@ -211,7 +205,7 @@ class Pipeline(Strategy):
                                target=batch.targets if self.has_last else None,
                                losses=losses if self.has_last else None)
         t1 = time.perf_counter()
-        self.sum_tied_gradients()
+        self.tied.sum_gradients(self.meter)
         self.average_gradients()
         self.clip_gradients()
         # This stage's own loss (the last stage's; others have none), on the device: NCCL reduces no CPU tensor.
@@ -230,49 +224,6 @@ class Pipeline(Strategy):
         return StepStats(loss, batch.num_samples, batch.num_tokens, compute_s=busy, comm_s=comm_s,
                          optim_s=t2 - t1, wait_s=max(0.0, t1 - t0 - busy), bytes_sent=nbytes,
                          extra=({} if finite else {"nonfinite": True}) | ({} if committed else {"committed": False}))
-
-    def _tied_copies(self, groups: list[list[str]]) -> list[tuple[list[nn.Parameter], nn.Parameter, list[int]]]:
-        """For each parameter the model registers under several names: (this rank's copies of it,
-        the original, the pp ranks holding a copy), the same list on every pp rank."""
-        if not groups:
-            return []
-        params = dict(self.model.named_parameters(remove_duplicate=False))
-        mine = []
-        for names in groups:
-            copies = {id(p): p for part in self.parts for n, p in part.named_parameters(remove_duplicate=False)
-                      if n in names}
-            mine.append(list(copies.values()))
-        held = [[bool(c) for c in mine]]
-        if self.topo.size("pp") > 1:
-            held = messages.all_gather(held[0], group=self.topo.group("pp"))
-        return [(copies, params[names[0]], [r for r, h in enumerate(held) if h[i]])
-                for i, (names, copies) in enumerate(zip(groups, mine))]
-
-    def sum_tied_gradients(self) -> None:
-        """Every copy of a tied parameter (a traced stage holds one where it uses it: the input
-        embedding on the first stage, the output head on the last) gets the sum of the copies'
-        gradients, the gradient the one parameter gets in a single process; the copies start
-        equal and take the same update, so they stay equal (Megatron's embedding all-reduce).
-        Under hybrid's FSDP each copy is sharded alike over dp: the local shards are summed."""
-        for copies, param, ranks in self.tied:
-            if len(ranks) <= 1 and len(copies) <= 1:  # one copy in all
-                continue
-            total = torch.zeros_like(_local(copies[0].detach()) if copies else param, device=self.topo.device)
-            for p in copies:
-                if p.grad is not None:
-                    total += _local(p.grad)
-            if len(ranks) > 1:
-                self.meter.all_reduce(total, self.topo.group("pp"))
-            for p in copies:
-                if p.grad is not None:
-                    _local(p.grad).copy_(total)
-                elif hasattr(p, "to_local"):  # a copy this stage did not use, FSDP-sharded
-                    from torch.distributed.tensor import DTensor
-
-                    p.grad = DTensor.from_local(total.clone(), p.device_mesh, p.placements, shape=p.shape,
-                                                stride=p.stride())
-                else:
-                    p.grad = total.clone()
 
     def average_gradients(self) -> None:
         """After the schedule's backward: nothing here (the stages' dp axis, if any, is FSDP's); torchft
@@ -295,7 +246,8 @@ class Pipeline(Strategy):
         max_norm = self.cfg.optimizer.grad_clip
         if not max_norm:
             return
-        grads = [p.grad for p in self._distinct_parameters() if p.grad is not None]
+        grads = [p.grad for p in self.tied.counted_once([p for part in self.parts for p in part.parameters()])
+                 if p.grad is not None]
         norm = nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.topo.device)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         sq = (norm.float() ** 2).reshape(1)
@@ -303,15 +255,6 @@ class Pipeline(Strategy):
             dist.all_reduce(sq, group=self.topo.group("pp"))
         params = [p for part in self.parts for p in part.parameters()]
         nn.utils.clip_grads_with_norm_(params, max_norm, sq.sqrt().reshape(()))
-
-    def _distinct_parameters(self) -> list[nn.Parameter]:
-        """This rank's parameters, a tied parameter's copies counted once in the whole pipeline (on
-        the first pp rank holding one), so that the norm over the ranks is the single model's."""
-        others = set()
-        for copies, _, ranks in self.tied:
-            mine = copies[1:] if ranks and ranks[0] == self.topo.axis_rank("pp") else copies
-            others |= {id(p) for p in mine}
-        return [p for part in self.parts for p in part.parameters() if id(p) not in others]
 
     @torch.no_grad()
     def evaluate(self, batches: list[Batch]) -> list[float]:
@@ -350,25 +293,11 @@ class Pipeline(Strategy):
         return self.meter.means(local, self.topo.group("dp"))
 
     def state_dict(self, group=None) -> dict:
-        state = merge_states([full_state(part, opt) for part, opt in zip(self.parts, self.optimizer.optimizers)])
-        # A tied parameter's optimizer state under the one name the plain model's optimizer knows it by
-        # (its first), as every other layout writes it; its copies' states are that one's.
-        optim, aliases = state["optimizer"], {n for names in self.tied_names for n in names[1:]}
-        optim["state"] = {k: v for k, v in optim["state"].items() if k not in aliases}
-        for g in optim["param_groups"]:
-            g["params"] = [n for n in g["params"] if n not in aliases]
-        return state
+        return self.tied.to_checkpoint(merge_states([full_state(part, opt)
+                                                     for part, opt in zip(self.parts, self.optimizer.optimizers)]))
 
     def load_state_dict(self, state: dict) -> None:
-        optim = state["optimizer"]
-        optim = {"state": dict(optim["state"]), "param_groups": [dict(g) for g in optim["param_groups"]]}
-        for first, *others in self.tied_names:  # every copy starts from the one state (state_dict)
-            for n in others:
-                if first in optim["state"]:
-                    optim["state"][n] = copy.deepcopy(optim["state"][first])  # torch's loader moves what it loads
-                for g in optim["param_groups"]:
-                    g["params"] = g["params"] + [n] if first in g["params"] else g["params"]
-        state = {**state, "optimizer": optim}
+        state = self.tied.from_checkpoint(state)
         for part, opt in zip(self.parts, self.optimizer.optimizers):
             load_full_state(part, opt, state)
 

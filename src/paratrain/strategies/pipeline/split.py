@@ -13,9 +13,9 @@ runs its embeddings, all its blocks and its head): torch.distributed.pipelining'
 (`pipeline()`, torch.export underneath) captures its forward on one micro-batch and cuts the graph
 at the first block of each stage. Its stage modules keep the model's parameter names, so the
 checkpoints are the same as the other layouts'. A parameter registered under two names (a tied
-input and output embedding) is copied into every stage that uses it: `layout.tied_parameters` finds them, and
-the pipeline keeps the copies equal (pipeline.py). A traced stage runs on the micro-batch shape it
-was traced with (torch.export specialises shapes).
+input and output embedding) is copied into every stage that uses it; tied.py keeps the copies
+equal. A traced stage runs on the micro-batch shape it was traced with (torch.export specialises
+shapes), and values that skip stages are threaded through them (`traced_stages`).
 """
 from __future__ import annotations
 
