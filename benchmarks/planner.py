@@ -65,7 +65,7 @@ def published() -> list[dict]:
         for label, recompute, sp, seconds in (("full recomputation", "full", False, full),
                                               ("sequence parallel + selective", "selective", True, present)):
             plan = Plan(dp=1, pp=pp, tp=tp, microbatches=batch // micro, schedule=schedule, virtual=v,
-                        recompute=recompute, sequence_parallel=sp, dtype="bf16", p2p_scatter=True)
+                        recompute=recompute, sequence_parallel=sp, dtype="bf16", p2p_scatter=True, sp_regather=True)
             est = estimate(plan, model, cluster, batch)
             rows.append({"model": name, "config": label, "gpus": gpus, "published_s": seconds,
                          "predicted_s": est.step_s, "ratio": est.step_s / seconds, "mfu": est.mfu,

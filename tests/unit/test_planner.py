@@ -3,6 +3,7 @@ against the schedules' theory and its own full simulation, its memory against Ze
 its ranking on a case with an obvious answer, and `paratrain plan` / `calibrate` as typed."""
 import json
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -167,9 +168,13 @@ def test_published_scale_plan_is_predicted_within_ten_percent():
     selective recomputation, 71.49 s an iteration (the benchmark prints all eight rows)."""
     model = transformer(128, 25600, 160, 51200, 2048)
     plan = Plan(dp=1, pp=64, tp=8, microbatches=512, schedule="1f1b", recompute="selective",
-                sequence_parallel=True, dtype="bf16", p2p_scatter=True)
+                sequence_parallel=True, dtype="bf16", p2p_scatter=True, sp_regather=True)
     est = estimate(plan, model, preset("a100-80gb", 512), 512)
     assert est.fits and est.step_s == pytest.approx(71.49, rel=0.10)
+    # Megatron's backward all-gathers each split linear's input again: half of forward's
+    # tensor-parallel traffic more (an all-gather is half an all-reduce), all of it exposed
+    kept = estimate(replace(plan, sp_regather=False), model, preset("a100-80gb", 512), 512)
+    assert est.comm_s == pytest.approx(kept.comm_s * 1.25, rel=1e-6) and est.step_s > kept.step_s
 
 
 @pytest.fixture

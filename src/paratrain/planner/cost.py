@@ -234,9 +234,12 @@ def _time(lay: _Layout, est: Estimate, slowdown: float = 1.0) -> None:
             recompute = attn + sum(b.attn_traffic for b in blocks) * mb / tp / dev.memory_Bps
         slow = waits if i == 0 or pp == 1 else 1.0
         fixed_f, fixed_b = fixed(blocks)
+        # backward's collectives mirror forward's; Megatron's sequence parallelism adds an all-gather
+        # of each split linear's input (half an all-reduce each: half of forward's again)
+        bcomm = 1.5 * fcomm if plan.sequence_parallel and plan.sp_regather else fcomm
         f_times.append((fc + fixed_f) * slow + fcomm)
-        b_times.append((bc + recompute + fixed_b) * slow + fcomm)
-        tp_total += 2 * fcomm
+        b_times.append((bc + recompute + fixed_b) * slow + bcomm)
+        tp_total += fcomm + bcomm
 
     if pp > 1:
         def send_s(nbytes: float) -> float:

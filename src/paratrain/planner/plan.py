@@ -26,6 +26,11 @@ class Plan:
     # Megatron-LM's scatter-gather pipeline sends: each tensor-parallel rank sends 1/tp of the
     # activation and the next stage all-gathers it over NVLink (paratrain's hybrid sends it whole)
     p2p_scatter: bool = False
+    # Megatron-LM's sequence parallelism keeps each split linear's input sharded (its memory saving)
+    # and all-gathers it again in backward for the weight gradient (Korthikanti et al. 2022, 4.2.2;
+    # its LinearWithGradAccumulationAndAsyncCommunication); torch's DTensor SequenceParallel, which
+    # paratrain's tensor strategy uses, keeps the gathered input instead
+    sp_regather: bool = False
     family: str = "sync"  # sync, local_sgd, diloco, parameter_server
     sync_every: int = 1  # local SGD / DiLoCo: H
     codec: str = "none"
