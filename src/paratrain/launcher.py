@@ -30,7 +30,7 @@ from paratrain import watchdog
 from paratrain.apart import SURVIVES_LOSS, run_apart
 from paratrain.checkpoint import check_compatible, list_checkpoints, newest_verified, read_checkpoint
 from paratrain.config import Config, ConfigError
-from paratrain.data import Datasets, ShardedBatches, build_datasets
+from paratrain.data import Datasets, ShardedBatches, as_datasets, build_datasets
 from paratrain.imports import import_callable
 from paratrain.nodes import Nodes, await_job, publish
 from paratrain.nonfinite import NONFINITE_EXIT, NonFiniteError
@@ -60,17 +60,19 @@ def _rejoins(cfg: Config):
 
 
 def train(cfg: Config, *, resume: str | Path | None = None, model: nn.Module | None = None,
-          loss_fn: Callable | None = None, datasets: Datasets | None = None,
+          loss_fn: Callable | None = None, datasets: Datasets | tuple | None = None,
           discard_newer: bool = False, metrics: dict[str, Callable] | None = None) -> TrainResult:
     """Train in this process: alone (`single`), or as one rank of a job that torchrun started.
 
-    `model`, `loss_fn` and `datasets` override what the config names, for use from Python;
-    `metrics` ({name: fn(output, target) -> the batch's mean}) are evaluated beside the loss.
+    `model`, `loss_fn` and `datasets` (a (train, eval) pair of map-style datasets of (input,
+    target) pairs) override what the config names, for use from Python; `metrics` ({name:
+    fn(output, target) -> the batch's mean}) are evaluated beside the loss.
     """
     from paratrain.strategies import get_server, layout
     from paratrain.topology import Topology
     from paratrain.trainer import Trainer, initial_model
 
+    datasets = None if datasets is None else as_datasets(datasets)
     distributed = "WORLD_SIZE" in os.environ  # a rank of a torchrun / `paratrain run` job
     if not distributed and cfg.strategy.name != "single":
         raise ConfigError(f"strategy.name = '{cfg.strategy.name}': needs worker processes; start it with "

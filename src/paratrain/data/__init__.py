@@ -10,7 +10,7 @@ from paratrain.data.batch import Batch
 from paratrain.data.sharding import ShardedBatches
 from paratrain.imports import call_user, import_callable
 
-__all__ = ["Batch", "ShardedBatches", "Datasets", "build_datasets", "MapDataset"]
+__all__ = ["Batch", "ShardedBatches", "Datasets", "as_datasets", "build_datasets", "MapDataset"]
 
 
 @dataclass
@@ -43,6 +43,19 @@ def _adapt(ds, where: str):
     if hasattr(ds, "__getitem__") and hasattr(ds, "__len__"):
         return MapDataset(ds)
     raise ConfigError(f"{where}: returned {type(ds).__name__}; expected a map-style Dataset of (input, target) pairs")
+
+
+def as_datasets(given) -> Datasets:
+    """The Python API's `datasets`: a Datasets, or a (train, held-out) pair of map-style datasets of
+    (input, target) pairs, as torch's TensorDataset is."""
+    if isinstance(given, Datasets):
+        return given
+    try:
+        train, held_out = given
+    except (TypeError, ValueError):
+        raise ConfigError(f"datasets: {type(given).__name__}; expected (train, eval) map-style datasets of "
+                          "(input, target) pairs, or a paratrain.data.Datasets") from None
+    return Datasets(_adapt(train, "datasets[0] (train)"), _adapt(held_out, "datasets[1] (eval)"))
 
 
 def build_datasets(cfg: Config) -> Datasets:

@@ -36,6 +36,7 @@ framework.py. Written by hand: torch has no calibration of its own; the timing i
 """
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from datetime import UTC, datetime
@@ -75,6 +76,26 @@ def matmul_flops(dtype: torch.dtype, device: str = "cpu", m: int = 1024, n: int 
             torch.cuda.synchronize()
 
     return 2 * m * n * k / _median(run)
+
+
+def linear_flops(m: int, n: int, k: int, fixed_s: float = 0.0, device: str = "cpu") -> float:
+    """FLOP/s of a linear layer's three products as training runs them: forward (m x k by k x n),
+    then backward's input and weight gradients (its operands transposed), through autograd. A CPU
+    runs backward's products well below a plain forward product of the same size (seen: 95-110
+    GFLOP/s against 155 for the small GPT's shapes on one core), so timing `torch.mm` alone made
+    every step look a third faster than it ran. `fixed_s`: the operators' fixed costs inside
+    (one forward, one backward), charged apart by cost.py, taken off."""
+    x = torch.randn(m, k, device=device, requires_grad=True)
+    w = torch.randn(n, k, device=device, requires_grad=True)
+    grad = torch.randn(m, n, device=device)
+
+    def run():
+        x.grad = w.grad = None
+        torch.nn.functional.linear(x, w).backward(grad)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return 6 * m * n * k / max(_median(run) - fixed_s, 1e-9)
 
 
 # (m, n, k) of the products a small model's layers make (tokens x width x width or 4 x width), up to
@@ -126,29 +147,42 @@ KIND_INPUTS = {  # kind -> (its function, input shape): 256 Ki values, rows of t
 
 def kind_seconds(curve: list, device: str = "cpu") -> dict:
     """kind -> [forward, backward] seconds per element (attention: per score, its products' FLOPs
-    at `curve`'s rate (the matmul rates just measured) taken off, as cost.py charges them)."""
+    at `curve`'s rate (the matmul rates just measured) taken off, as cost.py charges them). Each
+    call on the next of several inputs, 32 MiB in all: in training an activation comes from memory,
+    not from the cache the same input stays in when timed over and over (seen: GeLU at 0.55 ns an
+    element on one input, 0.95 ns going round 64 of them)."""
     from paratrain.planner.hardware import _interpolate
 
     out = {}
     for kind, (fn, shape) in KIND_INPUTS.items():
-        x = torch.randn(*shape, device=device, requires_grad=True)
+        x = _rotating(lambda shape=shape: torch.randn(*shape, device=device, requires_grad=True))
         grad = torch.ones(*shape, device=device)
-        fwd = _median(lambda fn=fn, x=x: fn(x))
-        both = _median(lambda fn=fn, x=x, grad=grad: fn(x).backward(grad))
-        out[kind] = [fwd / x.numel(), max(0.0, both - fwd) / x.numel()]
+        fwd = _median(lambda fn=fn, x=x: fn(x()))
+        both = _median(lambda fn=fn, x=x, grad=grad: fn(x()).backward(grad))
+        numel = grad.numel()
+        out[kind] = [fwd / numel, max(0.0, both - fwd) / numel]
     b, h, s, d = 8, 4, 128, 32
-    q, k, v = (torch.randn(b, h, s, d, device=device, requires_grad=True) for _ in range(3))
+    qkv = _rotating(lambda: [torch.randn(b, h, s, d, device=device, requires_grad=True) for _ in range(3)])
     flops = 4 * b * h * s * s * d  # QK^T and the product with V
     products = flops / _interpolate(curve, flops)
 
     def attend():
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return torch.nn.functional.scaled_dot_product_attention(*qkv(), is_causal=True)
 
     fwd = _median(attend)
     both = _median(lambda: attend().sum().backward())
     scores = b * h * s * s
     out["attention"] = [max(0.0, fwd - products) / scores, max(0.0, both - fwd - 2 * products) / scores]
     return out
+
+
+def _rotating(make, nbytes: int = 32 * 2**20):
+    """A function that returns the next of as many of `make()`'s tensors as fill `nbytes`."""
+    first = make()
+    size = sum(t.numel() * t.element_size() for t in (first if isinstance(first, list) else [first]))
+    items = [first] + [make() for _ in range(max(0, nbytes // size - 1))]
+    turn = itertools.count()
+    return lambda: items[next(turn) % len(items)]
 
 
 def update_seconds(params_of) -> list[float]:
@@ -219,7 +253,10 @@ def _rank(device: str, repeats: int = REPEATS) -> dict:
 
     tensor_parallel = tensor_parallel_seconds(mesh, device)
     pipeline_steps = pipeline_step_seconds(device)
-    curve = [[2.0 * m * n * k, matmul_flops(torch.float32, device, m, n, k)] for m, n, k in SHAPES_MK]
+    if device == "cpu":  # a product's rate by size, as forward and backward run it together
+        curve = [[2.0 * m * n * k, linear_flops(m, n, k, op_s + op_backward_s)] for m, n, k in SHAPES_MK]
+    else:
+        curve = [[2.0 * m * n * k, matmul_flops(torch.float32, device, m, n, k)] for m, n, k in SHAPES_MK]
     plain = update_seconds(lambda shapes: [torch.nn.Parameter(torch.zeros(n, device=device)) for n in shapes])
     dtensor = update_seconds(lambda shapes: [torch.nn.Parameter(distribute_tensor(torch.zeros(n, device=device), mesh,
                                                                                   [Shard(0)])) for n in shapes])
