@@ -119,6 +119,11 @@ def _wait_gone(slurm_env, job: str, timeout: float) -> None:
     pytest.fail(f"job {job} still queued or running after {timeout} s")
 
 
+def _said(log: str) -> list[str]:
+    """paratrain's own lines in a job's log (`pytest -s` shows them): no tracebacks of torch's agent."""
+    return [line for line in log.splitlines() if line.startswith(("paratrain", "step ", "final", "  "))][-12:]
+
+
 def test_a_batch_job_stops_on_sigterm_with_a_checkpoint_and_the_next_submission_resumes(slurm, tmp_path):
     job = _submit(slurm, tmp_path)
     run_dir = tmp_path / "runs" / "mlp-pt"  # runs/<run.name>-<job name>: the same for every submission
@@ -131,6 +136,7 @@ def test_a_batch_job_stops_on_sigterm_with_a_checkpoint_and_the_next_submission_
     subprocess.run(["scancel", "--signal=TERM", job], env=slurm, check=True)
     _wait_gone(slurm, job, 120)
     log = (tmp_path / f"pt-{job}.out").read_text()
+    print(f"--- job {job} (scancel --signal=TERM mid-run), its log's paratrain lines:", *_said(log), sep="\n")
     ended = json.loads((run_dir / "ended.json").read_text())
     assert ended["exit_code"] == 143 and "stopped by SIGTERM after step" in ended["why"], log
     stop = int(ended["why"].split("after step ")[1].split(";")[0])
@@ -140,6 +146,7 @@ def test_a_batch_job_stops_on_sigterm_with_a_checkpoint_and_the_next_submission_
     again = _submit(slurm, tmp_path)
     _wait_gone(slurm, again, 240)
     log = (tmp_path / f"pt-{again}.out").read_text()
+    print(f"--- job {again} (submitted again), its log's paratrain lines:", *_said(log), sep="\n")
     assert f"resumed from step {stop} of runs/mlp-pt" in log, log
     assert [r["step"] for r in records(run_dir, 0)] == list(range(1, 151))
     assert (run_dir / "checkpoints" / "step-00000150.pt").exists()

@@ -28,6 +28,7 @@ measured_at = "test"
 update = [5e-5, 4e-9]
 dtensor_update = [5e-4, 6e-9]
 tensor_parallel = [5e-3, 6e-3, 4e-3, 7e-3]
+split_backward = [1e-3, 0.1]
 
 [matmul_flops]
 fp32 = 5e10
@@ -197,6 +198,21 @@ def test_calibration_round_trips_through_toml(tmp_path):
     # more ranks than cores: each pays its share of them, fixed costs included
     shared = cal.cluster(4).device
     assert shared.tp_fixed_s == (1e-2, 1.2e-2, 8e-3, 1.4e-2) and shared.pipeline_action_s["zbv"] == 1.2e-3
+    assert cal.split_backward == [1e-3, 0.1] and shared.split_backward_s == (2e-3, 0.1)
+
+
+def test_a_split_backward_costs_what_calibrate_measured_on_zero_bubble_schedules_only(tmp_path):
+    """torch's zero-bubble runtime walks the autograd graph twice (I, then W): per block and in
+    proportion to the backward, beyond one whole backward; 1F1B's backward is whole."""
+    path = tmp_path / "c.toml"
+    path.write_text(CALIBRATION)
+    with_split = Calibration.load(path).cluster(2)
+    without = Cluster(replace(with_split.device, split_backward_s=()), 2, 2, with_split.intra, with_split.inter)
+    model = transformer(4, 128, 4, 65, 64)
+    for schedule, virtual, costs_more in (("zbv", 2, True), ("interleaved_zb", 2, True), ("1f1b", 1, False)):
+        plan = Plan(pp=2, microbatches=4, schedule=schedule, virtual=virtual)
+        a, b = estimate(plan, model, with_split, 16), estimate(plan, model, without, 16)
+        assert (a.step_s > b.step_s) == costs_more and (a.step_s >= b.step_s), schedule
 
 
 def test_plan_prints_json_ranked_by_step_time(tmp_path, calibrated):

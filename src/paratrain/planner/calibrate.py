@@ -95,7 +95,8 @@ def linear_flops(m: int, n: int, k: int, fixed_s: float = 0.0, device: str = "cp
         if device == "cuda":
             torch.cuda.synchronize()
 
-    return 6 * m * n * k / max(_median(run) - fixed_s, 1e-9)
+    # each a millisecond or less: three times the timings, whose median moved by a fifth at 9 (seen)
+    return 6 * m * n * k / max(_median(run, 3 * REPEATS) - fixed_s, 1e-9)
 
 
 # (m, n, k) of the products a small model's layers make (tokens x width x width or 4 x width), up to
@@ -249,10 +250,11 @@ def _rank(device: str, repeats: int = REPEATS) -> dict:
     mesh = init_device_mesh(device, (2,))
     dtensor_op_s, dtensor_op_backward_s = op_seconds(distribute_tensor(torch.ones(8, device=device), mesh,
                                                                        [Replicate()]), count=100)
-    from paratrain.planner.framework import pipeline_step_seconds, tensor_parallel_seconds
+    from paratrain.planner.framework import pipeline_step_seconds, split_backward_seconds, tensor_parallel_seconds
 
     tensor_parallel = tensor_parallel_seconds(mesh, device)
     pipeline_steps = pipeline_step_seconds(device)
+    split_backward = split_backward_seconds(device)
     if device == "cpu":  # a product's rate by size, as forward and backward run it together
         curve = [[2.0 * m * n * k, linear_flops(m, n, k, op_s + op_backward_s)] for m, n, k in SHAPES_MK]
     else:
@@ -265,7 +267,8 @@ def _rank(device: str, repeats: int = REPEATS) -> dict:
                                 "bf16": matmul_flops(torch.bfloat16, device)}, "matmul_curve": curve,
                "memory_Bps": memory_bandwidth(device), "op_s": op_s, "op_backward_s": op_backward_s,
                "dtensor_op_s": dtensor_op_s, "dtensor_op_backward_s": dtensor_op_backward_s,
-               "tensor_parallel": tensor_parallel, "pipeline_steps": pipeline_steps}
+               "tensor_parallel": tensor_parallel, "pipeline_steps": pipeline_steps,
+               "split_backward": split_backward}
 
     def sync():
         if device == "cuda":
@@ -355,7 +358,7 @@ def calibrate(device: str = "cpu", repeats: int = REPEATS) -> Calibration:
                        op_backward_s=got["op_backward_s"], dtensor_op_s=got["dtensor_op_s"],
                        dtensor_op_backward_s=got["dtensor_op_backward_s"], kinds=got["kinds"],
                        update=got["update"], dtensor_update=got["dtensor_update"],
-                       tensor_parallel=got["tensor_parallel"],
+                       tensor_parallel=got["tensor_parallel"], split_backward=got["split_backward"],
                        pipeline_action=pipeline_action_seconds(got["pipeline_steps"]),
                        links={"loopback": per},
                        measured_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))

@@ -41,6 +41,7 @@ BUCKET_BYTES = 25 * 2**20  # DDP's default bucket (strategy.ddp.bucket_mb)
 # at the default ratio 0.01; sign a bit. PowerSGD: `codec_fraction`.
 CODEC_FRACTION = {"none": 1.0, "fp16": 0.5, "bf16": 0.5, "int8": 0.25, "topk": 2 * 0.01, "sign": 1 / 32}
 POWERSGD_RANK = 4  # strategy.compression.rank's default
+SPLIT_BACKWARD = ("interleaved_zb", "zbv")  # schedules whose backward is split into I and W
 
 
 def codec_fraction(codec: str, model: ModelProfile) -> float:
@@ -234,6 +235,9 @@ def _time(lay: _Layout, est: Estimate, slowdown: float = 1.0) -> None:
             recompute = attn + sum(b.attn_traffic for b in blocks) * mb / tp / dev.memory_Bps
         slow = waits if i == 0 or pp == 1 else 1.0
         fixed_f, fixed_b = fixed(blocks)
+        if plan.schedule in SPLIT_BACKWARD and dev.split_backward_s:  # torch's I and W: two graph walks
+            per_block, share = dev.split_backward_s
+            fixed_b += per_block * sum(b in model.blocks for b in blocks) + share * bc
         # backward's collectives mirror forward's; Megatron's sequence parallelism adds an all-gather
         # of each split linear's input (half an all-reduce each: half of forward's again)
         bcomm = 1.5 * fcomm if plan.sequence_parallel and plan.sp_regather else fcomm

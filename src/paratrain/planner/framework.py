@@ -48,6 +48,42 @@ def tensor_parallel_seconds(mesh, device: str, layers: tuple[int, int] = (1, 9))
     return [max(0.0, f1 - layers[0] * block_f), max(0.0, b1 - layers[0] * block_b), block_f, block_b]
 
 
+def split_backward_seconds(device: str, widths: tuple[int, int] = (128, 256)) -> list[float]:
+    """[seconds per block, share of the backward] that a zero-bubble schedule's backward, split
+    into its input half (I) and its weight half (W) as torch.distributed.pipelining runs them
+    (`stage_backward_input`, then `stage_backward_weight`, which walk the autograd graph in
+    Python), costs beyond one whole backward: on one built-in GPT block at two widths (2 x 64
+    tokens), solved for a cost per block and one in proportion to the backward. Seen on one core:
+    1.66x the whole backward at width 128, 1.28x at 256."""
+    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+
+    from paratrain.models.gpt import GPT
+
+    points = []
+    for width in widths:
+        torch.manual_seed(0)
+        block = next(iter(GPT(8, n_layer=1, n_head=4, d_model=width, block_size=64).to(device).layers.values()))
+        x0, grad = torch.randn(2, 64, width, device=device), torch.randn(2, 64, width, device=device)
+
+        def forward(block=block, x0=x0):
+            return block(x0.clone().requires_grad_(True))
+
+        def whole(block=block, x0=x0, grad=grad):
+            block(x0.clone().requires_grad_(True)).backward(grad)
+
+        def split(block=block, x0=x0, grad=grad):
+            x = x0.clone().requires_grad_(True)
+            _, groups = stage_backward_input([block(x)], [grad], [x], block.parameters())
+            stage_backward_weight(block.parameters(), groups)
+
+        fwd = _median(forward)
+        backward = max(1e-9, _median(whole) - fwd)
+        points.append((backward, max(0.0, _median(split) - fwd - backward)))
+    (b1, e1), (b2, e2) = points
+    share = max(0.0, (e2 - e1) / (b2 - b1)) if b2 > b1 else 0.0
+    return [max(0.0, e1 - share * b1), share]
+
+
 PIPELINE_MICROBATCHES = 8
 
 

@@ -68,6 +68,9 @@ class Device:
     # Calibrated CPU only: schedule -> seconds each pipeline action costs beyond its compute
     # (calibrate.pipeline_action_seconds); absent: none.
     pipeline_action_s: dict = field(default_factory=dict)
+    # Calibrated CPU only: a zero-bubble schedule's backward split in two, beyond one whole backward
+    # (calibrate.split_backward_seconds): (seconds per block, share of the backward); (): none.
+    split_backward_s: tuple = ()
 
     def matmul_efficiency(self, m: float, n: float) -> float:
         """The share of the achieved matmul rate an (m x n) output gets under wave quantization:
@@ -220,6 +223,7 @@ class Calibration:
     dtensor_update: list = field(default_factory=list)
     tensor_parallel: list = field(default_factory=list)  # [ends fwd, ends bwd, block fwd, block bwd] seconds
     pipeline_action: dict = field(default_factory=dict)  # schedule -> seconds per action beyond compute
+    split_backward: list = field(default_factory=list)  # [seconds per block, share of the backward]
     # link name -> {collective -> [alpha_s, beta_Bps]}: "loopback" measured between local ranks
     links: dict = field(default_factory=dict)
     measured_at: str = ""
@@ -238,7 +242,9 @@ class Calibration:
             *[f"{name} = [{v[0]:.6g}, {v[1]:.6g}]"
               for name, v in (("update", self.update), ("dtensor_update", self.dtensor_update)) if v],
             *(["tensor_parallel = [" + ", ".join(f"{x:.6g}" for x in self.tensor_parallel) + "]"]
-              if self.tensor_parallel else []), ""]
+              if self.tensor_parallel else []),
+            *([f"split_backward = [{self.split_backward[0]:.6g}, {self.split_backward[1]:.6g}]"]
+              if self.split_backward else []), ""]
         if self.kinds:
             lines += ["", "[kinds]"] + [f"{k} = [{f:.6g}, {b:.6g}]" for k, (f, b) in self.kinds.items()]
         if self.pipeline_action:
@@ -275,6 +281,8 @@ class Calibration:
                         dtensor_update_s=(tuple(x / share for x in self.dtensor_update) if self.dtensor_update
                                           else (0.0, 0.0)),
                         tp_fixed_s=tuple(x / share for x in self.tensor_parallel),
-                        pipeline_action_s={k: v / share for k, v in self.pipeline_action.items()})
+                        pipeline_action_s={k: v / share for k, v in self.pipeline_action.items()},
+                        split_backward_s=((self.split_backward[0] / share, self.split_backward[1])
+                                          if self.split_backward else ()))
         net = self.link(link)
         return Cluster(device, devices, devices, net, net, overlap=1.0 if self.device == "cuda" else 0.0)
