@@ -107,7 +107,4 @@ class CommMeter:
 
     def mean(self, value: torch.Tensor, group) -> float:
         """The mean of a scalar over `group` (None: the world, or no group at all), counted."""
-        n = dist.get_world_size(group) if dist.is_initialized() else 1
-        if n > 1:
-            value = self.all_reduce(value.reshape(1).clone(), group) / n
-        return value.item()
+        return self.means(value, group)[0]

@@ -59,8 +59,8 @@ from paratrain.metrics import StepStats
 from paratrain.nonfinite import check_update
 from paratrain.topology import Topology
 
-__all__ = ["StepStats", "Strategy", "full_state", "load_full_state", "local_eval", "local_step", "state_bytes",
-           "to_cpu"]
+__all__ = ["StepStats", "Strategy", "full_state", "load_full_state", "local_eval", "local_part", "local_step",
+           "state_bytes", "to_cpu"]
 
 
 class Strategy:
@@ -267,9 +267,15 @@ def _is_dtensor(t) -> bool:
     return hasattr(t, "to_local")
 
 
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: a DTensor's local shard (FSDP2, tensor parallelism), a plain
+    tensor itself."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
 def _local_bytes(tensors) -> int:
     """Bytes of this rank's part of each tensor (a DTensor's local shard; a plain tensor whole)."""
-    return sum(t.numel() * t.element_size() for t in (t.to_local() if _is_dtensor(t) else t for t in tensors))
+    return sum(t.numel() * t.element_size() for t in map(local_part, tensors))
 
 
 def to_cpu(tree):

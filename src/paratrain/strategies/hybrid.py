@@ -33,6 +33,7 @@ from paratrain.comm import CommMeter, flatten, ring_allreduce_bytes, unflatten
 from paratrain.config import Config
 from paratrain.data import Batch
 from paratrain.metrics import StepStats
+from paratrain.strategies.base import local_part
 from paratrain.strategies.data_parallel.ft import QuorumStep, shut_down, torchft_manager, write_replica_record
 from paratrain.strategies.data_parallel.sync_batchnorm import synced
 from paratrain.strategies.data_parallel.zero import count_fsdp_traffic, shard_blocks
@@ -74,11 +75,6 @@ class Hybrid(Pipeline):
         return super().train_step(batch)
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This process's part of a tensor-parallel DTensor (a view of it), or the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 class FaultTolerantHybrid(QuorumStep, Hybrid):
     def __init__(self, cfg: Config, topo, model: nn.Module, loss_fn, example: torch.Tensor | None = None):
         super().__init__(cfg, topo, model, loss_fn, example)
@@ -94,7 +90,7 @@ class FaultTolerantHybrid(QuorumStep, Hybrid):
         for p in self.params:
             if p.grad is None:  # unused this step here: zeros, so that every group sends the same layout
                 p.grad = torch.zeros_like(p)
-        grads = [_local(p.grad) for p in self.params]
+        grads = [local_part(p.grad) for p in self.params]
         flat, t0 = flatten(grads), time.perf_counter()
         self.manager.allreduce(flat).wait()
         nbytes = ring_allreduce_bytes(flat.numel() * flat.element_size(), max(1, self.manager.num_participants()))
@@ -113,15 +109,16 @@ class FaultTolerantHybrid(QuorumStep, Hybrid):
 
     # What a recovering group's process loads from the same place in a healthy group.
     def _live_state(self) -> dict:
+        def copied(tensors: dict) -> dict:
+            return {k: local_part(v).detach().clone() for k, v in tensors.items()}
+
         optimizers = []
         for opt in self.optimizer.optimizers:
             params = [p for g in opt.param_groups for p in g["params"]]
             optimizers.append({
-                "state": [{k: _local(v).detach().clone() for k, v in opt.state[p].items()} if p in opt.state else None
-                          for p in params],
+                "state": [copied(opt.state[p]) if p in opt.state else None for p in params],
                 "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]})
-        return {"parts": [{k: _local(v).detach().clone() for k, v in part.state_dict().items()} for part in self.parts],
-                "optimizers": optimizers}
+        return {"parts": [copied(part.state_dict()) for part in self.parts], "optimizers": optimizers}
 
     @torch.no_grad()
     def _load_live(self, state: dict) -> None:
@@ -129,7 +126,7 @@ class FaultTolerantHybrid(QuorumStep, Hybrid):
 
         for part, values in zip(self.parts, state["parts"]):
             for k, v in part.state_dict().items():  # views of the parameters and buffers: copied in place
-                _local(v).copy_(values[k])
+                local_part(v).copy_(values[k])
         for opt, saved in zip(self.optimizer.optimizers, state["optimizers"]):
             params = [p for g in opt.param_groups for p in g["params"]]
             for p, entry in zip(params, saved["state"]):

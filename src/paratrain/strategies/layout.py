@@ -239,9 +239,9 @@ def check_model_split(cfg: Config, model, pp: int, dp: int = 1) -> None:
     v = pipeline_settings(cfg)[1]
     if pp * v == 1:  # one stage: the whole model, whatever it is (split.whole_model)
         return
-    if is_traced(model) and dp > 1 and pp > 2 and tied_parameters(model):
+    if is_traced(model) and dp > 1 and pp > 2 and (tied := tied_parameters(model)):
         # a middle stage without a copy would add a full-size zero to the other stages' dp shards
-        raise ConfigError(f"strategy.pp = {pp}: {type(model).__name__} ties {tied_parameters(model)[0]}, whose "
+        raise ConfigError(f"strategy.pp = {pp}: {type(model).__name__} ties {tied[0]}, whose "
                           "copies on its pipeline stages are kept equal across them; with a sharded dp axis "
                           "that needs every pp rank to hold one: use pp = 2, or dp = 1")
     num_blocks = len(blocks_of(model))

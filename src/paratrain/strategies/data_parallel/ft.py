@@ -44,7 +44,7 @@ from paratrain.comm import CommMeter, counted, ring_allreduce_bytes
 from paratrain.data import Batch
 from paratrain.optim import build_optimizer
 from paratrain.restarts import attempt
-from paratrain.strategies.base import StepStats, Strategy, full_state, load_full_state, local_step
+from paratrain.strategies.base import StepStats, Strategy, full_state, load_full_state, local_part, local_step
 from paratrain.topology import LIGHTHOUSE_ENV
 
 
@@ -109,7 +109,7 @@ def write_replica_record(run_dir, topo, module: nn.Module, step: int) -> None:
     shares). Collective over the group's processes."""
     digest = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
-        t = t.to_local() if hasattr(t, "to_local") else t  # a tensor-parallel shard: this process's part
+        t = local_part(t)  # a tensor-parallel shard: this process's part
         digest.update(name.encode() + t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     if topo.world_size > 1:  # the group's parts, in rank order
         parts = messages.gather(digest.hexdigest(), dst=0)

@@ -33,9 +33,7 @@ from paratrain.optim import build_optimizer
 from paratrain.strategies.base import StepStats, Strategy, full_state, load_full_state
 from paratrain.strategies.layout import (
     MULTI_STAGE,
-    blocks_of,
     check_model_split,
-    check_split_points,
     is_traced,
     pipeline_settings,
     tied_parameters,
@@ -181,11 +179,8 @@ class Pipeline(Strategy):
         self.optimizer = _Optimizers(cfg, self.parts)
 
     def _split(self, model: nn.Module, num_stages: int) -> list[int]:
-        p = self.cfg.strategy.pipeline
-        if p.split_points:
-            return check_split_points(p.split_points, len(blocks_of(model)), num_stages)
-        if p.split == "params":
-            return split.balanced_split(split.param_costs(model), num_stages)
+        if (starts := split.planned_starts(self.cfg, model, num_stages)) is not None:
+            return starts
         # Measured on one rank and shared: every rank must cut the model at the same places.
         costs = None
         if self.topo.is_main:

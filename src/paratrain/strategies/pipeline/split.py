@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from paratrain.config import Config, ConfigError
 from paratrain.data import Datasets
-from paratrain.strategies.layout import block_list, blocks_of, is_traced
+from paratrain.strategies.layout import block_list, blocks_of, check_split_points, is_traced
 
 
 def _numel(m: nn.Module | None) -> int:
@@ -66,6 +66,15 @@ def time_costs(model: nn.Module, sample: torch.Tensor, repeats: int = 3) -> list
         x = out.detach()
     model.zero_grad(set_to_none=True)
     return costs
+
+
+def planned_starts(cfg: Config, model: nn.Module, num_stages: int) -> list[int] | None:
+    """The first block of each stage where no timing decides it: the named split points, or the
+    parameter balance; None for `split = "time"` (measured by the pipeline at start-up)."""
+    p = cfg.strategy.pipeline
+    if p.split_points:
+        return check_split_points(p.split_points, len(blocks_of(model)), num_stages)
+    return balanced_split(param_costs(model), num_stages) if p.split == "params" else None
 
 
 def balanced_split(costs: list[float], num_stages: int) -> list[int]:
@@ -178,8 +187,7 @@ def check_traceable(cfg: Config, model: nn.Module, datasets: Datasets, pp: int, 
     _, v, m = pipeline_settings(cfg)
     if pp * v == 1 or not is_traced(model):
         return
-    points = cfg.strategy.pipeline.split_points
-    starts = [0, *points] if points else balanced_split(param_costs(model), pp * v)
+    starts = planned_starts(cfg, model, pp * v)  # split = "time" is refused for such a model (layout.py)
     micro = datasets.train.get(torch.arange(cfg.training.global_batch_size // dp // m)).inputs
     try:  # torch.export logs the graph it failed on (40 lines): the one line below says it
         with contextlib.redirect_stderr(io.StringIO()), _logging_off():

@@ -20,12 +20,8 @@ import torch.nn as nn
 
 from paratrain import messages
 from paratrain.comm import CommMeter
+from paratrain.strategies.base import local_part
 from paratrain.topology import Topology
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of an FSDP-sharded DTensor (hybrid's dp axis), or the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class TiedCopies:
@@ -48,15 +44,15 @@ class TiedCopies:
         for copies, ranks, original in zip(self.copies, self.ranks, self.originals):
             if len(ranks) <= 1 and len(copies) <= 1:  # one copy in all
                 continue
-            total = torch.zeros_like(_local(copies[0].detach()) if copies else original, device=self.topo.device)
+            total = torch.zeros_like(local_part(copies[0].detach()) if copies else original, device=self.topo.device)
             for p in copies:
                 if p.grad is not None:
-                    total += _local(p.grad)
+                    total += local_part(p.grad)
             if len(ranks) > 1:
                 meter.all_reduce(total, self.topo.group("pp"))
             for p in copies:
                 if p.grad is not None:
-                    _local(p.grad).copy_(total)
+                    local_part(p.grad).copy_(total)
                 elif hasattr(p, "to_local"):  # a copy this stage did not use, FSDP-sharded
                     from torch.distributed.tensor import DTensor
 
