@@ -29,6 +29,14 @@ update = [5e-5, 4e-9]
 dtensor_update = [5e-4, 6e-9]
 tensor_parallel = [5e-3, 6e-3, 4e-3, 7e-3]
 split_backward = [1e-3, 0.1]
+compute_factor = 1.1
+wake_s = 2e-3
+zero1_sync = [3e-4, 4e-10]
+
+[fsdp]
+zero2 = [3e-3, 4e-3]
+zero3 = [3e-3, 6e-3]
+replicate = [2e-3, 3e-3, 1e-3, 5e-4]
 
 [matmul_flops]
 fp32 = 5e10
@@ -199,6 +207,12 @@ def test_calibration_round_trips_through_toml(tmp_path):
     shared = cal.cluster(4).device
     assert shared.tp_fixed_s == (1e-2, 1.2e-2, 8e-3, 1.4e-2) and shared.pipeline_action_s["zbv"] == 1.2e-3
     assert cal.split_backward == [1e-3, 0.1] and shared.split_backward_s == (2e-3, 0.1)
+    assert cal.compute_factor == 1.1 and cal.fsdp["zero3"] == [3e-3, 6e-3] and cal.zero1_sync == [3e-4, 4e-10]
+    assert shared.fsdp_fixed_s["zero2"] == (6e-3, 8e-3) and shared.zero1_sync_s == (6e-4, 8e-10)
+    assert shared.fsdp_fixed_s["replicate"] == (4e-3, 6e-3, 2e-3, 1e-3)
+    # a point-to-point message waits for its receiver's core only where ranks outnumber cores
+    assert cal.cluster(4).intra.ab("p2p")[0] == pytest.approx(1e-4 + 2e-3)
+    assert cal.cluster(4).intra.ab("all_reduce")[0] == cal.cluster(2).intra.ab("p2p")[0] == 1e-4
 
 
 def test_a_split_backward_costs_what_calibrate_measured_on_zero_bubble_schedules_only(tmp_path):
@@ -329,6 +343,56 @@ def test_a_calibrated_cpu_times_arithmetic_kinds_per_element_and_the_update_per_
     on_stage = _Layout.of(hybrid, profile, Cluster(timed, 4, 4, net, net), 4).local_tensors
     assert 0 < on_stage < tensors
     assert estimate(hybrid, profile, Cluster(timed, 4, 4, net, net), 4).optimizer_s == pytest.approx(on_stage * 5e-3)
+
+
+def test_a_calibrated_cpu_scales_compute_by_a_whole_step_and_charges_what_each_framework_costs():
+    """Compute is scaled by what a whole model's forward and backward measured over its calibrated
+    parts; ZeroRedundancyOptimizer's step costs its calibrated seconds per tensor and per byte
+    beyond AdamW's; FSDP2 its calibrated fixed cost per block and at the ends, in place of its
+    collectives' start-up, and under hybrid (FSDP2 replicating over dp) in each micro-batch."""
+    profile = transformer(4, 64, 4, 128, 32)
+    base = Device("cpu", {"fp32": 1e11}, {"fp32": 1e11}, 1e12, 1e10, op_s=5e-6, op_backward_s=5e-6)
+    net = Link(0.0, 1e18)
+    plain = estimate(Plan(), profile, Cluster(base, 1, 1, net, net), 8)
+    scaled = estimate(Plan(), profile, Cluster(replace(base, compute_factor=1.25), 1, 1, net, net), 8)
+    assert scaled.compute_s == pytest.approx(1.25 * plain.compute_s, rel=1e-9)
+    assert scaled.optimizer_s == plain.optimizer_s  # the update is calibrated whole
+
+    tensors = profile.first.tensors + profile.last.tensors + sum(b.tensors for b in profile.blocks)
+    zero1 = Plan(dp=2, zero=1)
+    broadcasts = estimate(zero1, profile, Cluster(replace(base, zero1_sync_s=(1e-3, 2e-9)), 2, 2, net, net), 8)
+    free = estimate(zero1, profile, Cluster(replace(base, zero1_sync_s=(0.0, 0.0)), 2, 2, net, net), 8)
+    assert broadcasts.comm_s - free.comm_s == pytest.approx(tensors * 1e-3 + profile.params * 4 * 2e-9, rel=1e-6)
+
+    slow_start = Link(1e-3, 1e18)  # a start-up only: where FSDP2's fixed costs were calibrated it is theirs
+    for zero, gathers in ((2, 1), (3, 2)):
+        plan = Plan(dp=2, zero=zero)
+        collectives = estimate(plan, profile, Cluster(base, 2, 2, slow_start, slow_start, overlap=0.0), 8)
+        fixed = replace(base, fsdp_fixed_s={f"zero{zero}": (3e-3, 4e-3)})
+        calibrated = estimate(plan, profile, Cluster(fixed, 2, 2, slow_start, slow_start, overlap=0.0), 8)
+        units = 4 + 1  # a unit per block and the root
+        assert calibrated.comm_s - collectives.comm_s == pytest.approx(3e-3 + 4 * 4e-3 - units * (1 + gathers) * 1e-3)
+
+    # hybrid's replicated dp axis: FSDP2's hooks in every micro-batch's actions, the first one's surplus once
+    hybrid = Plan(dp=2, pp=2, microbatches=4, schedule="1f1b")
+    hooks = replace(base, fsdp_fixed_s={"replicate": (5e-3, 3e-3, 1e-3, 0.5e-3)})
+    without = estimate(hybrid, profile, Cluster(base, 4, 4, net, net, overlap=0.0), 8)
+    with_hooks = estimate(hybrid, profile, Cluster(hooks, 4, 4, net, net, overlap=0.0), 8)
+    # 2 blocks a stage (the simulation rounds its durations: rel)
+    assert with_hooks.compute_s - without.compute_s == pytest.approx(4 * (1e-3 + 2 * 0.5e-3), rel=1e-4)
+    assert with_hooks.comm_s - without.comm_s == pytest.approx((5e-3 - 1e-3) + 2 * (3e-3 - 0.5e-3))
+
+
+def test_calibrates_compute_factor_is_a_whole_step_over_the_planners_sum_of_its_parts(tmp_path):
+    from paratrain.planner.framework import compute_factor
+
+    path = tmp_path / "c.toml"
+    path.write_text(CALIBRATION)
+    cal = Calibration.load(path)
+    one = compute_factor(1.0, cal)  # measured: 1 s
+    assert compute_factor(2.0, cal) == pytest.approx(2 * one) and 1 / one > 0  # 1 / one: the predicted seconds
+    # whatever factor the calibration already holds, the parts are added up without it
+    assert compute_factor(1.0, replace(cal, compute_factor=3.0)) == pytest.approx(one)
 
 
 def test_a_calibrated_tensor_parallel_gpt_pays_its_fixed_costs_per_block_and_at_its_ends():

@@ -21,10 +21,19 @@ per core, one thread each):
   split backward), per schedule: tiny stages, 8 micro-batches, on the two ranks, solved through
   the planner's own simulation of that schedule (schedule.py) with the sends' latency measured
   beside it;
+- the built-in GPT's fixed cost under FSDP2 (zero2, zero3) on the two ranks, per block and at its
+  ends, as for tensor parallelism (framework.fsdp_seconds);
+- what ZeroRedundancyOptimizer's step costs beyond AdamW on the rank's own share (its broadcasts
+  of the updated parameters), per tensor and per byte (framework.zero1_sync_seconds);
+- a whole forward and backward of a small built-in GPT (framework.step_seconds), over what the
+  figures above add up to for it: `compute_factor`, which cost.py scales every model's compute by;
 - the update as the trainer runs it after backward (gradient clipping, the non-finite check's
   norms, eager AdamW, zero_grad) on many small and on few large parameters, solved for seconds per
   tensor and per parameter; the same with DTensor parameters (FSDP2 and tensor parallelism step on
   them: each operator goes through DTensor's dispatch);
+- with twice as many ranks as cores, how much longer a message takes to reach a rank that waits
+  for it (the scheduler gives the woken rank a core only later: framework.wake_seconds); `plan`
+  adds it to every point-to-point message where a run's computing ranks outnumber the cores;
 - per collective (all-reduce, all-gather, reduce-scatter, point-to-point), the link's alpha and
   beta between two local ranks over gloo on the loopback interface: times over message sizes from
   16 KiB to 16 MiB, fitted by least squares to T(S) = steps x alpha + wire bytes(S) / beta with the
@@ -47,23 +56,33 @@ import torch
 from paratrain.planner.hardware import Calibration
 
 SIZES = [2**k for k in range(14, 25, 2)]  # 16 KiB .. 16 MiB
-COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "p2p")
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "p2p")
 
 
 REPEATS = 9  # timings per figure (`paratrain calibrate --repeats`)
 
 
-def _median(fn, repeats: int | None = None) -> float:
-    """The median of `repeats` (default REPEATS) timings after one warm-up. The planner predicts a
-    run's mean step, so each figure is a typical call, not the best one: on this machine a
-    collective's median is 1.5 to 2 times its best, with the caches and cores shared as in a step."""
+def timings(fn, repeats: int | None = None, before=None) -> list[float]:
+    """`repeats` (default REPEATS) timings of `fn()` after one warm-up; `before()`: run untimed
+    before each (`evict`)."""
     fn()
     times = []
     for _ in range(repeats or REPEATS):
+        if before:
+            before()
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return times
+
+
+def _median(fn, repeats: int | None = None, before=None) -> float:
+    """The median of `timings`. The planner predicts a run's mean step, so each figure is a typical
+    call, not the best one: on this machine a collective's median is 1.5 to 2 times its best, with
+    the caches and cores shared as in a step. (A whole step is the mean of its timings:
+    framework.step_seconds.)"""
+    times = sorted(timings(fn, repeats, before))
+    return times[len(times) // 2]
 
 
 def matmul_flops(dtype: torch.dtype, device: str = "cpu", m: int = 1024, n: int = 1024, k: int = 1024) -> float:
@@ -186,36 +205,10 @@ def _rotating(make, nbytes: int = 32 * 2**20):
     return lambda: items[next(turn) % len(items)]
 
 
-def update_seconds(params_of) -> list[float]:
-    """[seconds per parameter tensor, per parameter] of the trainer's update, from two sets: 96
-    tensors of 1 Ki values, and 4 of 256 Ki. `params_of(shapes)` makes the parameters."""
-    from paratrain.nonfinite import bad_ranks
-
-    def timed(count: int, numel: int) -> float:
-        params = params_of([numel] * count)
-        for q in params:
-            q.grad = torch.ones_like(q)
-        opt = torch.optim.AdamW(params, lr=1e-3)
-
-        def update():  # the gradients kept: backward's allocation of them is backward's cost
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            bad_ranks(torch.zeros(()), params, 0, 1, False)
-            opt.step()
-
-        return _median(update, min(5, REPEATS))
-
-    small, large = (96, 1024), (4, 256 * 1024)
-    t_small, t_large = timed(*small), timed(*large)
-    # t = a x tensors + b x parameters at both points
-    det = small[0] * large[0] * large[1] - large[0] * small[0] * small[1]
-    b = (small[0] * t_large - large[0] * t_small) / det
-    a = (t_small - b * small[0] * small[1]) / small[0]
-    return [max(0.0, a), max(0.0, b)]
-
-
 def _ops(device: str, rank: int, size: int) -> dict:
-    """The four collectives on `size` bytes, as paratrain's strategies call them (FSDP2 gathers and
-    reduce-scatters into flat tensors; pipelines send and receive)."""
+    """The collectives on `size` bytes, as paratrain's strategies call them (FSDP2 gathers and
+    reduce-scatters into flat tensors; ZeroRedundancyOptimizer broadcasts each updated parameter
+    from its owner; pipelines send and receive)."""
     import torch.distributed as dist
 
     x = torch.ones(size // 4, device=device)  # `size` bytes: the whole tensor of each collective
@@ -227,7 +220,8 @@ def _ops(device: str, rank: int, size: int) -> dict:
             dist.send(x, peer) if send_first else dist.recv(x, peer)
 
     return {"all_reduce": lambda: dist.all_reduce(x), "all_gather": lambda: dist.all_gather_single(x, half),
-            "reduce_scatter": lambda: dist.reduce_scatter_single(half, x), "p2p": p2p}
+            "reduce_scatter": lambda: dist.reduce_scatter_single(half, x),
+            "broadcast": lambda: dist.broadcast(x, 0), "p2p": p2p}
 
 
 def _rank(device: str, repeats: int = REPEATS) -> dict:
@@ -250,25 +244,28 @@ def _rank(device: str, repeats: int = REPEATS) -> dict:
     mesh = init_device_mesh(device, (2,))
     dtensor_op_s, dtensor_op_backward_s = op_seconds(distribute_tensor(torch.ones(8, device=device), mesh,
                                                                        [Replicate()]), count=100)
-    from paratrain.planner.framework import pipeline_step_seconds, split_backward_seconds, tensor_parallel_seconds
+    from paratrain.planner import framework as fw
 
-    tensor_parallel = tensor_parallel_seconds(mesh, device)
-    pipeline_steps = pipeline_step_seconds(device)
-    split_backward = split_backward_seconds(device)
+    step_s = fw.step_seconds(device)
+    tensor_parallel = fw.tensor_parallel_seconds(mesh, device)
+    fsdp = fw.fsdp_seconds(mesh, device)
+    pipeline_steps = fw.pipeline_step_seconds(device)
+    split_backward = fw.split_backward_seconds(device)
     if device == "cpu":  # a product's rate by size, as forward and backward run it together
         curve = [[2.0 * m * n * k, linear_flops(m, n, k, op_s + op_backward_s)] for m, n, k in SHAPES_MK]
     else:
         curve = [[2.0 * m * n * k, matmul_flops(torch.float32, device, m, n, k)] for m, n, k in SHAPES_MK]
-    plain = update_seconds(lambda shapes: [torch.nn.Parameter(torch.zeros(n, device=device)) for n in shapes])
-    dtensor = update_seconds(lambda shapes: [torch.nn.Parameter(distribute_tensor(torch.zeros(n, device=device), mesh,
-                                                                                  [Shard(0)])) for n in shapes])
+    plain = fw.update_seconds(lambda shapes: [torch.nn.Parameter(torch.zeros(n, device=device)) for n in shapes])
+    dtensor = fw.update_seconds(lambda shapes: [
+        torch.nn.Parameter(distribute_tensor(torch.zeros(n, device=device), mesh, [Shard(0)])) for n in shapes])
     compute = {"kinds": kind_seconds(curve, device), "update": plain, "dtensor_update": dtensor,
                "matmul_flops": {"fp32": matmul_flops(torch.float32, device),
                                 "bf16": matmul_flops(torch.bfloat16, device)}, "matmul_curve": curve,
                "memory_Bps": memory_bandwidth(device), "op_s": op_s, "op_backward_s": op_backward_s,
                "dtensor_op_s": dtensor_op_s, "dtensor_op_backward_s": dtensor_op_backward_s,
                "tensor_parallel": tensor_parallel, "pipeline_steps": pipeline_steps,
-               "split_backward": split_backward}
+               "split_backward": split_backward, "step_s": step_s, "zero1_sync": fw.zero1_sync_seconds(device),
+               "fsdp": fsdp}
 
     def sync():
         if device == "cuda":
@@ -343,25 +340,31 @@ def fit(sizes: list[int], seconds: list[float], steps: float, wire: float) -> tu
 
 
 # For two ranks (collectives.py): (steps, wire bytes per byte of S)
-SHAPES = {"all_reduce": (2, 1.0), "all_gather": (1, 0.5), "reduce_scatter": (1, 0.5), "p2p": (1, 1.0)}
+SHAPES = {"all_reduce": (2, 1.0), "all_gather": (1, 0.5), "reduce_scatter": (1, 0.5), "broadcast": (1, 1.0),
+          "p2p": (1, 1.0)}
 
 
 def calibrate(device: str = "cpu", repeats: int = REPEATS) -> Calibration:
-    from paratrain.planner.framework import pipeline_action_seconds
+    from dataclasses import replace
+
+    from paratrain.planner.framework import compute_factor, pipeline_action_seconds, wake_seconds
     from paratrain.testing import run_ranks
 
     got = run_ranks(_rank, 2, device, repeats)[0]
     per = {c: list(fit(SIZES, got["times"][c], *SHAPES[c])) for c in COLLECTIVES}
-    return Calibration(device=device, cores=os.cpu_count() or 1, matmul_flops=got["matmul_flops"],
+    cal = Calibration(device=device, cores=os.cpu_count() or 1, matmul_flops=got["matmul_flops"],
                        matmul_curve=got["matmul_curve"],
                        memory_Bps=got["memory_Bps"], memory_bytes=_memory_bytes(device), op_s=got["op_s"],
                        op_backward_s=got["op_backward_s"], dtensor_op_s=got["dtensor_op_s"],
                        dtensor_op_backward_s=got["dtensor_op_backward_s"], kinds=got["kinds"],
                        update=got["update"], dtensor_update=got["dtensor_update"],
                        tensor_parallel=got["tensor_parallel"], split_backward=got["split_backward"],
+                       zero1_sync=got["zero1_sync"], fsdp=got["fsdp"],
+                       wake_s=wake_seconds(os.cpu_count() or 1, repeats) if device == "cpu" else 0.0,
                        pipeline_action=pipeline_action_seconds(got["pipeline_steps"]),
                        links={"loopback": per},
                        measured_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    return replace(cal, compute_factor=compute_factor(got["step_s"], cal) if device == "cpu" else 1.0)
 
 
 def _memory_bytes(device: str) -> float:

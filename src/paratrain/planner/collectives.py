@@ -4,7 +4,7 @@ Ring algorithms, as NCCL and gloo run them for large messages (Thakur, Rabenseif
 "Optimization of Collective Communication Operations in MPICH", 2005): an all-reduce of S bytes
 over n devices is a reduce-scatter then an all-gather, 2(n-1) steps moving 2(n-1)/n S bytes per
 device; reduce-scatter and all-gather are n-1 steps and (n-1)/n S each. A point-to-point send is
-one step of S bytes. `link` is the slowest link the group crosses (Cluster.link).
+one step of S bytes; a broadcast a tree of them. `link` is the slowest link the group crosses (Cluster.link).
 """
 from __future__ import annotations
 
@@ -29,6 +29,14 @@ def reduce_scatter(nbytes: float, n: int, link: Link, collective: str = "reduce_
 def all_gather(nbytes: float, n: int, link: Link) -> float:
     """The same steps and bytes as a reduce-scatter, the other way round."""
     return reduce_scatter(nbytes, n, link, "all_gather")
+
+
+def broadcast(nbytes: float, n: int, link: Link) -> float:
+    """From one device to the others: a binomial tree, ceil(log2 n) steps of the whole message."""
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    alpha, beta = link.ab("broadcast")
+    return (n - 1).bit_length() * (alpha + nbytes / beta)
 
 
 def p2p(nbytes: float, link: Link) -> float:

@@ -7,14 +7,18 @@
   the other); backward is twice the forward; on a calibrated CPU the operators whose arithmetic
   sets their time (GeLU, layer norm, softmax, attention's scores) at their measured seconds per
   element instead, and every operator's fixed dispatch cost; full recomputation adds a forward,
-  selective its attention; tensor parallelism splits the matmuls and the split part of the
-  traffic and adds two all-reduces per layer each way (Megatron: not overlapped);
+  selective its attention; on a calibrated CPU all of it scaled by what a whole model's forward
+  and backward measured over its parts (`compute_factor`); tensor parallelism splits the matmuls
+  and the split part of the traffic and adds two all-reduces per layer each way (Megatron: not
+  overlapped);
 - the pipeline: schedule.simulate with those times, the point-to-point sends between stages and,
   on a calibrated CPU, the schedule runtime's cost per action;
 - data parallelism: the gradient all-reduce (ddp, ZeRO-1) or reduce-scatter and all-gathers
   (ZeRO-2/3), hidden behind backward as far as the device overlaps communication with compute
   (`Cluster.overlap`: 1 on GPUs, which move bytes on their own engines; 0 on a CPU whose cores
-  all compute) except the last bucket's or block's; ZeRO-1 all-gathers the updated parameters;
+  all compute) except the last bucket's or block's; ZeRO-1 broadcasts the updated parameters;
+  on a calibrated CPU, FSDP2's fixed cost per block and ZeroRedundancyOptimizer's step beyond
+  AdamW's as measured (framework.py);
 - PowerSGD's own products, orthogonalisation and error feedback, and its three all-reduces;
 - the update: AdamW reads and writes parameters, gradients and two moments (memory-bound), or on
   a calibrated CPU the trainer's whole update (clipping, the non-finite check, eager AdamW) at its
@@ -224,9 +228,22 @@ def _time(lay: _Layout, est: Estimate, slowdown: float = 1.0) -> None:
     # A straggler holds the first stage (pipelines) or is one of the data-parallel ranks: everyone
     # who synchronises with it waits; ASP and SSP parameter-server workers do not.
     waits = slowdown if not (plan.family == "parameter_server" and plan.mode != "bsp") else 1.0
+    # hybrid's dp axis replicating through FSDP2: its hooks in every micro-batch's forward and
+    # backward (calibrated: each further micro-batch's cost; the first's surplus is charged below)
+    hsdp = dev.fsdp_fixed_s.get("replicate") if plan.strategy() == "hybrid" and plan.zero == 0 and plan.dp > 1 else ()
     f_times, b_times, tp_total = [], [], 0.0
     for i, blocks in enumerate(lay.stages):
         fc, bc, fcomm = forward(blocks)
+        fixed_f, fixed_b = fixed(blocks)
+        if hsdp:
+            hooks = hsdp[2] + hsdp[3] * sum(b in model.blocks for b in blocks)
+            fixed_f, fixed_b = fixed_f + hooks / 2, fixed_b + hooks / 2
+        # what a whole model pays beyond its calibrated parts (tensor parallelism's fixed costs were
+        # measured on a whole model already)
+        k = dev.compute_factor
+        fc, bc = fc * k, bc * k
+        if not (tp > 1 and dev.tp_fixed_s):
+            fixed_f, fixed_b = fixed_f * k, fixed_b * k
         recompute = 0.0
         if plan.recompute == "full":
             recompute = fc + fcomm
@@ -234,7 +251,6 @@ def _time(lay: _Layout, est: Estimate, slowdown: float = 1.0) -> None:
             attn = sum(b.attn_flops for b in blocks) * mb / tp / flops_rate
             recompute = attn + sum(b.attn_traffic for b in blocks) * mb / tp / dev.memory_Bps
         slow = waits if i == 0 or pp == 1 else 1.0
-        fixed_f, fixed_b = fixed(blocks)
         if plan.schedule in SPLIT_BACKWARD and dev.split_backward_s:  # torch's I and W: two graph walks
             per_block, share = dev.split_backward_s
             fixed_b += per_block * sum(b in model.blocks for b in blocks) + share * bc
@@ -280,12 +296,19 @@ def _time(lay: _Layout, est: Estimate, slowdown: float = 1.0) -> None:
             total = cc.all_reduce(grad_wire, n, dp_link)
             last = cc.all_reduce(min(grad_wire, BUCKET_BYTES), n, dp_link)
             dp_comm = max(last, total - window)
+            if hsdp:  # the first micro-batch's hooks and each unit's all-reduce start-up, beyond a further one's
+                layers = sum(b in model.blocks for st in lay.rank_stages[0] for b in lay.stages[st])
+                dp_comm += (hsdp[0] - hsdp[2]) + (hsdp[1] - hsdp[3]) * layers
             if plan.codec == "powersgd":
                 dp_comm += _powersgd_s(model, dev, dp_link, n, tp)
-            if plan.zero == 1:  # the updated shards, all-gathered after the step: torch's
-                # ZeroRedundancyOptimizer broadcasts each parameter tensor from its owner, each
-                # broadcast paying the link's start-up
-                dp_comm += cc.all_gather(local * p_bytes, n, dp_link) + lay.local_tensors * dp_link.ab("p2p")[0]
+            if plan.zero == 1:  # the updated shards to every rank after the step: torch's
+                # ZeroRedundancyOptimizer broadcasts each parameter tensor from its owner, one
+                # broadcast after another, each paying the link's start-up
+                if dev.zero1_sync_s:  # as calibrated: its step beyond AdamW's, per tensor and per byte
+                    dp_comm += lay.local_tensors * dev.zero1_sync_s[0] + local * p_bytes * dev.zero1_sync_s[1]
+                else:
+                    dp_comm += lay.local_tensors * cc.broadcast(local * p_bytes / max(1, lay.local_tensors), n,
+                                                                dp_link)
         else:
             # FSDP2 gathers each block's parameters for every micro-batch's forward (and again for its
             # backward under ZeRO-3, which frees them after forward), prefetching the next block's
@@ -301,7 +324,16 @@ def _time(lay: _Layout, est: Estimate, slowdown: float = 1.0) -> None:
             copies = (gathers * p_bytes + 4) * local * (1 + 1 / n) / dev.memory_Bps
             hidden = overlap * plan.microbatches * (sum(f_times) + sum(b_times)) / pp
             one_block = cc.all_gather(max(units) * p_bytes, n, dp_link) + cc.reduce_scatter(max(units) * 4, n, dp_link)
-            dp_comm = max(one_block, rs + ag - hidden) + copies
+            fixed_s = 0.0
+            if fixed := dev.fsdp_fixed_s.get(f"zero{plan.zero}"):
+                # calibrated on the built-in GPT: FSDP2's fixed cost per block and at the ends, its
+                # collectives' start-up included, per micro-batch; the collectives' bytes on top
+                ends, per_block = fixed
+                fixed_s = plan.microbatches * (ends + per_block * (len(units) - 1))
+                ag_start, rs_start = (n - 1) * dp_link.ab("all_gather")[0], (n - 1) * dp_link.ab("reduce_scatter")[0]
+                rs, ag = rs - len(units) * rs_start, ag - gathers * len(units) * ag_start
+                one_block -= ag_start + rs_start
+            dp_comm = max(one_block, rs + ag - hidden) + copies + fixed_s
     elif plan.family in ("local_sgd", "diloco"):  # one all-reduce of the parameters every H steps
         wire = local * 4 * codec_fraction(plan.codec, model)
         dp_comm = cc.all_reduce(wire, plan.dp, dp_link) / plan.sync_every

@@ -1,10 +1,22 @@
 """What paratrain's own strategies cost on a CPU beyond their arithmetic, measured for calibrate.py:
-the built-in GPT under DTensor tensor parallelism (dispatch, conversions and the small all-reduces
-inside, per block and at its ends), and torch.distributed.pipelining's runtime per action of each
-schedule, solved through the planner's own simulation (schedule.py). Both run on the two ranks of
-`paratrain calibrate`'s group; each figure is calibrate's median (`_median`).
+- a whole forward and backward of the built-in GPT against what its calibrated parts add up to
+  (`compute_factor`);
+- the built-in GPT under DTensor tensor parallelism (dispatch, conversions and the small
+  all-reduces inside, per block and at its ends) and under FSDP2 (its hooks, copies and the
+  collectives' start-up per unit), each on a tiny GPT of two depths;
+- the trainer's update after backward (clipping, the non-finite check, eager AdamW) per tensor
+  and per parameter, the caches cleared first as a step leaves them;
+- ZeroRedundancyOptimizer's step beyond AdamW on the rank's share (its broadcasts);
+- torch.distributed.pipelining's runtime per action of each schedule, solved through the
+  planner's own simulation (schedule.py), and a split backward's second graph walk;
+- with more ranks than cores, a message's wait for its receiver to be scheduled again.
+All run on the two ranks of `paratrain calibrate`'s group (the last on four); each figure is
+calibrate's median (`_median`), a whole step the mean of its timings. Written by hand: torch
+measures none of these; each times torch's own modules as paratrain's strategies use them.
 """
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -13,6 +25,175 @@ def _median(fn) -> float:
     from paratrain.planner.calibrate import _median as median  # calibrate sets its repeats per run
 
     return median(fn)
+
+
+# The model whose whole step measures `compute_factor`: the built-in GPT between the sizes small
+# runs use (neither of benchmarks/planner.py's two), one rank's share of a batch of 16
+STEP_SETS = ("model.n_layer=2", "model.d_model=192", "model.n_head=4", "model.block_size=64")
+STEP_BATCH = 8
+
+
+def step_seconds(device: str) -> float:
+    """Seconds of one forward, loss and backward of the STEP_SETS GPT as the trainer runs them
+    (gradients allocated afresh: the update sets them to None), both ranks at once: the mean of
+    calibrate's timings, as a run's summary reports its mean step (the machine's interruptions
+    fall on some steps, a few percent more than the median here)."""
+    from statistics import mean
+
+    from paratrain.config import load_config
+    from paratrain.data import build_datasets
+    from paratrain.models import build_loss, build_model
+    from paratrain.planner.calibrate import REPEATS, timings
+
+    cfg = load_config(None, list(STEP_SETS))
+    vocab = build_datasets(cfg).vocab_size
+    torch.manual_seed(0)
+    model, loss_fn = build_model(cfg, vocab).to(device), build_loss(cfg)
+    tokens = torch.randint(0, vocab, (STEP_BATCH, cfg.model.block_size + 1), device=device)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+
+    return mean(timings(step, 2 * REPEATS))
+
+
+def compute_factor(measured_s: float, cal) -> float:
+    """A real forward and backward over what the planner adds up from `cal`'s parts for the same
+    model (cost.py's compute of one device), the factor cost.py scales compute by. On a CPU the
+    parts, each timed alone, miss what a model pays between them: activations passed from one
+    operator to the next through memory rather than cache, nn.Module calls, autograd's graph
+    (seen: a GPT's forward and backward 8-15% over its parts)."""
+    from dataclasses import replace
+
+    from paratrain.config import load_config
+    from paratrain.planner.commands import profile_config
+    from paratrain.planner.cost import estimate
+    from paratrain.planner.plan import Plan
+
+    profile = profile_config(load_config(None, list(STEP_SETS)))
+    predicted = estimate(Plan(), profile, replace(cal, compute_factor=1.0).cluster(1), STEP_BATCH).compute_s
+    return measured_s / predicted if predicted > 0 else 1.0
+
+
+def zero1_sync_seconds(device: str) -> list[float]:
+    """[seconds per parameter tensor, per byte] that ZeroRedundancyOptimizer's step costs beyond
+    AdamW's on the rank's own share (handing each rank's updated parameters to the others: an
+    asynchronous broadcast per tensor, then a wait on them all), from two sets: 96 tensors of 1 Ki
+    values and 4 of 256 Ki, gradients set. Seen on two ranks of two cores, the small GPT's 45
+    tensors: 28 ms a step against 2 ms of AdamW on its share, and 9 ms with no update to make
+    (gloo's threads handing each broadcast on, on cores both ranks compute with)."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    points = []
+    for count, numel in ((96, 1024), (4, 256 * 1024)):
+        params = [torch.nn.Parameter(torch.zeros(numel, device=device)) for _ in range(count)]
+        for q in params:
+            q.grad = torch.ones_like(q)
+        zero = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, lr=1e-3)
+        own = torch.optim.AdamW([q for group in zero.optim.param_groups for q in group["params"]], lr=1e-3)
+        points.append((count, count * numel * 4, max(0.0, _median(zero.step) - _median(own.step))))
+    (n1, b1, t1), (n2, b2, t2) = points
+    per_byte = max(0.0, (t2 - t1 * n2 / n1) / (b2 - b1 * n2 / n1))
+    return [max(0.0, (t1 - per_byte * b1) / n1), per_byte]
+
+
+_scratch: list = []  # evict's buffer, made once
+
+
+def evict(nbytes: int = 64 * 2**20) -> None:
+    """Write over more memory than the caches hold: what follows finds its tensors in memory."""
+    if not _scratch:
+        _scratch.append(torch.empty(nbytes // 4))
+    _scratch[0].fill_(1.0)
+
+
+def update_seconds(params_of) -> list[float]:
+    """[seconds per parameter tensor, per parameter] of the trainer's update, from two sets: 96
+    tensors of 1 Ki values, and 4 of 256 Ki. `params_of(shapes)` makes the parameters. Each
+    timing starts with the caches cleared (`evict`): in training, forward and backward have
+    passed over the whole model since the last update, and the update finds parameters,
+    gradients and moments in memory (seen: 4.0 ns a parameter timed over and over on the same
+    set, 6.5 in the update of an 8-layer GPT's training step)."""
+    from paratrain.nonfinite import bad_ranks
+    from paratrain.planner.calibrate import REPEATS
+    from paratrain.planner.calibrate import _median as median
+
+    def timed(count: int, numel: int) -> float:
+        params = params_of([numel] * count)
+        for q in params:
+            q.grad = torch.ones_like(q)
+        opt = torch.optim.AdamW(params, lr=1e-3)
+
+        def update():  # the gradients kept: backward's allocation of them is backward's cost
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            bad_ranks(torch.zeros(()), params, 0, 1, False)
+            opt.step()
+
+        return median(update, min(5, REPEATS), before=evict if params[0].device.type == "cpu" else None)
+
+    small, large = (96, 1024), (4, 256 * 1024)
+    t_small, t_large = timed(*small), timed(*large)
+    # t = a x tensors + b x parameters at both points
+    det = small[0] * large[0] * large[1] - large[0] * small[0] * small[1]
+    b = (small[0] * t_large - large[0] * t_small) / det
+    a = (t_small - b * small[0] * small[1]) / small[0]
+    return [max(0.0, a), max(0.0, b)]
+
+
+def _spin(seconds: float) -> None:
+    """Compute (small products) for `seconds` of wall time."""
+    a = torch.randn(128, 128)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        a @ a
+
+
+WAKE_WORK_S = 0.005  # the compute before each send: a stage's action, small
+
+
+def wake_rank(spinning: float, repeats: int) -> float | None:
+    """One rank of `wake_seconds`: ranks 0 and 1 pass a message back and forth, each after
+    WAKE_WORK_S of compute; the others compute for `spinning` seconds. Rank 0 returns seconds per
+    hand-over (what each message costs beyond the compute), the others None."""
+    import torch.distributed as dist
+
+    from paratrain.planner.calibrate import _median as median
+
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    rank, x = dist.get_rank(), torch.ones(256)
+    dist.barrier()
+    if rank >= 2:
+        _spin(spinning)
+        return None
+
+    def exchange():
+        for send_first in (rank == 0, rank != 0):
+            if send_first:
+                _spin(WAKE_WORK_S)
+                dist.send(x, 1 - rank)
+            else:
+                dist.recv(x, 1 - rank)
+
+    seconds = (median(exchange, 2 * repeats + 1) - 2 * WAKE_WORK_S) / 2
+    return seconds if rank == 0 else None
+
+
+def wake_seconds(cores: int, repeats: int) -> float:
+    """The seconds a message waits for its receiver to be scheduled again when more ranks compute
+    than there are cores (4 ranks on 2: hybrid runs on this machine), beyond what it costs with a
+    rank per core: measured both ways. A rank blocked in a receive gives its core to another
+    process; the message wakes it, but it runs again only when the scheduler next gives it a core
+    (seen: 2.5 ms more a message, against 0.3 with a rank per core)."""
+    from paratrain.testing import run_ranks
+
+    spinning = 4 * (2 * repeats + 2) * (WAKE_WORK_S + 0.01)  # outlasts the exchanges
+    alone = run_ranks(wake_rank, 2, spinning, repeats)[0]
+    # the median of three: where the scheduler happens to put both exchanging ranks on one core and
+    # the computing ones on the other, nothing waits (seen once in four: 0.15 ms against 2.3-2.5)
+    crowded = sorted(run_ranks(wake_rank, 2 * max(1, cores), spinning, repeats)[0] for _ in range(3))[1]
+    return max(0.0, crowded - alone)
 
 
 def tensor_parallel_seconds(mesh, device: str, layers: tuple[int, int] = (1, 9)) -> list[float]:
@@ -46,6 +227,47 @@ def tensor_parallel_seconds(mesh, device: str, layers: tuple[int, int] = (1, 9))
     span = layers[1] - layers[0]
     block_f, block_b = max(0.0, (f2 - f1) / span), max(0.0, (b2 - b1) / span)
     return [max(0.0, f1 - layers[0] * block_f), max(0.0, b1 - layers[0] * block_b), block_f, block_b]
+
+
+def fsdp_seconds(mesh, device: str, layers: tuple[int, int] = (1, 5)) -> dict:
+    """"zero2" / "zero3" -> [ends, per block] seconds of a forward and backward of the built-in GPT
+    under FSDP2 as paratrain shards it (zero.shard_blocks: a unit per block and the root; zero3
+    reshards after forward) at a size where nothing but the fixed costs counts (width 8, 2 tokens),
+    from a GPT of `layers[0]` and one of `layers[1]` blocks, on the two ranks of `mesh`. FSDP2's
+    hooks around each unit's forward and backward, its copies in and out of the flat buffers and
+    each all-gather's and reduce-scatter's start-up: several milliseconds a block on a CPU (seen:
+    4.6 under zero2, 7.2 under zero3), which the collectives' latency alone does not predict.
+    "replicate" -> [ends, per block, then each further micro-batch's ends, per block]: hybrid's."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from paratrain.models.gpt import GPT, cross_entropy
+    from paratrain.strategies.data_parallel.zero import shard_blocks
+
+    tokens = torch.zeros(1, 2, dtype=torch.long, device=device)
+
+    def fixed(mesh, reshard: bool, microbatches: int = 1) -> list[float]:
+        times = []
+        for n in layers:
+            torch.manual_seed(0)
+            model = shard_blocks(GPT(8, n_layer=n, n_head=2, d_model=8, block_size=2).to(device), mesh, reshard)
+
+            def step(model=model):  # forward and backward together: zero2 keeps the parameters gathered
+                for i in range(microbatches):  # gradients reduced on the last micro-batch only
+                    model.set_requires_gradient_sync(i == microbatches - 1)
+                    cross_entropy(model(tokens), tokens).backward()
+
+            times.append(_median(step))
+        block = max(0.0, (times[1] - times[0]) / (layers[1] - layers[0]))
+        return [max(0.0, times[0] - layers[0] * block), block]
+
+    out = {"zero2": fixed(mesh, False), "zero3": fixed(mesh, True)}
+    # hybrid's dp axis where it replicates: FSDP2 over a (dp, 1) mesh, each stage's micro-batches
+    # accumulating without the all-reduce but the last (torch's PipelineStage): the first
+    # micro-batch's cost, then each further one's (seen: 2.7 ms a block, then 0.8)
+    hsdp = init_device_mesh(device, (mesh.size(), 1), mesh_dim_names=("dp", "dp_shard"))
+    (e1, b1), (e4, b4) = fixed(hsdp, False), fixed(hsdp, False, 4)
+    out["replicate"] = [e1, b1, max(0.0, (e4 - e1) / 3), max(0.0, (b4 - b1) / 3)]
+    return out
 
 
 def split_backward_seconds(device: str, widths: tuple[int, int] = (128, 256)) -> list[float]:

@@ -30,10 +30,15 @@ class Link:
     # (collective, alpha_s, beta_Bps) where a collective was measured apart (calibrate.py): gloo's
     # all-gather, reduce-scatter and point-to-point each reach their own bandwidth
     per: tuple = ()
+    # A point-to-point message's wait for its receiver to get a core back, where more ranks compute
+    # than there are cores (Calibration.wake_s; 0 elsewhere): a pipeline stage waiting for its input
+    # has given its core away. The ranks of a collective compute the same work and arrive together.
+    wake_s: float = 0.0
 
     def ab(self, collective: str) -> tuple[float, float]:
         """(alpha, beta) for this collective."""
-        return next(((a, b) for c, a, b in self.per if c == collective), (self.alpha_s, self.beta_Bps))
+        alpha, beta = next(((a, b) for c, a, b in self.per if c == collective), (self.alpha_s, self.beta_Bps))
+        return alpha + (self.wake_s if collective == "p2p" else 0.0), beta
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,17 @@ class Device:
     # Calibrated CPU only: a zero-bubble schedule's backward split in two, beyond one whole backward
     # (calibrate.split_backward_seconds): (seconds per block, share of the backward); (): none.
     split_backward_s: tuple = ()
+    # Calibrated CPU only: a whole model's forward and backward over what its calibrated parts add
+    # up to (framework.compute_factor); cost.py scales compute by it
+    compute_factor: float = 1.0
+    # Calibrated CPU only: what ZeroRedundancyOptimizer's step costs beyond AdamW on the rank's share,
+    # its broadcasts of the updated parameters (framework.zero1_sync_seconds): (seconds per tensor,
+    # per byte); (): a broadcast per tensor at the link's figures
+    zero1_sync_s: tuple = ()
+    # Calibrated CPU only: the built-in GPT's fixed cost of a forward and backward under FSDP2
+    # (framework.fsdp_seconds): "zero2"/"zero3" -> (ends, per block), collectives' start-up included;
+    # "replicate" (hybrid's dp axis) -> (ends, per block, each further micro-batch's ends, per block)
+    fsdp_fixed_s: dict = field(default_factory=dict)
 
     def matmul_efficiency(self, m: float, n: float) -> float:
         """The share of the achieved matmul rate an (m x n) output gets under wave quantization:
@@ -197,6 +213,10 @@ def preset(name: str, devices: int, per_node: int = PER_NODE, price_per_hour: fl
 # ---------------------------------------------------------------------------- this machine
 
 
+def _floats(values) -> str:
+    return "[" + ", ".join(f"{x:.6g}" for x in values) + "]"
+
+
 def calibration_path() -> Path:
     """Where `paratrain calibrate` writes and `plan` reads ($PARATRAIN_CALIBRATION overrides)."""
     if env := os.environ.get("PARATRAIN_CALIBRATION"):
@@ -224,6 +244,10 @@ class Calibration:
     tensor_parallel: list = field(default_factory=list)  # [ends fwd, ends bwd, block fwd, block bwd] seconds
     pipeline_action: dict = field(default_factory=dict)  # schedule -> seconds per action beyond compute
     split_backward: list = field(default_factory=list)  # [seconds per block, share of the backward]
+    compute_factor: float = 1.0  # a whole forward and backward over its calibrated parts (framework.py)
+    zero1_sync: list = field(default_factory=list)  # ZeRO-1's step beyond AdamW's: [per tensor, per byte]
+    fsdp: dict = field(default_factory=dict)  # "zero2"/"zero3"/"replicate" -> seconds (framework.fsdp_seconds)
+    wake_s: float = 0.0  # a message's wait for its receiver's core, more ranks than cores (framework.py)
     # link name -> {collective -> [alpha_s, beta_Bps]}: "loopback" measured between local ranks
     links: dict = field(default_factory=dict)
     measured_at: str = ""
@@ -234,6 +258,7 @@ class Calibration:
                  f"memory_bytes = {self.memory_bytes:.6g}", f"op_s = {self.op_s:.6g}",
                  f"op_backward_s = {self.op_backward_s:.6g}", f"dtensor_op_s = {self.dtensor_op_s:.6g}",
                  f"dtensor_op_backward_s = {self.dtensor_op_backward_s:.6g}",
+                 f"compute_factor = {self.compute_factor:.6g}", f"wake_s = {self.wake_s:.6g}",
                  f'measured_at = "{self.measured_at}"', "",
                  "[matmul_flops]"]
         lines += [f"{k} = {v:.6g}" for k, v in self.matmul_flops.items()]
@@ -241,12 +266,14 @@ class Calibration:
             "matmul_curve = [" + ", ".join(f"[{w:.6g}, {r:.6g}]" for w, r in self.matmul_curve) + "]",
             *[f"{name} = [{v[0]:.6g}, {v[1]:.6g}]"
               for name, v in (("update", self.update), ("dtensor_update", self.dtensor_update)) if v],
-            *(["tensor_parallel = [" + ", ".join(f"{x:.6g}" for x in self.tensor_parallel) + "]"]
-              if self.tensor_parallel else []),
+            *([f"tensor_parallel = {_floats(self.tensor_parallel)}"] if self.tensor_parallel else []),
             *([f"split_backward = [{self.split_backward[0]:.6g}, {self.split_backward[1]:.6g}]"]
-              if self.split_backward else []), ""]
+              if self.split_backward else []),
+            *([f"zero1_sync = {_floats(self.zero1_sync)}"] if self.zero1_sync else []), ""]
         if self.kinds:
             lines += ["", "[kinds]"] + [f"{k} = [{f:.6g}, {b:.6g}]" for k, (f, b) in self.kinds.items()]
+        if self.fsdp:
+            lines += ["", "[fsdp]"] + [f"{k} = {_floats(v)}" for k, v in self.fsdp.items()]
         if self.pipeline_action:
             lines += ["", "[pipeline_action]"] + [f"{k} = {v:.6g}" for k, v in self.pipeline_action.items()]
         for link, per in self.links.items():
@@ -283,6 +310,11 @@ class Calibration:
                         tp_fixed_s=tuple(x / share for x in self.tensor_parallel),
                         pipeline_action_s={k: v / share for k, v in self.pipeline_action.items()},
                         split_backward_s=((self.split_backward[0] / share, self.split_backward[1])
-                                          if self.split_backward else ()))
+                                          if self.split_backward else ()),
+                        compute_factor=self.compute_factor,
+                        zero1_sync_s=tuple(x / share for x in self.zero1_sync),
+                        fsdp_fixed_s={k: tuple(x / share for x in v) for k, v in self.fsdp.items()})
         net = self.link(link)
+        if share < 1.0:  # a rank that waits for a message has given its core away: it runs again later
+            net = replace(net, wake_s=self.wake_s)
         return Cluster(device, devices, devices, net, net, overlap=1.0 if self.device == "cuda" else 0.0)
