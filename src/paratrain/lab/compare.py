@@ -199,15 +199,19 @@ def _run(e: Entry, sets: list[str], run_dir: Path, bar) -> str | None:
 
 @contextlib.contextmanager
 def _signals_raise():
-    """SIGTERM handled as Ctrl-C is (KeyboardInterrupt), so that a scheduler's stop is passed on too."""
+    """SIGTERM handled as Ctrl-C is (KeyboardInterrupt), so that a scheduler's stop is passed on too;
+    and SIGINT itself, as `paratrain run` handles it (signals.py), even where this process started
+    with it ignored (a shell's background job: Python then installs no KeyboardInterrupt of its own,
+    and a Ctrl-C sent to the comparison would never reach its run)."""
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    before = signal.signal(signal.SIGTERM, interrupt)
+    before = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, before)
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def _lines(path: Path) -> int:

@@ -21,8 +21,9 @@ per core, one thread each):
   split backward), per schedule: tiny stages, 8 micro-batches, on the two ranks, solved through
   the planner's own simulation of that schedule (schedule.py) with the sends' latency measured
   beside it;
-- the built-in GPT's fixed cost under FSDP2 (zero2, zero3) on the two ranks, per block and at its
-  ends, as for tensor parallelism (framework.fsdp_seconds);
+- the built-in GPT's fixed cost under FSDP2 (zero2, zero3, and hybrid's replicated dp axis per
+  micro-batch) on the two ranks, per block and at its ends, as for tensor parallelism
+  (framework.fsdp_seconds);
 - what ZeroRedundancyOptimizer's step costs beyond AdamW on the rank's own share (its broadcasts
   of the updated parameters), per tensor and per byte (framework.zero1_sync_seconds);
 - a whole forward and backward of a small built-in GPT (framework.step_seconds), over what the
@@ -32,13 +33,14 @@ per core, one thread each):
   tensor and per parameter; the same with DTensor parameters (FSDP2 and tensor parallelism step on
   them: each operator goes through DTensor's dispatch);
 - with twice as many ranks as cores, how much longer a message takes to reach a rank that waits
-  for it (the scheduler gives the woken rank a core only later: framework.wake_seconds); `plan`
-  adds it to every point-to-point message where a run's computing ranks outnumber the cores;
-- per collective (all-reduce, all-gather, reduce-scatter, point-to-point), the link's alpha and
-  beta between two local ranks over gloo on the loopback interface: times over message sizes from
-  16 KiB to 16 MiB, fitted by least squares to T(S) = steps x alpha + wire bytes(S) / beta with the
-  ring's steps and wire bytes for two ranks (collectives.py), so that `plan` predicts those
-  collectives with the same formulas it fitted. With `device = "cuda"`: the same on the GPU, with NCCL.
+  for it (the scheduler gives the woken rank a core only later: framework.wake_seconds; machines
+  of up to 8 cores); `plan` adds it to every point-to-point message where a run's computing ranks
+  outnumber the cores;
+- per collective (all-reduce, all-gather, reduce-scatter, broadcast, point-to-point), the link's
+  alpha and beta between two local ranks over gloo on the loopback interface: times over message
+  sizes from 16 KiB to 16 MiB, fitted by least squares to T(S) = steps x alpha + wire bytes(S) /
+  beta with the ring's steps and wire bytes for two ranks (collectives.py), so that `plan`
+  predicts those collectives with the same formulas it fitted. With `device = "cuda"`: the same on the GPU, with NCCL.
 Each figure is the median of `--repeats` timings (9; fewer: sooner and noisier).
 The framework's own costs (tensor parallelism's, the pipeline runtime's) are measured in
 framework.py. Written by hand: torch has no calibration of its own; the timing is torch's collectives themselves.

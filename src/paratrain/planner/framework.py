@@ -62,8 +62,9 @@ def compute_factor(measured_s: float, cal) -> float:
     """A real forward and backward over what the planner adds up from `cal`'s parts for the same
     model (cost.py's compute of one device), the factor cost.py scales compute by. On a CPU the
     parts, each timed alone, miss what a model pays between them: activations passed from one
-    operator to the next through memory rather than cache, nn.Module calls, autograd's graph
-    (seen: a GPT's forward and backward 8-15% over its parts)."""
+    operator to the next through memory rather than cache, nn.Module calls, autograd's graph;
+    and the parts drift between calibrations minutes apart, which a whole step measured beside
+    them takes back out (seen: 0.96 to 1.15 over eight calibrations of one machine)."""
     from dataclasses import replace
 
     from paratrain.config import load_config
@@ -185,9 +186,12 @@ def wake_seconds(cores: int, repeats: int) -> float:
     than there are cores (4 ranks on 2: hybrid runs on this machine), beyond what it costs with a
     rank per core: measured both ways. A rank blocked in a receive gives its core to another
     process; the message wakes it, but it runs again only when the scheduler next gives it a core
-    (seen: 2.5 ms more a message, against 0.3 with a rank per core)."""
+    (seen: 2.5 ms more a message, against 0.3 with a rank per core). Measured up to 8 cores (it
+    starts twice as many processes); 0 above, where runs rarely outnumber the cores."""
     from paratrain.testing import run_ranks
 
+    if cores > 8:
+        return 0.0
     spinning = 4 * (2 * repeats + 2) * (WAKE_WORK_S + 0.01)  # outlasts the exchanges
     alone = run_ranks(wake_rank, 2, spinning, repeats)[0]
     # the median of three: where the scheduler happens to put both exchanging ranks on one core and
@@ -236,7 +240,7 @@ def fsdp_seconds(mesh, device: str, layers: tuple[int, int] = (1, 5)) -> dict:
     from a GPT of `layers[0]` and one of `layers[1]` blocks, on the two ranks of `mesh`. FSDP2's
     hooks around each unit's forward and backward, its copies in and out of the flat buffers and
     each all-gather's and reduce-scatter's start-up: several milliseconds a block on a CPU (seen:
-    4.6 under zero2, 7.2 under zero3), which the collectives' latency alone does not predict.
+    3-5 under zero2, 4-6 under zero3), which the collectives' latency alone does not predict.
     "replicate" -> [ends, per block, then each further micro-batch's ends, per block]: hybrid's."""
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -263,7 +267,7 @@ def fsdp_seconds(mesh, device: str, layers: tuple[int, int] = (1, 5)) -> dict:
     out = {"zero2": fixed(mesh, False), "zero3": fixed(mesh, True)}
     # hybrid's dp axis where it replicates: FSDP2 over a (dp, 1) mesh, each stage's micro-batches
     # accumulating without the all-reduce but the last (torch's PipelineStage): the first
-    # micro-batch's cost, then each further one's (seen: 2.7 ms a block, then 0.8)
+    # micro-batch's cost, then each further one's (seen: 2.3-3.5 ms a block, then 0.6-0.7)
     hsdp = init_device_mesh(device, (mesh.size(), 1), mesh_dim_names=("dp", "dp_shard"))
     (e1, b1), (e4, b4) = fixed(hsdp, False), fixed(hsdp, False, 4)
     out["replicate"] = [e1, b1, max(0.0, (e4 - e1) / 3), max(0.0, (b4 - b1) / 3)]
