@@ -12,7 +12,8 @@ from paratrain.memory import SavedBytes
 from paratrain.models.gpt import GPT, cross_entropy
 from paratrain.planner import collectives as cc
 from paratrain.planner import schedule as S
-from paratrain.planner.cost import estimate, memory
+from paratrain.planner.cost import estimate
+from paratrain.planner.footprint import memory
 from paratrain.planner.hardware import Calibration, Cluster, Device, Link, preset
 from paratrain.planner.model import profile_module, transformer
 from paratrain.planner.plan import Plan

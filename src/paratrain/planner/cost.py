@@ -24,20 +24,18 @@
   a calibrated CPU the trainer's whole update (clipping, the non-finite check, eager AdamW) at its
   measured cost per parameter tensor and per parameter, through DTensor where FSDP2 or tensor
   parallelism made the parameters DTensors;
-- memory per device: parameters, gradients and optimizer state per ZeRO stage and dtype, the
-  activations the schedule holds at its peak (schedule.simulate) per recomputation mode, and
-  the gathered parameters FSDP2 holds: two blocks under ZeRO-3, all of them from forward to
-  backward under ZeRO-2.
+- memory per device: footprint.py.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from paratrain.planner import collectives as cc
+from paratrain.planner.footprint import memory, param_bytes
 from paratrain.planner.hardware import Cluster
 from paratrain.planner.model import Block, ModelProfile
 from paratrain.planner.plan import Estimate, Plan
-from paratrain.planner.schedule import peak_held, simulate, stage_rank
+from paratrain.planner.schedule import simulate, stage_rank
 
 BUCKET_BYTES = 25 * 2**20  # DDP's default bucket (strategy.ddp.bucket_mb)
 # Bytes on the wire per value, per codec, as paratrain's codecs send them (compression/codecs.py):
@@ -60,11 +58,6 @@ def codec_fraction(codec: str, model: ModelProfile) -> float:
     sent = sum(min(n * k, (n + k) * POWERSGD_RANK) for n, k in matrices)
     return (sent + model.params - dense) / model.params
 ADAM_BYTES = 4 * (1 + 1 + 2) * 2  # parameter, gradient, two moments: read and written once each (fp32)
-
-
-def _param_bytes(dtype: str) -> tuple[float, float, float]:
-    """Bytes per parameter: (parameter as computed, gradient, optimizer incl. fp32 master copy)."""
-    return (2.0, 4.0, 12.0) if dtype == "bf16" else (4.0, 4.0, 8.0)
 
 
 def _stages(model: ModelProfile, stages: int) -> list[list[Block]]:
@@ -124,42 +117,6 @@ def estimate(plan: Plan, model: ModelProfile, cluster: Cluster, global_batch: in
     peak = cluster.device.peak("bf16" if plan.dtype == "bf16" else "fp32") * plan.devices
     est.mfu = est.model_flops / est.step_s / peak if est.step_s and peak else 0.0
     return est
-
-
-def memory(lay: _Layout) -> dict:
-    """Bytes per device on the busiest rank: model states per ZeRO stage and dtype, the activations
-    the schedule holds at its peak (an order's count, whatever the durations), ZeRO-3's gathered blocks."""
-    plan, tp, pp = lay.plan, lay.plan.tp, lay.plan.pp
-    p_bytes, g_bytes, o_bytes = _param_bytes(plan.dtype)
-    zero = plan.zero if plan.family == "sync" and plan.dp > 1 else 0
-    n = plan.dp
-    # FSDP2 (ZeRO-2 and 3) shards the parameters; ZeRO-2 (reshard_after_forward off) holds every
-    # gathered parameter from its forward to its backward, ZeRO-3 the two blocks it has prefetched
-    out = {"params": lay.local_params * p_bytes / (n if zero >= 2 else 1),
-           # accumulating over micro-batches, FSDP2's no_sync keeps whole gradients until the last one
-           "grads": lay.local_params * g_bytes / (n if zero >= 2 and plan.microbatches == 1 else 1),
-           # a parameter server's workers hold no optimizer state: its servers step
-           "optimizer": 0.0 if plan.family == "parameter_server"
-           else lay.local_params * o_bytes / (n if zero >= 1 else 1)}
-
-    def tp_share(nbytes: float) -> float:  # tensor parallelism splits most activations (Korthikanti: 24 of 34)
-        return nbytes / tp if plan.sequence_parallel else nbytes * (24 / 34 / tp + 10 / 34) if tp > 1 else nbytes
-
-    per_stage, working = [], 0.0
-    for blocks in lay.stages:
-        if plan.recompute == "full":  # each layer's input is kept; one layer's activations while it recomputes
-            saved = sum(b.boundary for b in blocks)
-            working = max(working, tp_share(max(b.saved for b in blocks)) * lay.mb)
-        else:
-            saved = sum(b.saved_selective if plan.recompute == "selective" else b.saved for b in blocks)
-        per_stage.append(tp_share(saved) * lay.mb)
-    held = peak_held(plan.schedule, pp, plan.microbatches, plan.virtual) if pp > 1 else (1.0,)
-    out["activations"] = working + max(held[r] * max(per_stage[s] for s in lay.rank_stages[r]) for r in range(pp))
-    if zero == 3:
-        out["buffers"] = 2 * max((b.params for b in lay.model.blocks), default=0) / tp * p_bytes
-    elif zero == 2 or (plan.strategy() == "hybrid" and plan.dp > 1):  # hybrid's replicated dp axis is FSDP2 too
-        out["buffers"] = lay.local_params * p_bytes
-    return out
 
 
 def _time(lay: _Layout, est: Estimate, slowdown: float = 1.0) -> None:
@@ -284,7 +241,7 @@ def _time(lay: _Layout, est: Estimate, slowdown: float = 1.0) -> None:
     tp_share = tp_total * plan.microbatches * (v / (pp * v) if pp > 1 else 1)
     est.compute_s -= tp_share
 
-    p_bytes = _param_bytes(plan.dtype)[0]
+    p_bytes = param_bytes(plan.dtype)[0]
     local = lay.local_params
     dp_comm = 0.0
     if plan.family == "sync" and plan.dp > 1:
@@ -411,7 +368,7 @@ def _dp_bytes(plan: Plan, model: ModelProfile, local: float) -> float:
     ring = (n - 1) / n
     if plan.family in ("local_sgd", "diloco"):
         return 2 * ring * grad / plan.sync_every
-    p_bytes = _param_bytes(plan.dtype)[0]
+    p_bytes = param_bytes(plan.dtype)[0]
     if plan.zero <= 1:
         return 2 * ring * grad + (ring * local * p_bytes if plan.zero == 1 else 0.0)
     gathers = (2 if plan.zero == 3 else 1) * plan.microbatches
