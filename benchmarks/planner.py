@@ -24,9 +24,11 @@ peak memory per rank beside the measured ones (the run's summary.json: the mean 
 first, synchronisations included, and model states at the optimizer step plus the
 saved-activation peak, memory.py). Goals: within 20% on time
 and 10% on memory; the planner's first choice the fastest measured plan or within 5% of it.
-This machine's speed drifts by 20-40% over minutes (the same run twice in a row: 67 and 110 ms a
-step): `--calibrate` measures it at the start of the benchmark rather than hours before, and
-`--repeat N` runs the matrix N times, forward and backward in turn, each row's step the median.
+This machine's speed drifts by 10-40% over minutes (the same run twice in a row: 67 and 110 ms a
+step; a calibration's compute_factor 0.90 to 1.13 within the hour): `--calibrate` measures it
+before each model size of each pass, a few minutes before the runs it predicts, rather than
+hours before, and `--repeat N` runs the matrix N times, forward and backward in turn, each row's
+measured step the median of its runs and its prediction the median of theirs.
 """
 from __future__ import annotations
 
@@ -153,10 +155,12 @@ MATRIX = [  # (name, processes, sets)
 DIFFERENT = ("parameter server BSP", "local SGD H=4", "DiLoCo H=4", "ddp + PowerSGD")
 
 
-def local(steps: int, out: Path, only: list[str] | None, repeat: int = 1) -> list[dict]:
+def local(steps: int, out: Path, only: list[str] | None, repeat: int = 1, calibrate=None) -> list[dict]:
     """Each row's run `repeat` times, the matrix in turn forward and backward (a drift of the
     machine's speed over the benchmark then falls on every row alike); a row's measured step is the
-    median of its runs."""
+    median of its runs. `calibrate(path)`: calibrate this machine into `path` before each model
+    size of each pass (a few minutes before the runs it predicts), each run predicted with the
+    calibration made before it; a row's predicted step is the median of its runs' predictions."""
     from statistics import median
 
     from paratrain.config import load_config
@@ -165,8 +169,13 @@ def local(steps: int, out: Path, only: list[str] | None, repeat: int = 1) -> lis
     todo = [(size, name, n, sets) for size, model in (("small", SMALL), ("large", LARGE))
             for name, n, sets in MATRIX if not only or name in only]
     runs: dict = {}
+    calibration, calibrated_for = None, None
     for r in range(repeat):
         for i, (size, name, nproc, sets) in enumerate(todo if r % 2 == 0 else todo[::-1], 1):
+            if calibrate is not None and (r, size) != calibrated_for:
+                calibration, calibrated_for = out / f"machine-{r}-{size}.toml", (r, size)
+                print(f"calibrating before the {size} rows ...", file=sys.stderr, flush=True)
+                calibrate(calibration)
             all_sets = [*COMMON, *model_sets(size), *sets, f"training.steps={steps}"]
             run_dir = out / f"{size}-{name}-{r}".replace(" ", "_")
             print(f"[{r * len(todo) + i}/{repeat * len(todo)}] {size} {name} ...", file=sys.stderr, flush=True)
@@ -174,22 +183,29 @@ def local(steps: int, out: Path, only: list[str] | None, repeat: int = 1) -> lis
                    *[a for s in [*all_sets, f"run.dir={json.dumps(str(run_dir))}"] for a in ("--set", s)]]
             done = subprocess.run(cmd, capture_output=True, text=True,
                                   env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
-            got = runs.setdefault((size, name), {"sets": all_sets, "nproc": nproc, "steps": [], "error": None})
+            got = runs.setdefault((size, name), {"sets": all_sets, "nproc": nproc, "steps": [], "error": None,
+                                                 "calibrations": []})
             if done.returncode != 0:
                 got["error"] = done.stderr.strip().splitlines()[-1]
                 continue
             summary = json.loads((run_dir / "summary.json").read_text())
             got["steps"].append(summary["step_s_steady"])
+            got["calibrations"].append(calibration)
             got["measured_bytes"] = summary.get("measured_memory_bytes")
     rows = []
     for (size, name), got in runs.items():
         if not got["steps"]:
             rows.append({"size": size, "name": name, "error": got["error"]})
             continue
-        p = predict(load_config(None, got["sets"]), got["nproc"])
+        predicted = []
+        for path in got["calibrations"]:
+            if path is not None:
+                os.environ["PARATRAIN_CALIBRATION"] = str(path)
+            predicted.append(predict(load_config(None, got["sets"]), got["nproc"]))
         rows.append({"size": size, "name": name, "measured_s": median(got["steps"]), "runs_s": got["steps"],
-                     "predicted_s": p["step_s"], "measured_bytes": got["measured_bytes"],
-                     "predicted_bytes": p["memory_bytes"]})
+                     "predicted_s": median(p["step_s"] for p in predicted),
+                     "predicted_runs_s": [p["step_s"] for p in predicted],
+                     "measured_bytes": got["measured_bytes"], "predicted_bytes": predicted[-1]["memory_bytes"]})
     return rows
 
 
@@ -283,7 +299,8 @@ def main() -> None:
     p.add_argument("--testbed", default="", metavar="RATE", help="the 2-host testbed rows at this rate (root)")
     p.add_argument("--repeat", type=int, default=1, help="runs per row (the matrix forward, then backward, ...)")
     p.add_argument("--calibrate", action="store_true",
-                   help="calibrate this machine first, in this run, into a file of its own (the predictions use it)")
+                   help="calibrate this machine in this run, into files of its own (the predictions use them): "
+                        "before each model size of each pass of the local matrix; once for --testbed")
     args = p.parse_args()
     if args.published:
         rows = published()
@@ -292,15 +309,21 @@ def main() -> None:
     if args.scale:
         scale()
         return
+    def calibrate(path: Path) -> None:
+        os.environ["PARATRAIN_CALIBRATION"] = str(path)
+        link = ["--testbed", args.testbed] if args.testbed else []
+        cmd = [sys.executable, "-m", "paratrain", "calibrate", *link]
+        subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+
     with tempfile.TemporaryDirectory(prefix="paratrain-planner-") as tmp:
-        if args.calibrate:  # the predictions from figures measured minutes, not hours, before the runs
-            os.environ["PARATRAIN_CALIBRATION"] = str(Path(tmp) / "machine.toml")
-            link = ["--testbed", args.testbed] if args.testbed else []
-            cmd = [sys.executable, "-m", "paratrain", "calibrate", *link]
-            print("calibrating ...", file=sys.stderr, flush=True)
-            subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
-        rows = (testbed(args.steps, Path(tmp), args.testbed) if args.testbed
-                else local(args.steps, Path(tmp), args.only, args.repeat))
+        # the predictions from figures measured minutes, not hours, before the runs
+        if args.testbed:
+            if args.calibrate:
+                print("calibrating ...", file=sys.stderr, flush=True)
+                calibrate(Path(tmp) / "machine.toml")
+            rows = testbed(args.steps, Path(tmp), args.testbed)
+        else:
+            rows = local(args.steps, Path(tmp), args.only, args.repeat, calibrate if args.calibrate else None)
     print(json.dumps(rows, indent=1)) if args.json else print_local(rows)
 
 

@@ -35,6 +35,10 @@ def test_calibrate_writes_what_plan_reads(tmp_path):
     assert set(cal.kinds) == {*KINDS.values(), "attention"}
     assert all(0 <= f < 1e-6 and 0 <= b < 1e-6 for f, b in cal.kinds.values()) and cal.kinds["gelu"][0] > 0, cal.kinds
     assert cal.update[0] > 0 and cal.update[1] > 0 and cal.dtensor_update[0] > cal.update[0]
+    # whole steps against their parts: plain, under tensor parallelism, and DDP's cost from its two models
+    assert 0 < cal.compute_factor < 10 and 0 <= cal.tp_factor < 10 and 0 <= cal.pp_factor < 10, \
+        (cal.compute_factor, cal.tp_factor, cal.pp_factor)
+    assert len(cal.ddp) == 2 and min(cal.ddp) >= 0 and len(cal.zero1_sync) == 2, (cal.ddp, cal.zero1_sync)
     for collective in ("all_reduce", "all_gather", "reduce_scatter", "p2p"):
         alpha, beta = cal.links["loopback"][collective]
         assert alpha >= 0 and beta > 1e6, (collective, alpha, beta)

@@ -31,8 +31,11 @@ dtensor_update = [5e-4, 6e-9]
 tensor_parallel = [5e-3, 6e-3, 4e-3, 7e-3]
 split_backward = [1e-3, 0.1]
 compute_factor = 1.1
+tp_factor = 1.3
+pp_factor = 1.2
 wake_s = 2e-3
 zero1_sync = [3e-4, 4e-10]
+ddp = [1e-3, 2e-9]
 
 [fsdp]
 zero2 = [3e-3, 4e-3]
@@ -211,6 +214,8 @@ def test_calibration_round_trips_through_toml(tmp_path):
     assert cal.compute_factor == 1.1 and cal.fsdp["zero3"] == [3e-3, 6e-3] and cal.zero1_sync == [3e-4, 4e-10]
     assert shared.fsdp_fixed_s["zero2"] == (6e-3, 8e-3) and shared.zero1_sync_s == (6e-4, 8e-10)
     assert shared.fsdp_fixed_s["replicate"] == (4e-3, 6e-3, 2e-3, 1e-3)
+    assert cal.pp_factor == shared.pp_factor == 1.2
+    assert cal.tp_factor == shared.tp_factor == 1.3 and cal.ddp == [1e-3, 2e-9] and shared.ddp_s == (2e-3, 4e-9)
     # a point-to-point message waits for its receiver's core only where ranks outnumber cores
     assert cal.cluster(4).intra.ab("p2p")[0] == pytest.approx(1e-4 + 2e-3)
     assert cal.cluster(4).intra.ab("all_reduce")[0] == cal.cluster(2).intra.ab("p2p")[0] == 1e-4
@@ -390,10 +395,138 @@ def test_calibrates_compute_factor_is_a_whole_step_over_the_planners_sum_of_its_
     path = tmp_path / "c.toml"
     path.write_text(CALIBRATION)
     cal = Calibration.load(path)
-    one = compute_factor(1.0, cal)  # measured: 1 s
-    assert compute_factor(2.0, cal) == pytest.approx(2 * one) and 1 / one > 0  # 1 / one: the predicted seconds
+    one = compute_factor([1.0], cal)  # measured: 1 s on the first model
+    assert compute_factor([2.0], cal) == pytest.approx(2 * one) and 1 / one > 0  # 1 / one: the predicted seconds
     # whatever factor the calibration already holds, the parts are added up without it
-    assert compute_factor(1.0, replace(cal, compute_factor=3.0)) == pytest.approx(one)
+    assert compute_factor([1.0], replace(cal, compute_factor=3.0)) == pytest.approx(one)
+    # both models: their seconds over both predictions (the second, twice the width, predicted longer)
+    both = compute_factor([1.0, 1.0], cal)
+    assert 0 < both < one and compute_factor([2.0, 2.0], cal) == pytest.approx(2 * both)
+
+
+def test_ddps_cost_is_solved_from_its_two_models_surplus():
+    from paratrain.planner.framework import ddp_cost
+
+    steps = {"gradient_bytes": [4e6, 16e6], "plain": [0.02, 0.07], "ddp": [0.02 + 1e-3 + 4e6 * 2e-9,
+                                                                         0.07 + 1e-3 + 16e6 * 2e-9]}
+    assert ddp_cost(steps) == pytest.approx([1e-3, 2e-9])
+
+
+def test_ddps_calibrated_all_reduce_replaces_the_links_for_ddp_and_zero1_alone():
+    """Where DDP's all-reduce in backward was calibrated (per step and per gradient byte), ddp and
+    ZeRO-1 (DDP under ZeroRedundancyOptimizer) pay exactly that in place of the link's all-reduce;
+    a codec's hook, FSDP2 and local SGD keep their own costs."""
+    profile = transformer(4, 64, 4, 128, 32)
+    base = Device("cpu", {"fp32": 1e11}, {"fp32": 1e11}, 1e12, 1e10)
+    link = Link(1e-3, 1e9)
+    calibrated = replace(base, ddp_s=(5e-3, 3e-9))
+    for plan in (Plan(dp=2), Plan(dp=2, zero=1), Plan(dp=2, microbatches=2)):
+        link_only = estimate(plan, profile, Cluster(base, 2, 2, link, link, overlap=0.0), 8)
+        charged = estimate(plan, profile, Cluster(calibrated, 2, 2, link, link, overlap=0.0), 8)
+        assert charged.comm_s - link_only.comm_s == pytest.approx(
+            5e-3 + profile.params * 4 * 3e-9 - cc.all_reduce(profile.params * 4, 2, link), rel=1e-6)
+        assert charged.compute_s == link_only.compute_s
+    for plan in (Plan(dp=2, zero=2), Plan(dp=2, family="local_sgd", sync_every=4)):
+        assert (estimate(plan, profile, Cluster(calibrated, 2, 2, link, link, overlap=0.0), 8).step_s
+                == estimate(plan, profile, Cluster(base, 2, 2, link, link, overlap=0.0), 8).step_s)
+    # a codec's hook replaces the all-reduce, not DDP's reducer: its cost a step, less the start-up
+    powersgd = Plan(dp=2, codec="powersgd")
+    assert (estimate(powersgd, profile, Cluster(calibrated, 2, 2, link, link, overlap=0.0), 8).comm_s
+            - estimate(powersgd, profile, Cluster(base, 2, 2, link, link, overlap=0.0), 8).comm_s
+            == pytest.approx(5e-3 - 2 * 1e-3))
+
+
+def test_local_sgd_and_parameter_server_pay_their_protocols_copies_at_memory_bandwidth():
+    """A local SGD / DiLoCo sync reads and writes the parameters' bytes SYNC_PASSES times around
+    its all-reduce, once every H steps; a parameter server's worker flattens its gradient and
+    copies the pulled parameters in (2 passes each), and a BSP server copies, adds, averages
+    and flattens (2 + 3 per further worker + 2 + 2 passes of its shard)."""
+    from paratrain.planner.cost import SYNC_PASSES
+
+    profile = transformer(4, 64, 4, 128, 32)
+    nbytes = profile.params * 4
+    link = Link(1e-4, 1e9)
+
+    def comm(plan, memory_Bps):
+        dev = Device("cpu", {"fp32": 1e11}, {"fp32": 1e11}, 1e12, memory_Bps)
+        return estimate(plan, profile, Cluster(dev, plan.devices, plan.devices, link, link), 8).comm_s
+
+    for family, h in (("local_sgd", 4), ("diloco", 2)):
+        plan = Plan(dp=2, family=family, sync_every=h)
+        assert comm(plan, 1e9) - comm(plan, 1e18) == pytest.approx(SYNC_PASSES[family] * nbytes / 1e9 / h, rel=1e-6)
+    bsp = Plan(dp=3, family="parameter_server", servers=1, mode="bsp")
+    assert comm(bsp, 1e9) - comm(bsp, 1e18) == pytest.approx((4 * nbytes + (2 + 3 * 2 + 2 + 2) * nbytes) / 1e9,
+                                                            rel=1e-6)
+    two = Plan(dp=2, family="parameter_server", servers=2, mode="asp")
+    assert comm(two, 1e9) - comm(two, 1e18) == pytest.approx((4 * nbytes + 2 * nbytes / 2) / 1e9, rel=1e-6)
+
+
+def test_tp_factor_scales_what_tensor_parallelism_pays_beyond_its_fixed_costs(tmp_path):
+    """A tensor-parallel plan's arithmetic, bytes and all-reduces' bytes scale by the calibrated
+    `tp_factor`, its fixed costs and its update do not, nor does a plan without tensor
+    parallelism; calibrate's `tp_factor` is the measured step beyond the fixed costs over the
+    planner's rest, whatever factor the calibration held."""
+    from paratrain.planner.framework import tp_factor
+
+    profile = transformer(4, 64, 4, 128, 32)
+    base = Device("cpu", {"fp32": 1e11}, {"fp32": 1e11}, 1e12, 1e10, tp_fixed_s=(3e-3, 5e-3, 1e-3, 2e-3))
+    link = Link(1e-4, 1e8)
+
+    def fwd_bwd(factor, plan=Plan(tp=2)):
+        est = estimate(plan, profile, Cluster(replace(base, tp_factor=factor), 2, 2, link, link), 8)
+        return est.step_s - est.optimizer_s, est.optimizer_s
+
+    (none, update0), (one, update1), (two, update2) = fwd_bwd(0.0), fwd_bwd(1.0), fwd_bwd(2.0)
+    assert none == pytest.approx(4 * (1e-3 + 2e-3) + 3e-3 + 5e-3)  # the fixed costs alone
+    assert two - none == pytest.approx(2 * (one - none)) and update0 == update1 == update2
+    assert fwd_bwd(1.0, Plan(dp=2)) == fwd_bwd(2.0, Plan(dp=2))
+
+    from paratrain.config import load_config
+    from paratrain.planner.commands import plan_of, profile_config
+    from paratrain.planner.framework import STEP_BATCH, STEP_SETS
+
+    path = tmp_path / "c.toml"
+    path.write_text(CALIBRATION)
+    cal = Calibration.load(path)
+    cfg = load_config(None, [*STEP_SETS, "strategy.name=tensor", f"training.global_batch_size={2 * STEP_BATCH}"])
+    for held in (1.0, 3.0):
+        factor = tp_factor(0.5, replace(cal, tp_factor=held))  # measured: 0.5 s
+        assert factor > 0 and factor == pytest.approx(tp_factor(0.5, cal))
+        est = estimate(plan_of(cfg, 2), profile_config(cfg), replace(cal, tp_factor=factor).cluster(2), 2 * STEP_BATCH)
+        assert est.step_s - est.optimizer_s == pytest.approx(0.5)  # the factor reproduces the measured step
+
+
+def test_pp_factor_scales_a_pipeline_stages_compute_and_is_recovered_from_a_measured_step(tmp_path):
+    """A pipeline stage's forward and backward scale by the calibrated `pp_factor` (its sends and
+    update do not, nor does a plan without a pipeline); calibrate's `pp_factor` is the factor at
+    which the planner's simulation of its two-stage GPT takes the measured step."""
+    from paratrain.config import load_config
+    from paratrain.planner.commands import plan_of, profile_config
+    from paratrain.planner.framework import PIPELINE_SETS, STEP_BATCH, STEP_SETS, pp_factor
+
+    profile = transformer(4, 64, 4, 128, 32)
+    base = Device("cpu", {"fp32": 1e11}, {"fp32": 1e11}, 1e12, 1e10, op_s=5e-6, op_backward_s=5e-6)
+    link = Link(1e-4, 1e9)
+    pipe = Plan(pp=2, microbatches=4, schedule="1f1b")
+
+    def run(plan, factor):
+        return estimate(plan, profile, Cluster(replace(base, pp_factor=factor), 2, 2, link, link), 8)
+
+    one, two = run(pipe, 1.0), run(pipe, 2.0)
+    # each rank's busy time: its stages' compute, doubled, and its sends, not (the simulation's rounding aside)
+    assert 1.8 * one.compute_s < two.compute_s < 2 * one.compute_s and two.optimizer_s == one.optimizer_s
+    assert two.step_s > one.step_s
+    assert run(Plan(dp=2), 2.0).step_s == run(Plan(dp=2), 1.0).step_s
+
+    path = tmp_path / "c.toml"
+    path.write_text(CALIBRATION)
+    cal = Calibration.load(path)
+    cfg = load_config(None, [*STEP_SETS, *PIPELINE_SETS, f"training.global_batch_size={2 * STEP_BATCH}"])
+    for held in (1.0, 3.0):
+        factor = pp_factor(0.5, replace(cal, pp_factor=held))  # measured: 0.5 s
+        assert factor > 0 and factor == pytest.approx(pp_factor(0.5, cal))
+        est = estimate(plan_of(cfg, 2), profile_config(cfg), replace(cal, pp_factor=factor).cluster(2), 2 * STEP_BATCH)
+        assert est.step_s - est.optimizer_s == pytest.approx(0.5, rel=1e-2)
 
 
 def test_a_calibrated_tensor_parallel_gpt_pays_its_fixed_costs_per_block_and_at_its_ends():

@@ -25,13 +25,21 @@ per core, one thread each):
   micro-batch) on the two ranks, per block and at its ends, as for tensor parallelism
   (framework.fsdp_seconds);
 - what ZeroRedundancyOptimizer's step costs beyond AdamW on the rank's own share (its broadcasts
-  of the updated parameters), per tensor and per byte (framework.zero1_sync_seconds);
-- a whole forward and backward of a small built-in GPT (framework.step_seconds), over what the
-  figures above add up to for it: `compute_factor`, which cost.py scales every model's compute by;
+  of the updated parameters), per tensor and per byte, on two GPTs' parameters
+  (framework.zero1_sync_seconds);
+- whole forwards and backwards of two small built-in GPTs (framework.step_seconds), over what the
+  figures above add up to for them: `compute_factor`, which cost.py scales every model's compute
+  by; the same steps under DDP, whose surplus solves for DDP's cost per step and per gradient
+  byte (`ddp`: cost.py charges it to ddp and ZeRO-1 in place of the link's all-reduce); and the
+  first GPT under tensor parallelism, beyond the fixed costs above over what the planner adds up
+  for the rest: `tp_factor`, which cost.py scales tensor parallelism's arithmetic and bytes by;
+  and a real two-stage 1F1B pipeline of it over the planner's simulation of the same: `pp_factor`,
+  which cost.py scales a pipeline stage's compute by;
 - the update as the trainer runs it after backward (gradient clipping, the non-finite check's
-  norms, eager AdamW, zero_grad) on many small and on few large parameters, solved for seconds per
-  tensor and per parameter; the same with DTensor parameters (FSDP2 and tensor parallelism step on
-  them: each operator goes through DTensor's dispatch);
+  norms, eager AdamW, zero_grad) on many small and on few large parameters (64 MiB of state, more
+  than the caches hold), solved for seconds per tensor and per parameter; the same with DTensor
+  parameters (FSDP2 and tensor parallelism step on them: each operator goes through DTensor's
+  dispatch);
 - with twice as many ranks as cores, how much longer a message takes to reach a rank that waits
   for it (the scheduler gives the woken rank a core only later: framework.wake_seconds; machines
   of up to 8 cores); `plan` adds it to every point-to-point message where a run's computing ranks
@@ -250,6 +258,8 @@ def _rank(device: str, repeats: int = REPEATS) -> dict:
 
     step_s = fw.step_seconds(device)
     tensor_parallel = fw.tensor_parallel_seconds(mesh, device)
+    tp_step_s = fw.tensor_parallel_step_seconds(mesh, device)
+    pp_step_s = fw.pipeline_gpt_seconds(device)
     fsdp = fw.fsdp_seconds(mesh, device)
     pipeline_steps = fw.pipeline_step_seconds(device)
     split_backward = fw.split_backward_seconds(device)
@@ -266,7 +276,8 @@ def _rank(device: str, repeats: int = REPEATS) -> dict:
                "memory_Bps": memory_bandwidth(device), "op_s": op_s, "op_backward_s": op_backward_s,
                "dtensor_op_s": dtensor_op_s, "dtensor_op_backward_s": dtensor_op_backward_s,
                "tensor_parallel": tensor_parallel, "pipeline_steps": pipeline_steps,
-               "split_backward": split_backward, "step_s": step_s, "zero1_sync": fw.zero1_sync_seconds(device),
+               "split_backward": split_backward, "step_s": step_s, "tp_step_s": tp_step_s, "pp_step_s": pp_step_s,
+               "zero1_sync": fw.zero1_sync_seconds(device),
                "fsdp": fsdp}
 
     def sync():
@@ -349,7 +360,7 @@ SHAPES = {"all_reduce": (2, 1.0), "all_gather": (1, 0.5), "reduce_scatter": (1, 
 def calibrate(device: str = "cpu", repeats: int = REPEATS) -> Calibration:
     from dataclasses import replace
 
-    from paratrain.planner.framework import compute_factor, pipeline_action_seconds, wake_seconds
+    from paratrain.planner import framework as fw
     from paratrain.testing import run_ranks
 
     got = run_ranks(_rank, 2, device, repeats)[0]
@@ -362,11 +373,15 @@ def calibrate(device: str = "cpu", repeats: int = REPEATS) -> Calibration:
                        update=got["update"], dtensor_update=got["dtensor_update"],
                        tensor_parallel=got["tensor_parallel"], split_backward=got["split_backward"],
                        zero1_sync=got["zero1_sync"], fsdp=got["fsdp"],
-                       wake_s=wake_seconds(os.cpu_count() or 1, repeats) if device == "cpu" else 0.0,
-                       pipeline_action=pipeline_action_seconds(got["pipeline_steps"]),
+                       wake_s=fw.wake_seconds(os.cpu_count() or 1, repeats) if device == "cpu" else 0.0,
+                       pipeline_action=fw.pipeline_action_seconds(got["pipeline_steps"]),
                        links={"loopback": per},
                        measured_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
-    return replace(cal, compute_factor=compute_factor(got["step_s"], cal) if device == "cpu" else 1.0)
+    if device != "cpu":
+        return cal
+    cal = replace(cal, compute_factor=fw.compute_factor(got["step_s"]["plain"], cal), ddp=fw.ddp_cost(got["step_s"]))
+    cal = replace(cal, tp_factor=fw.tp_factor(got["tp_step_s"], cal))
+    return replace(cal, pp_factor=fw.pp_factor(got["pp_step_s"], cal))
 
 
 def _memory_bytes(device: str) -> float:

@@ -37,6 +37,13 @@ from paratrain.planner.model import Block, ModelProfile
 from paratrain.planner.plan import Estimate, Plan
 from paratrain.planner.schedule import simulate, stage_rank
 
+# The parameters' bytes a local SGD / DiLoCo sync reads and writes around its all-reduce
+# (local_sgd.py), in units of the parameters' bytes: local SGD flattens them (2), clones the flat
+# vector for the all-reduce (2), divides by the replicas (2), copies the mean back (2) and
+# measures the replicas' distance from it (6); DiLoCo flattens the anchor and the parameters and
+# subtracts them (7), clones and divides (4), steps the outer Nesterov SGD (about 11), copies the
+# anchor back (2) and measures the distance (6).
+SYNC_PASSES = {"local_sgd": 14, "diloco": 30}
 BUCKET_BYTES = 25 * 2**20  # DDP's default bucket (strategy.ddp.bucket_mb)
 # Bytes on the wire per value, per codec, as paratrain's codecs send them (compression/codecs.py):
 # fp16/bf16 half; int8 a byte plus a scale per tensor; top-k 8 bytes per kept value (index + value)
@@ -198,6 +205,8 @@ def _time(lay: _Layout, est: Estimate, slowdown: float = 1.0) -> None:
         # what a whole model pays beyond its calibrated parts (tensor parallelism's fixed costs were
         # measured on a whole model already)
         k = dev.compute_factor
+        if tp > 1 and dev.tp_fixed_s:  # and what a whole tensor-parallel model pays beyond those fixed costs
+            k, fcomm = k * dev.tp_factor, fcomm * dev.tp_factor
         fc, bc = fc * k, bc * k
         if not (tp > 1 and dev.tp_fixed_s):
             fixed_f, fixed_b = fixed_f * k, fixed_b * k
@@ -214,6 +223,8 @@ def _time(lay: _Layout, est: Estimate, slowdown: float = 1.0) -> None:
         # backward's collectives mirror forward's; Megatron's sequence parallelism adds an all-gather
         # of each split linear's input (half an all-reduce each: half of forward's again)
         bcomm = 1.5 * fcomm if plan.sequence_parallel and plan.sp_regather else fcomm
+        # a pipeline stage's compute as a real pipeline runs it (calibrated: pp_factor)
+        slow = slow * (dev.pp_factor if pp > 1 else 1.0)
         f_times.append((fc + fixed_f) * slow + fcomm)
         b_times.append((bc + recompute + fixed_b) * slow + bcomm)
         tp_total += fcomm + bcomm
@@ -253,11 +264,19 @@ def _time(lay: _Layout, est: Estimate, slowdown: float = 1.0) -> None:
             total = cc.all_reduce(grad_wire, n, dp_link)
             last = cc.all_reduce(min(grad_wire, BUCKET_BYTES), n, dp_link)
             dp_comm = max(last, total - window)
+            if dev.ddp_s and plan.strategy() in ("ddp", "zero1") and plan.codec == "none":
+                # as calibrated: DDP's all-reduce in backward, a step's and a gradient byte's cost
+                # (its hook's division, its threads on the cores backward computes on)
+                dp_comm = dev.ddp_s[0] + local * 4 * dev.ddp_s[1]
             if hsdp:  # the first micro-batch's hooks and each unit's all-reduce start-up, beyond a further one's
                 layers = sum(b in model.blocks for st in lay.rank_stages[0] for b in lay.stages[st])
                 dp_comm += (hsdp[0] - hsdp[2]) + (hsdp[1] - hsdp[3]) * layers
             if plan.codec == "powersgd":
                 dp_comm += _powersgd_s(model, dev, dp_link, n, tp)
+            if dev.ddp_s and plan.strategy() == "ddp" and plan.codec != "none":
+                # a codec's hook replaces DDP's all-reduce, not the reducer around it: DDP's
+                # calibrated cost a step, less the all-reduce's start-up it includes
+                dp_comm += max(0.0, dev.ddp_s[0] - 2 * (n - 1) * dp_link.ab("all_reduce")[0])
             if plan.zero == 1:  # the updated shards to every rank after the step: torch's
                 # ZeroRedundancyOptimizer broadcasts each parameter tensor from its owner, one
                 # broadcast after another, each paying the link's start-up
@@ -293,7 +312,8 @@ def _time(lay: _Layout, est: Estimate, slowdown: float = 1.0) -> None:
             dp_comm = max(one_block, rs + ag - hidden) + copies + fixed_s
     elif plan.family in ("local_sgd", "diloco"):  # one all-reduce of the parameters every H steps
         wire = local * 4 * codec_fraction(plan.codec, model)
-        dp_comm = cc.all_reduce(wire, plan.dp, dp_link) / plan.sync_every
+        dp_comm = (cc.all_reduce(wire, plan.dp, dp_link)
+                   + SYNC_PASSES[plan.family] * local * 4 / dev.memory_Bps) / plan.sync_every
     elif plan.family == "parameter_server":
         # each worker pushes its gradient and pulls the parameters, split over the servers; a
         # server's link carries every worker's share: the slower of the two sets the pace
@@ -301,6 +321,13 @@ def _time(lay: _Layout, est: Estimate, slowdown: float = 1.0) -> None:
         link = cluster.link(plan.devices)
         dp_comm = max(2 * plan.servers * cc.p2p(wire / plan.servers, link),
                       2 * plan.dp * cc.p2p(wire / plan.servers, link))
+        # and the protocol's copies (server.py, worker.py), read and written at memory bandwidth:
+        # a worker flattens its gradient into one message and copies the parameters it pulls into
+        # its own; a BSP server copies the first gradient, adds each further one, averages them
+        # and flattens its parameters for the replies (ASP and SSP: that last alone, per push)
+        shard = local * 4 / plan.servers
+        server = (2 + 3 * (plan.dp - 1) + 2 + 2) if plan.mode == "bsp" else 2
+        dp_comm += (2 * 2 * local * 4 + server * shard) / dev.memory_Bps
     est.bytes_per_step += _dp_bytes(plan, model, local)
     if tp > 1:  # 4 all-reduces per layer and micro-batch (2 forward, 2 backward), ring bytes
         est.bytes_per_step += plan.microbatches * sum(
@@ -316,6 +343,10 @@ def _time(lay: _Layout, est: Estimate, slowdown: float = 1.0) -> None:
     else:
         shard, tensors = local / (plan.dp if plan.zero and plan.dp > 1 else 1), lay.local_tensors
     est.optimizer_s = _update_s(plan, dev, tensors, shard)
+    if plan.family == "sync" and plan.devices > 1 and any(dev.update_s):
+        # paratrain's trainer, as calibrated: every rank steps together, agreeing on the
+        # non-finite check and averaging the loss, two all-reduces of a few floats a step
+        est.optimizer_s += 2 * cc.all_reduce(8.0 * plan.devices, plan.devices, cluster.link(plan.devices))
     est.step_s = pipeline_s + dp_comm + est.optimizer_s
 
 

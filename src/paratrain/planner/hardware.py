@@ -79,6 +79,15 @@ class Device:
     # Calibrated CPU only: a whole model's forward and backward over what its calibrated parts add
     # up to (framework.compute_factor); cost.py scales compute by it
     compute_factor: float = 1.0
+    # Calibrated CPU only: the same under tensor parallelism, for what its fixed costs (tp_fixed_s)
+    # leave: arithmetic, bytes and the all-reduces' bytes (framework.tp_factor)
+    tp_factor: float = 1.0
+    # Calibrated CPU only: a pipeline stage's forward and backward as a real pipeline runs them over
+    # the planner's simulation of it (framework.pp_factor)
+    pp_factor: float = 1.0
+    # Calibrated CPU only: what DDP's gradient all-reduce adds to a forward and backward
+    # (framework.ddp_cost): (seconds a step, per gradient byte); (): the link's all-reduce
+    ddp_s: tuple = ()
     # Calibrated CPU only: what ZeroRedundancyOptimizer's step costs beyond AdamW on the rank's share,
     # its broadcasts of the updated parameters (framework.zero1_sync_seconds): (seconds per tensor,
     # per byte); (): a broadcast per tensor at the link's figures
@@ -245,7 +254,10 @@ class Calibration:
     pipeline_action: dict = field(default_factory=dict)  # schedule -> seconds per action beyond compute
     split_backward: list = field(default_factory=list)  # [seconds per block, share of the backward]
     compute_factor: float = 1.0  # a whole forward and backward over its calibrated parts (framework.py)
+    tp_factor: float = 1.0  # the same under tensor parallelism, beyond its fixed costs (framework.py)
+    pp_factor: float = 1.0  # a pipeline's stages, as a real pipeline runs them (framework.py)
     zero1_sync: list = field(default_factory=list)  # ZeRO-1's step beyond AdamW's: [per tensor, per byte]
+    ddp: list = field(default_factory=list)  # DDP's all-reduce in a step: [seconds, per gradient byte]
     fsdp: dict = field(default_factory=dict)  # "zero2"/"zero3"/"replicate" -> seconds (framework.fsdp_seconds)
     wake_s: float = 0.0  # a message's wait for its receiver's core, more ranks than cores (framework.py)
     # link name -> {collective -> [alpha_s, beta_Bps]}: "loopback" measured between local ranks
@@ -258,7 +270,8 @@ class Calibration:
                  f"memory_bytes = {self.memory_bytes:.6g}", f"op_s = {self.op_s:.6g}",
                  f"op_backward_s = {self.op_backward_s:.6g}", f"dtensor_op_s = {self.dtensor_op_s:.6g}",
                  f"dtensor_op_backward_s = {self.dtensor_op_backward_s:.6g}",
-                 f"compute_factor = {self.compute_factor:.6g}", f"wake_s = {self.wake_s:.6g}",
+                 f"compute_factor = {self.compute_factor:.6g}", f"tp_factor = {self.tp_factor:.6g}",
+                 f"pp_factor = {self.pp_factor:.6g}", f"wake_s = {self.wake_s:.6g}",
                  f'measured_at = "{self.measured_at}"', "",
                  "[matmul_flops]"]
         lines += [f"{k} = {v:.6g}" for k, v in self.matmul_flops.items()]
@@ -269,7 +282,8 @@ class Calibration:
             *([f"tensor_parallel = {_floats(self.tensor_parallel)}"] if self.tensor_parallel else []),
             *([f"split_backward = [{self.split_backward[0]:.6g}, {self.split_backward[1]:.6g}]"]
               if self.split_backward else []),
-            *([f"zero1_sync = {_floats(self.zero1_sync)}"] if self.zero1_sync else []), ""]
+            *([f"zero1_sync = {_floats(self.zero1_sync)}"] if self.zero1_sync else []),
+            *([f"ddp = {_floats(self.ddp)}"] if self.ddp else []), ""]
         if self.kinds:
             lines += ["", "[kinds]"] + [f"{k} = [{f:.6g}, {b:.6g}]" for k, (f, b) in self.kinds.items()]
         if self.fsdp:
@@ -311,8 +325,10 @@ class Calibration:
                         pipeline_action_s={k: v / share for k, v in self.pipeline_action.items()},
                         split_backward_s=((self.split_backward[0] / share, self.split_backward[1])
                                           if self.split_backward else ()),
-                        compute_factor=self.compute_factor,
+                        compute_factor=self.compute_factor, tp_factor=self.tp_factor,
+                        pp_factor=self.pp_factor,
                         zero1_sync_s=tuple(x / share for x in self.zero1_sync),
+                        ddp_s=tuple(x / share for x in self.ddp),
                         fsdp_fixed_s={k: tuple(x / share for x in v) for k, v in self.fsdp.items()})
         net = self.link(link)
         if share < 1.0:  # a rank that waits for a message has given its core away: it runs again later
