@@ -418,8 +418,11 @@ def test_ddps_calibrated_all_reduce_replaces_the_links_for_ddp_and_zero1_alone()
     a codec's hook, FSDP2 and local SGD keep their own costs."""
     profile = transformer(4, 64, 4, 128, 32)
     base = Device("cpu", {"fp32": 1e11}, {"fp32": 1e11}, 1e12, 1e10)
-    link = Link(1e-3, 1e9)
+    link = Link(1e-3, 1e9, "loopback")  # the link DDP's cost was measured on
     calibrated = replace(base, ddp_s=(5e-3, 3e-9))
+    testbed = Link(1e-3, 1e7, "testbed-100mbit")  # another: its own all-reduce
+    assert (estimate(Plan(dp=2), profile, Cluster(calibrated, 2, 2, testbed, testbed, overlap=0.0), 8).step_s
+            == estimate(Plan(dp=2), profile, Cluster(base, 2, 2, testbed, testbed, overlap=0.0), 8).step_s)
     for plan in (Plan(dp=2), Plan(dp=2, zero=1), Plan(dp=2, microbatches=2)):
         link_only = estimate(plan, profile, Cluster(base, 2, 2, link, link, overlap=0.0), 8)
         charged = estimate(plan, profile, Cluster(calibrated, 2, 2, link, link, overlap=0.0), 8)

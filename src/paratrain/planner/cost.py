@@ -264,19 +264,20 @@ def _time(lay: _Layout, est: Estimate, slowdown: float = 1.0) -> None:
             total = cc.all_reduce(grad_wire, n, dp_link)
             last = cc.all_reduce(min(grad_wire, BUCKET_BYTES), n, dp_link)
             dp_comm = max(last, total - window)
-            if dev.ddp_s and plan.strategy() in ("ddp", "zero1") and plan.codec == "none":
+            ddp_s = dev.ddp_s if dp_link.name == "loopback" else ()  # on the link it was measured on
+            if ddp_s and plan.strategy() in ("ddp", "zero1") and plan.codec == "none":
                 # as calibrated: DDP's all-reduce in backward, a step's and a gradient byte's cost
                 # (its hook's division, its threads on the cores backward computes on)
-                dp_comm = dev.ddp_s[0] + local * 4 * dev.ddp_s[1]
+                dp_comm = ddp_s[0] + local * 4 * ddp_s[1]
             if hsdp:  # the first micro-batch's hooks and each unit's all-reduce start-up, beyond a further one's
                 layers = sum(b in model.blocks for st in lay.rank_stages[0] for b in lay.stages[st])
                 dp_comm += (hsdp[0] - hsdp[2]) + (hsdp[1] - hsdp[3]) * layers
             if plan.codec == "powersgd":
                 dp_comm += _powersgd_s(model, dev, dp_link, n, tp)
-            if dev.ddp_s and plan.strategy() == "ddp" and plan.codec != "none":
+            if ddp_s and plan.strategy() == "ddp" and plan.codec != "none":
                 # a codec's hook replaces DDP's all-reduce, not the reducer around it: DDP's
                 # calibrated cost a step, less the all-reduce's start-up it includes
-                dp_comm += max(0.0, dev.ddp_s[0] - 2 * (n - 1) * dp_link.ab("all_reduce")[0])
+                dp_comm += max(0.0, ddp_s[0] - 2 * (n - 1) * dp_link.ab("all_reduce")[0])
             if plan.zero == 1:  # the updated shards to every rank after the step: torch's
                 # ZeroRedundancyOptimizer broadcasts each parameter tensor from its owner, one
                 # broadcast after another, each paying the link's start-up
