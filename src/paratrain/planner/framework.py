@@ -304,7 +304,8 @@ def update_seconds(params_of) -> list[float]:
             bad_ranks(torch.zeros(()), params, 0, 1, False)
             opt.step()
 
-        return median(update, min(5, REPEATS), before=evict if params[0].device.type == "cpu" else None)
+        # at least 3 timings (the median of 3 outlasts one interrupted): a fit from two points
+        return median(update, max(3, min(5, REPEATS)), before=evict if params[0].device.type == "cpu" else None)
 
     small, large = (96, 1024), (4, 1024 * 1024)  # the second's state (64 MiB) past the caches, as a model's
     t_small, t_large = timed(*small), timed(*large)
