@@ -390,7 +390,7 @@ def test_a_calibrated_cpu_scales_compute_by_a_whole_step_and_charges_what_each_f
 
 
 def test_calibrates_compute_factor_is_a_whole_step_over_the_planners_sum_of_its_parts(tmp_path):
-    from paratrain.planner.framework import compute_factor
+    from paratrain.planner.wholestep import compute_factor
 
     path = tmp_path / "c.toml"
     path.write_text(CALIBRATION)
@@ -405,7 +405,7 @@ def test_calibrates_compute_factor_is_a_whole_step_over_the_planners_sum_of_its_
 
 
 def test_ddps_cost_is_solved_from_its_two_models_surplus():
-    from paratrain.planner.framework import ddp_cost
+    from paratrain.planner.wholestep import ddp_cost
 
     steps = {"gradient_bytes": [4e6, 16e6], "plain": [0.02, 0.07], "ddp": [0.02 + 1e-3 + 4e6 * 2e-9,
                                                                          0.07 + 1e-3 + 16e6 * 2e-9]}
@@ -469,7 +469,7 @@ def test_tp_factor_scales_what_tensor_parallelism_pays_beyond_its_fixed_costs(tm
     `tp_factor`, its fixed costs and its update do not, nor does a plan without tensor
     parallelism; calibrate's `tp_factor` is the measured step beyond the fixed costs over the
     planner's rest, whatever factor the calibration held."""
-    from paratrain.planner.framework import tp_factor
+    from paratrain.planner.wholestep import tp_factor
 
     profile = transformer(4, 64, 4, 128, 32)
     base = Device("cpu", {"fp32": 1e11}, {"fp32": 1e11}, 1e12, 1e10, tp_fixed_s=(3e-3, 5e-3, 1e-3, 2e-3))
@@ -486,7 +486,7 @@ def test_tp_factor_scales_what_tensor_parallelism_pays_beyond_its_fixed_costs(tm
 
     from paratrain.config import load_config
     from paratrain.planner.commands import plan_of, profile_config
-    from paratrain.planner.framework import STEP_BATCH, STEP_SETS
+    from paratrain.planner.wholestep import STEP_BATCH, STEP_SETS
 
     path = tmp_path / "c.toml"
     path.write_text(CALIBRATION)
@@ -505,7 +505,7 @@ def test_pp_factor_scales_a_pipeline_stages_compute_and_is_recovered_from_a_meas
     which the planner's simulation of its two-stage GPT takes the measured step."""
     from paratrain.config import load_config
     from paratrain.planner.commands import plan_of, profile_config
-    from paratrain.planner.framework import PIPELINE_SETS, STEP_BATCH, STEP_SETS, pp_factor
+    from paratrain.planner.wholestep import PIPELINE_SETS, STEP_BATCH, STEP_SETS, pp_factor
 
     profile = transformer(4, 64, 4, 128, 32)
     base = Device("cpu", {"fp32": 1e11}, {"fp32": 1e11}, 1e12, 1e10, op_s=5e-6, op_backward_s=5e-6)

@@ -27,7 +27,7 @@ per core, one thread each):
 - what ZeroRedundancyOptimizer's step costs beyond AdamW on the rank's own share (its broadcasts
   of the updated parameters), per tensor and per byte, on two GPTs' parameters
   (framework.zero1_sync_seconds);
-- whole forwards and backwards of two small built-in GPTs (framework.step_seconds), over what the
+- whole forwards and backwards of two small built-in GPTs (wholestep.step_seconds), over what the
   figures above add up to for them: `compute_factor`, which cost.py scales every model's compute
   by; the same steps under DDP, whose surplus solves for DDP's cost per step and per gradient
   byte (`ddp`: cost.py charges it to ddp and ZeRO-1 in place of the link's all-reduce); and the
@@ -90,7 +90,7 @@ def _median(fn, repeats: int | None = None, before=None) -> float:
     """The median of `timings`. The planner predicts a run's mean step, so each figure is a typical
     call, not the best one: on this machine a collective's median is 1.5 to 2 times its best, with
     the caches and cores shared as in a step. (A whole step is the mean of its timings:
-    framework.step_seconds.)"""
+    wholestep.step_seconds.)"""
     times = sorted(timings(fn, repeats, before))
     return times[len(times) // 2]
 
@@ -255,11 +255,12 @@ def _rank(device: str, repeats: int = REPEATS) -> dict:
     dtensor_op_s, dtensor_op_backward_s = op_seconds(distribute_tensor(torch.ones(8, device=device), mesh,
                                                                        [Replicate()]), count=100)
     from paratrain.planner import framework as fw
+    from paratrain.planner import wholestep as ws
 
-    step_s = fw.step_seconds(device)
+    step_s = ws.step_seconds(device)
     tensor_parallel = fw.tensor_parallel_seconds(mesh, device)
-    tp_step_s = fw.tensor_parallel_step_seconds(mesh, device)
-    pp_step_s = fw.pipeline_gpt_seconds(device)
+    tp_step_s = ws.tensor_parallel_step_seconds(mesh, device)
+    pp_step_s = ws.pipeline_gpt_seconds(device)
     fsdp = fw.fsdp_seconds(mesh, device)
     pipeline_steps = fw.pipeline_step_seconds(device)
     split_backward = fw.split_backward_seconds(device)
@@ -361,6 +362,7 @@ def calibrate(device: str = "cpu", repeats: int = REPEATS) -> Calibration:
     from dataclasses import replace
 
     from paratrain.planner import framework as fw
+    from paratrain.planner import wholestep as ws
     from paratrain.testing import run_ranks
 
     got = run_ranks(_rank, 2, device, repeats)[0]
@@ -379,9 +381,9 @@ def calibrate(device: str = "cpu", repeats: int = REPEATS) -> Calibration:
                        measured_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
     if device != "cpu":
         return cal
-    cal = replace(cal, compute_factor=fw.compute_factor(got["step_s"]["plain"], cal), ddp=fw.ddp_cost(got["step_s"]))
-    cal = replace(cal, tp_factor=fw.tp_factor(got["tp_step_s"], cal))
-    return replace(cal, pp_factor=fw.pp_factor(got["pp_step_s"], cal))
+    cal = replace(cal, compute_factor=ws.compute_factor(got["step_s"]["plain"], cal), ddp=ws.ddp_cost(got["step_s"]))
+    cal = replace(cal, tp_factor=ws.tp_factor(got["tp_step_s"], cal))
+    return replace(cal, pp_factor=ws.pp_factor(got["pp_step_s"], cal))
 
 
 def _memory_bytes(device: str) -> float:

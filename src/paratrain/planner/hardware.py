@@ -77,16 +77,16 @@ class Device:
     # (calibrate.split_backward_seconds): (seconds per block, share of the backward); (): none.
     split_backward_s: tuple = ()
     # Calibrated CPU only: a whole model's forward and backward over what its calibrated parts add
-    # up to (framework.compute_factor); cost.py scales compute by it
+    # up to (wholestep.compute_factor); cost.py scales compute by it
     compute_factor: float = 1.0
     # Calibrated CPU only: the same under tensor parallelism, for what its fixed costs (tp_fixed_s)
-    # leave: arithmetic, bytes and the all-reduces' bytes (framework.tp_factor)
+    # leave: arithmetic, bytes and the all-reduces' bytes (wholestep.tp_factor)
     tp_factor: float = 1.0
     # Calibrated CPU only: a pipeline stage's forward and backward as a real pipeline runs them over
-    # the planner's simulation of it (framework.pp_factor)
+    # the planner's simulation of it (wholestep.pp_factor)
     pp_factor: float = 1.0
     # Calibrated CPU only: what DDP's gradient all-reduce adds to a forward and backward
-    # (framework.ddp_cost): (seconds a step, per gradient byte); (): the link's all-reduce
+    # (wholestep.ddp_cost): (seconds a step, per gradient byte); (): the link's all-reduce
     ddp_s: tuple = ()
     # Calibrated CPU only: what ZeroRedundancyOptimizer's step costs beyond AdamW on the rank's share,
     # its broadcasts of the updated parameters (framework.zero1_sync_seconds): (seconds per tensor,
