@@ -205,8 +205,18 @@ def local(steps: int, out: Path, only: list[str] | None, repeat: int = 1, calibr
         rows.append({"size": size, "name": name, "measured_s": median(got["steps"]), "runs_s": got["steps"],
                      "predicted_s": median(p["step_s"] for p in predicted),
                      "predicted_runs_s": [p["step_s"] for p in predicted],
+                     "factors": [_factors(path) for path in got["calibrations"] if path is not None],
                      "measured_bytes": got["measured_bytes"], "predicted_bytes": predicted[-1]["memory_bytes"]})
     return rows
+
+
+def _factors(path: Path) -> dict:
+    """A calibration's whole-step figures (wholestep.py), for the record: how much they moved."""
+    from paratrain.planner.hardware import Calibration
+
+    cal = Calibration.load(path)
+    return {"compute_factor": cal.compute_factor, "tp_factor": cal.tp_factor, "pp_factor": cal.pp_factor,
+            "pipeline_send": cal.pipeline_send}
 
 
 TESTBED = [("ddp", ["strategy.name=ddp"]),

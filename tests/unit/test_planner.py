@@ -54,6 +54,10 @@ attention = [1e-9, 4e-9]
 1f1b = 4e-4
 zbv = 6e-4
 
+[pipeline_send]
+1f1b = 1e-3
+gpipe = 2e-3
+
 [links.loopback]
 all_reduce = [1e-4, 1e9]
 all_gather = [1e-4, 1e9]
@@ -215,6 +219,8 @@ def test_calibration_round_trips_through_toml(tmp_path):
     assert shared.fsdp_fixed_s["zero2"] == (6e-3, 8e-3) and shared.zero1_sync_s == (6e-4, 8e-10)
     assert shared.fsdp_fixed_s["replicate"] == (4e-3, 6e-3, 2e-3, 1e-3)
     assert cal.pp_factor == shared.pp_factor == 1.2
+    assert cal.cluster(2).device.pipeline_send_s == {"1f1b": 1e-3, "gpipe": 2e-3}
+    assert shared.pipeline_send_s == {}  # where ranks outnumber cores, wake_s is that wait
     assert cal.tp_factor == shared.tp_factor == 1.3 and cal.ddp == [1e-3, 2e-9] and shared.ddp_s == (2e-3, 4e-9)
     # a point-to-point message waits for its receiver's core only where ranks outnumber cores
     assert cal.cluster(4).intra.ab("p2p")[0] == pytest.approx(1e-4 + 2e-3)
@@ -499,37 +505,56 @@ def test_tp_factor_scales_what_tensor_parallelism_pays_beyond_its_fixed_costs(tm
         assert est.step_s - est.optimizer_s == pytest.approx(0.5)  # the factor reproduces the measured step
 
 
-def test_pp_factor_scales_a_pipeline_stages_compute_and_is_recovered_from_a_measured_step(tmp_path):
+def test_pp_factor_and_the_cost_per_send_scale_a_pipeline_and_are_recovered_from_measured_steps(tmp_path):
     """A pipeline stage's forward and backward scale by the calibrated `pp_factor` (its sends and
-    update do not, nor does a plan without a pipeline); calibrate's `pp_factor` is the factor at
-    which the planner's simulation of its two-stage GPT takes the measured step."""
-    from paratrain.config import load_config
-    from paratrain.planner.commands import plan_of, profile_config
-    from paratrain.planner.wholestep import PIPELINE_SETS, STEP_BATCH, STEP_SETS, pp_factor
+    update do not, nor does a plan without a pipeline); each message between stages pays its
+    schedule's calibrated cost per send (1F1B's where its own was not measured), more micro-batches
+    more of them; calibrate's `pipeline_costs` recovers the factor and both schedules' costs from
+    steps the planner itself predicts with them, whatever the calibration held before."""
+    from paratrain.planner.wholestep import PIPELINE_RUNS, _estimate, _predicted, pipeline_costs, pipeline_sets
 
     profile = transformer(4, 64, 4, 128, 32)
     base = Device("cpu", {"fp32": 1e11}, {"fp32": 1e11}, 1e12, 1e10, op_s=5e-6, op_backward_s=5e-6)
     link = Link(1e-4, 1e9)
     pipe = Plan(pp=2, microbatches=4, schedule="1f1b")
 
-    def run(plan, factor):
-        return estimate(plan, profile, Cluster(replace(base, pp_factor=factor), 2, 2, link, link), 8)
+    def run(plan, factor, send=None):
+        dev = replace(base, pp_factor=factor, pipeline_send_s=send or {})
+        return estimate(plan, profile, Cluster(dev, 2, 2, link, link), 8)
 
     one, two = run(pipe, 1.0), run(pipe, 2.0)
     # each rank's busy time: its stages' compute, doubled, and its sends, not (the simulation's rounding aside)
     assert 1.8 * one.compute_s < two.compute_s < 2 * one.compute_s and two.optimizer_s == one.optimizer_s
     assert two.step_s > one.step_s
     assert run(Plan(dp=2), 2.0).step_s == run(Plan(dp=2), 1.0).step_s
+    sends = {"1f1b": 2e-3, "gpipe": 5e-3}
+    assert run(Plan(dp=2), 1.0, sends).step_s == run(Plan(dp=2), 1.0).step_s
+    for schedule, cost in (("1f1b", 2e-3), ("gpipe", 5e-3), ("interleaved_1f1b", 2e-3)):
+        v = 2 if schedule == "interleaved_1f1b" else 1
+        grown = [run(Plan(pp=2, microbatches=m, schedule=schedule, virtual=v), 1.0, sends).step_s
+                 - run(Plan(pp=2, microbatches=m, schedule=schedule, virtual=v), 1.0).step_s for m in (2, 8)]
+        assert cost <= grown[0] < grown[1], (schedule, grown)  # at least one send on the critical path
 
     path = tmp_path / "c.toml"
     path.write_text(CALIBRATION)
     cal = Calibration.load(path)
-    cfg = load_config(None, [*STEP_SETS, *PIPELINE_SETS, f"training.global_batch_size={2 * STEP_BATCH}"])
-    for held in (1.0, 3.0):
-        factor = pp_factor(0.5, replace(cal, pp_factor=held))  # measured: 0.5 s
-        assert factor > 0 and factor == pytest.approx(pp_factor(0.5, cal))
-        est = estimate(plan_of(cfg, 2), profile_config(cfg), replace(cal, pp_factor=factor).cluster(2), 2 * STEP_BATCH)
-        assert est.step_s - est.optimizer_s == pytest.approx(0.5, rel=1e-2)
+
+    def measured(truth) -> dict:  # the steps, and the busier rank's time in its actions (no sends)
+        steps = {f"{s} m{m}": _predicted(truth, pipeline_sets(s, m)) for s, m in PIPELINE_RUNS}
+        return steps | {f"{s} m{m} busy": _estimate(replace(truth, pipeline_send={}), pipeline_sets(s, m)).compute_s
+                        for s, m in PIPELINE_RUNS}
+
+    truth = measured(replace(cal, pp_factor=1.4, pipeline_send={"1f1b": 1.5e-3, "gpipe": 3e-3}))
+    for held in (replace(cal, pp_factor=1.0), replace(cal, pp_factor=3.0, pipeline_send={"1f1b": 9e-3})):
+        factor, send = pipeline_costs(truth, held)
+        assert factor == pytest.approx(1.4, rel=1e-3)
+        assert send["1f1b"] == pytest.approx(1.5e-3, rel=1e-2) and send["gpipe"] == pytest.approx(3e-3, rel=1e-2)
+    # steps that the link alone explains: no cost per send
+    factor, send = pipeline_costs(measured(replace(cal, pp_factor=1.4, pipeline_send={})), cal)
+    assert factor == pytest.approx(1.4, rel=1e-3) and send["1f1b"] < 1e-5 and send["gpipe"] < 1e-5
+    # slower actions make a larger factor, not costlier sends
+    slower = measured(replace(cal, pp_factor=2.0, pipeline_send={}))
+    assert pipeline_costs(slower, cal)[0] == pytest.approx(2.0, rel=1e-3)
 
 
 def test_a_calibrated_tensor_parallel_gpt_pays_its_fixed_costs_per_block_and_at_its_ends():

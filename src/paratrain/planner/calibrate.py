@@ -33,8 +33,10 @@ per core, one thread each):
   byte (`ddp`: cost.py charges it to ddp and ZeRO-1 in place of the link's all-reduce); and the
   first GPT under tensor parallelism, beyond the fixed costs above over what the planner adds up
   for the rest: `tp_factor`, which cost.py scales tensor parallelism's arithmetic and bytes by;
-  and a real two-stage 1F1B pipeline of it over the planner's simulation of the same: `pp_factor`,
-  which cost.py scales a pipeline stage's compute by;
+  and real two-stage pipelines of it (1F1B at 2 and 8 micro-batches, GPipe at 8) over the
+  planner's simulation of the same: `pp_factor`, which cost.py scales a pipeline stage's compute
+  by, and each schedule's cost per message between stages (`pipeline_send`), which it adds to
+  every send;
 - the update as the trainer runs it after backward (gradient clipping, the non-finite check's
   norms, eager AdamW, zero_grad) on many small and on few large parameters (64 MiB of state, more
   than the caches hold), solved for seconds per tensor and per parameter; the same with DTensor
@@ -383,7 +385,8 @@ def calibrate(device: str = "cpu", repeats: int = REPEATS) -> Calibration:
         return cal
     cal = replace(cal, compute_factor=ws.compute_factor(got["step_s"]["plain"], cal), ddp=ws.ddp_cost(got["step_s"]))
     cal = replace(cal, tp_factor=ws.tp_factor(got["tp_step_s"], cal))
-    return replace(cal, pp_factor=ws.pp_factor(got["pp_step_s"], cal))
+    pp_factor, send = ws.pipeline_costs(got["pp_step_s"], cal)
+    return replace(cal, pp_factor=pp_factor, pipeline_send=send)
 
 
 def _memory_bytes(device: str) -> float:

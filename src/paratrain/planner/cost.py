@@ -237,7 +237,9 @@ def _time(lay: _Layout, est: Estimate, slowdown: float = 1.0) -> None:
                 return cc.p2p(nbytes / tp, pp_link) + cc.all_gather(nbytes, tp, tp_link)
             return cc.p2p(nbytes, pp_link)
 
-        send = [send_s(stage[-1].boundary * mb) for stage in lay.stages]
+        # what each message costs beyond the link as a real pipeline pays it (calibrated per schedule)
+        extra = dev.pipeline_send_s.get(plan.schedule, dev.pipeline_send_s.get("1f1b", 0.0))
+        send = [send_s(stage[-1].boundary * mb) + extra for stage in lay.stages]
         est.bytes_per_step += 2 * plan.microbatches * sum(stage[-1].boundary * mb for stage in lay.stages) / pp
         sim = simulate(plan.schedule, pp, plan.microbatches, v, f_times, b_times, send,
                        dev.pipeline_action_s.get(plan.schedule, 0.0))
@@ -345,9 +347,11 @@ def _time(lay: _Layout, est: Estimate, slowdown: float = 1.0) -> None:
         shard, tensors = local / (plan.dp if plan.zero and plan.dp > 1 else 1), lay.local_tensors
     est.optimizer_s = _update_s(plan, dev, tensors, shard)
     if plan.family == "sync" and plan.devices > 1 and any(dev.update_s):
-        # paratrain's trainer, as calibrated: every rank steps together, agreeing on the
-        # non-finite check and averaging the loss, two all-reduces of a few floats a step
-        est.optimizer_s += 2 * cc.all_reduce(8.0 * plan.devices, plan.devices, cluster.link(plan.devices))
+        # paratrain's trainer, as calibrated: every rank steps together, agreeing over the world on
+        # the non-finite check and on whether to stop, the loss shared along the pipeline and
+        # averaged over dp: all-reduces of a few floats, each a step
+        small = [(plan.devices, 2), (plan.dp, plan.dp > 1), (plan.pp, plan.pp > 1)]
+        est.optimizer_s += sum(k * cc.all_reduce(8.0 * n, n, cluster.link(n)) for n, k in small)
     est.step_s = pipeline_s + dp_comm + est.optimizer_s
 
 

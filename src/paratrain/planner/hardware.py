@@ -85,6 +85,10 @@ class Device:
     # Calibrated CPU only: a pipeline stage's forward and backward as a real pipeline runs them over
     # the planner's simulation of it (wholestep.pp_factor)
     pp_factor: float = 1.0
+    # Calibrated CPU only: schedule -> seconds each message between pipeline stages costs beyond the
+    # link's latency and bytes, as a real pipeline's step pays it (wholestep.pipeline_costs); a
+    # schedule not measured pays 1F1B's
+    pipeline_send_s: dict = field(default_factory=dict)
     # Calibrated CPU only: what DDP's gradient all-reduce adds to a forward and backward
     # (wholestep.ddp_cost): (seconds a step, per gradient byte); (): the link's all-reduce
     ddp_s: tuple = ()
@@ -255,7 +259,8 @@ class Calibration:
     split_backward: list = field(default_factory=list)  # [seconds per block, share of the backward]
     compute_factor: float = 1.0  # a whole forward and backward over its calibrated parts (framework.py)
     tp_factor: float = 1.0  # the same under tensor parallelism, beyond its fixed costs (framework.py)
-    pp_factor: float = 1.0  # a pipeline's stages, as a real pipeline runs them (framework.py)
+    pp_factor: float = 1.0  # a pipeline's stages, as a real pipeline runs them (wholestep.py)
+    pipeline_send: dict = field(default_factory=dict)  # schedule -> seconds per send beyond the link's
     zero1_sync: list = field(default_factory=list)  # ZeRO-1's step beyond AdamW's: [per tensor, per byte]
     ddp: list = field(default_factory=list)  # DDP's all-reduce in a step: [seconds, per gradient byte]
     fsdp: dict = field(default_factory=dict)  # "zero2"/"zero3"/"replicate" -> seconds (framework.fsdp_seconds)
@@ -290,6 +295,8 @@ class Calibration:
             lines += ["", "[fsdp]"] + [f"{k} = {_floats(v)}" for k, v in self.fsdp.items()]
         if self.pipeline_action:
             lines += ["", "[pipeline_action]"] + [f"{k} = {v:.6g}" for k, v in self.pipeline_action.items()]
+        if self.pipeline_send:
+            lines += ["", "[pipeline_send]"] + [f"{k} = {v:.6g}" for k, v in self.pipeline_send.items()]
         for link, per in self.links.items():
             lines += ["", f"[links.{link}]"]
             lines += [f"{c} = [{a:.6g}, {b:.6g}]" for c, (a, b) in per.items()]
@@ -327,6 +334,9 @@ class Calibration:
                                           if self.split_backward else ()),
                         compute_factor=self.compute_factor, tp_factor=self.tp_factor,
                         pp_factor=self.pp_factor,
+                        # a message's wait for gloo's thread to get a core: where ranks outnumber the
+                        # cores, the link's wake_s, measured so, takes it in
+                        pipeline_send_s=dict(self.pipeline_send) if share == 1.0 else {},
                         zero1_sync_s=tuple(x / share for x in self.zero1_sync),
                         ddp_s=tuple(x / share for x in self.ddp),
                         fsdp_fixed_s={k: tuple(x / share for x in v) for k, v in self.fsdp.items()})

@@ -3,8 +3,9 @@ the calibrated parts for the same models:
 - forwards and backwards of two small GPTs plain (`compute_factor`, which cost.py scales every
   model's compute by) and under DDP (`ddp_cost`: its all-reduce in backward, per step and per
   gradient byte, as a step pays it);
-- the first under tensor parallelism, beyond its fixed costs (`tp_factor`), and as a real
-  two-stage 1F1B pipeline against the planner's own simulation of it (`pp_factor`).
+- the first under tensor parallelism, beyond its fixed costs (`tp_factor`), and as real two-stage
+  pipelines (1F1B at 2 and 8 micro-batches, GPipe at 8) against the planner's own simulation of
+  them (`pp_factor` and each schedule's cost per send, `pipeline_costs`).
 Each runs on the two ranks of `paratrain calibrate`'s group, the mean of its timings (a run's
 summary reports its mean step). Written by hand: torch measures none of these; each times
 torch's own modules (DDP, DTensor, torch.distributed.pipelining) as paratrain's strategies use
@@ -13,6 +14,7 @@ them. The pieces of the frameworks' own costs are framework.py's.
 from __future__ import annotations
 
 import time
+from functools import lru_cache
 from statistics import mean
 
 import torch
@@ -142,47 +144,124 @@ def tp_factor(measured_s: float, cal) -> float:
     return _solve(measured_s, cal, "tp_factor", [*STEP_SETS, "strategy.name=tensor"])
 
 
-PIPELINE_SETS = ("strategy.name=pipeline", "strategy.pipeline.schedule=1f1b", "strategy.pipeline.microbatches=4")
+# The real pipelines whose steps solve `pp_factor` and each schedule's cost per send: 1F1B at two
+# micro-batch counts (how a step grows with its messages), GPipe (its sends, all forwards' then all
+# backwards', wait on their own).
+PIPELINE_RUNS = (("1f1b", 2), ("1f1b", 8), ("gpipe", 8))
 
 
-def pipeline_gpt_seconds(device: str) -> float:
-    """Seconds of one 1F1B step (forward, loss and backward of 4 micro-batches) of the STEP_SETS
-    GPT cut into two stages of a block each, on the current group's two ranks, as paratrain's
-    pipeline strategy builds it (torch's PipelineStage and Schedule1F1B), on a batch of 16: the
-    mean of 2 x calibrate's timings, the ranks starting together."""
+def pipeline_sets(schedule: str, microbatches: int) -> list[str]:
+    return [*STEP_SETS, "strategy.name=pipeline", f"strategy.pipeline.schedule={schedule}",
+            f"strategy.pipeline.microbatches={microbatches}"]
+
+
+def pipeline_gpt_seconds(device: str) -> dict:
+    """{"1f1b m2": seconds, "1f1b m2 busy": seconds, ...}: one step (forward, loss and backward of its
+    micro-batches) of the STEP_SETS GPT cut into two stages of a block each, for each of
+    PIPELINE_RUNS, on the current group's two ranks, as paratrain's pipeline strategy builds it
+    (torch's PipelineStage and its schedule, its actions timed by paratrain's StageClock), on a
+    batch of 16: the mean of 4 x calibrate's timings, the ranks starting together; and the busier
+    rank's time in its stage's forwards and backwards, a step's mean."""
     import torch.distributed as dist
-    from torch.distributed.pipelining import Schedule1F1B
 
     from paratrain.config import load_config
     from paratrain.data import build_datasets
     from paratrain.models import build_loss, build_model
     from paratrain.planner.calibrate import REPEATS, timings
-    from paratrain.strategies.pipeline.pipeline import _Stage
+    from paratrain.strategies.pipeline.instrument import StageClock
+    from paratrain.strategies.pipeline.pipeline import SCHEDULES, _Stage
     from paratrain.strategies.pipeline.split import build_stage
 
-    cfg = load_config(None, [*STEP_SETS, *PIPELINE_SETS])
-    vocab, rank = build_datasets(cfg).vocab_size, dist.get_rank()
-    torch.manual_seed(0)
-    part = build_stage(build_model(cfg, vocab), [0, 1], rank).to(device)
-    stage = _Stage(part, rank, 2, torch.device(device))
-    schedule = Schedule1F1B(stage, cfg.strategy.pipeline.microbatches, loss_fn=build_loss(cfg))
-    tokens = torch.randint(0, vocab, (2 * STEP_BATCH, cfg.model.block_size + 1), device=device)
+    out, rank = {}, dist.get_rank()
+    for schedule, m in PIPELINE_RUNS:
+        cfg = load_config(None, pipeline_sets(schedule, m))
+        vocab = build_datasets(cfg).vocab_size
+        torch.manual_seed(0)
+        part = build_stage(build_model(cfg, vocab), [0, 1], rank).to(device)
+        stage = _Stage(part, rank, 2, torch.device(device))
+        events: list[tuple] = []
+        StageClock(events).attach(stage, sends_forward=rank == 0, sends_backward=rank == 1)
+        run = SCHEDULES[schedule](stage, m, loss_fn=build_loss(cfg))
+        tokens = torch.randint(0, vocab, (2 * STEP_BATCH, cfg.model.block_size + 1), device=device)
+        busy: list[float] = []
 
-    def step():
-        part.zero_grad(set_to_none=True)
-        schedule.step(*([tokens[:, :-1]] if rank == 0 else []), target=tokens[:, 1:] if rank == 1 else None)
+        def step(part=part, run=run, tokens=tokens, events=events, busy=busy):
+            part.zero_grad(set_to_none=True)
+            events.clear()
+            run.step(*([tokens[:, :-1]] if rank == 0 else []), target=tokens[:, 1:] if rank == 1 else None)
+            busy.append(sum(end - start for *_, start, end in events))
 
-    return mean(timings(step, 2 * REPEATS, before=dist.barrier))
+        out[f"{schedule} m{m}"] = mean(timings(step, 4 * REPEATS, before=dist.barrier))
+        busiest = torch.tensor([mean(busy[1:])])  # past the warm-up
+        dist.all_reduce(busiest, op=dist.ReduceOp.MAX)
+        out[f"{schedule} m{m} busy"] = float(busiest)
+    return out
 
 
-def pp_factor(measured_s: float, cal) -> float:
-    """A real pipeline step (`pipeline_gpt_seconds`) over what the planner's simulation of the same
-    plan makes of its stages' compute, its sends and each action's calibrated cost held as they
-    are: the factor cost.py scales a pipeline stage's forward and backward by. What it takes in:
-    a stage computes a micro-batch more slowly than the same work in a whole model (seen here: an
-    8 x 256 GPT's forward of 4 samples, 15.6-19 ms a half in a GPipe run, 15 outside it), and a
-    few of the sends between stages wait 5 ms where the rest take 0.1."""
-    return _solve(measured_s, cal, "pp_factor", [*STEP_SETS, *PIPELINE_SETS])
+def pipeline_costs(measured: dict, cal) -> tuple[float, dict]:
+    """(pp_factor, {schedule: seconds per send}) from `pipeline_gpt_seconds`' measurements: the
+    factor cost.py scales a pipeline stage's forward and backward by, at which the planner's busiest
+    rank computes as long as the real one did in 1F1B's forwards and backwards; then, at that
+    factor, what each message between stages costs beyond the link's latency and bytes for the
+    simulation of each schedule to take its measured steps (solved by bisection: a step grows with
+    it). What they take in: a stage computes a micro-batch more slowly than the same work in a whole
+    model, and a message arriving while its receiver computes waits for gloo's thread to get a core
+    (seen here: a 4 x 96 GPT's 1F1B step 35 ms at 2 micro-batches and 49 at 8, where the stages'
+    compute grew by 9 and the simulation's step, sends at the link's figures, by 0.4). Solved from
+    the time in the actions rather than from whole steps: the steps' waits vary from one timing to
+    the next far more than the actions do."""
+    from dataclasses import replace
+
+    def runs(schedule: str) -> list[tuple[str, list[str]]]:
+        return [(f"{s} m{m}", pipeline_sets(s, m)) for s, m in PIPELINE_RUNS if s == schedule]
+
+    bare = replace(cal, pipeline_send={})
+
+    def busy(factor: float) -> float:
+        return sum(_estimate(replace(bare, pp_factor=factor), sets).compute_s for _, sets in runs("1f1b"))
+
+    fixed, whole = busy(0.0), busy(1.0)
+    factor = max(0.0, sum(measured[f"{key} busy"] for key, _ in runs("1f1b")) - fixed) / (whole - fixed)
+    solved = replace(bare, pp_factor=factor)
+
+    def send(schedule: str) -> float:
+        def step(cost: float) -> float:
+            at = replace(solved, pipeline_send={schedule: cost})
+            return sum(_predicted(at, sets) for _, sets in runs(schedule))
+
+        target, lo, hi = sum(measured[key] for key, _ in runs(schedule)), 0.0, 0.02
+        if step(lo) >= target:
+            return 0.0
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if step(mid) < target else (lo, mid)
+        return lo
+
+    return factor, {schedule: send(schedule) for schedule in dict(PIPELINE_RUNS)}
+
+
+def _estimate(cal, sets: list[str]):
+    """The planner's estimate of the plan `sets` runs on two ranks, on a batch of 16, with `cal`."""
+    from paratrain.planner.cost import estimate
+
+    plan, profile = _plan(tuple(sets))
+    return estimate(plan, profile, cal.cluster(2), 2 * STEP_BATCH)
+
+
+def _predicted(cal, sets: list[str]) -> float:
+    """The planner's forward and backward (their communication in them) of the plan `sets`."""
+    est = _estimate(cal, sets)
+    return est.step_s - est.optimizer_s
+
+
+@lru_cache(maxsize=16)
+def _plan(sets: tuple[str, ...]) -> tuple:
+    """(plan on two ranks, model profile) of `sets` on a batch of 16: traced once, solved many times."""
+    from paratrain.config import load_config
+    from paratrain.planner.commands import plan_of, profile_config
+
+    cfg = load_config(None, [*sets, f"training.global_batch_size={2 * STEP_BATCH}"])
+    return plan_of(cfg, 2), profile_config(cfg)
 
 
 def _solve(measured_s: float, cal, factor: str, sets: list[str]) -> float:
@@ -191,15 +270,5 @@ def _solve(measured_s: float, cal, factor: str, sets: list[str]) -> float:
     unscaled (factor 0) held, what it scales (factor 1 less factor 0) in proportion."""
     from dataclasses import replace
 
-    from paratrain.config import load_config
-    from paratrain.planner.commands import plan_of, profile_config
-    from paratrain.planner.cost import estimate
-
-    cfg = load_config(None, [*sets, f"training.global_batch_size={2 * STEP_BATCH}"])
-    plan, profile = plan_of(cfg, 2), profile_config(cfg)
-
-    def predicted(value: float) -> float:
-        est = estimate(plan, profile, replace(cal, **{factor: value}).cluster(2), 2 * STEP_BATCH)
-        return est.step_s - est.optimizer_s  # forward and backward, their communication in them
-    fixed, whole = predicted(0.0), predicted(1.0)
+    fixed, whole = (_predicted(replace(cal, **{factor: value}), sets) for value in (0.0, 1.0))
     return max(0.0, measured_s - fixed) / (whole - fixed) if whole > fixed else 1.0
