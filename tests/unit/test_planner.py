@@ -31,6 +31,7 @@ dtensor_update = [5e-4, 6e-9]
 tensor_parallel = [5e-3, 6e-3, 4e-3, 7e-3]
 split_backward = [1e-3, 0.1]
 compute_factor = 1.1
+compute_curve = [[256, 1.3], [512, 1.1]]
 tp_factor = 1.3
 pp_factor = 1.2
 wake_s = 2e-3
@@ -219,6 +220,10 @@ def test_calibration_round_trips_through_toml(tmp_path):
     assert shared.fsdp_fixed_s["zero2"] == (6e-3, 8e-3) and shared.zero1_sync_s == (6e-4, 8e-10)
     assert shared.fsdp_fixed_s["replicate"] == (4e-3, 6e-3, 2e-3, 1e-3)
     assert cal.pp_factor == shared.pp_factor == 1.2
+    assert cal.compute_curve == [[256, 1.3], [512, 1.1]] and shared.compute_curve == ((256, 1.3), (512, 1.1))
+    # the factor at a forward's size: the small point's below it, the large one's above, between in log(tokens)
+    assert shared.factor(128) == 1.3 and shared.factor(1024) == shared.factor(512) == 1.1
+    assert shared.factor(362) == pytest.approx(1.2, rel=1e-2) and replace(shared, compute_curve=()).factor(128) == 1.1
     assert cal.cluster(2).device.pipeline_send_s == {"1f1b": 1e-3, "gpipe": 2e-3}
     assert shared.pipeline_send_s == {}  # where ranks outnumber cores, wake_s is that wait
     assert cal.tp_factor == shared.tp_factor == 1.3 and cal.ddp == [1e-3, 2e-9] and shared.ddp_s == (2e-3, 4e-9)
@@ -369,6 +374,12 @@ def test_a_calibrated_cpu_scales_compute_by_a_whole_step_and_charges_what_each_f
     scaled = estimate(Plan(), profile, Cluster(replace(base, compute_factor=1.25), 1, 1, net, net), 8)
     assert scaled.compute_s == pytest.approx(1.25 * plain.compute_s, rel=1e-9)
     assert scaled.optimizer_s == plain.optimizer_s  # the update is calibrated whole
+    # by the factor at a forward's size: 8 samples of 32 tokens take the curve's 256-token point
+    curve = replace(base, compute_factor=1.25, compute_curve=((256, 1.5), (512, 1.0)))
+    small = estimate(Plan(), profile, Cluster(curve, 1, 1, net, net), 8)
+    assert small.compute_s == pytest.approx(1.5 * plain.compute_s, rel=1e-9)
+    large = estimate(Plan(), profile, Cluster(curve, 1, 1, net, net), 16)
+    assert large.compute_s == pytest.approx(estimate(Plan(), profile, Cluster(base, 1, 1, net, net), 16).compute_s)
 
     tensors = profile.first.tensors + profile.last.tensors + sum(b.tensors for b in profile.blocks)
     zero1 = Plan(dp=2, zero=1)
@@ -408,6 +419,14 @@ def test_calibrates_compute_factor_is_a_whole_step_over_the_planners_sum_of_its_
     # both models: their seconds over both predictions (the second, twice the width, predicted longer)
     both = compute_factor([1.0, 1.0], cal)
     assert 0 < both < one and compute_factor([2.0, 2.0], cal) == pytest.approx(2 * both)
+    # and at half the batch (a micro-batch's size): the same seconds for half the work, a larger factor,
+    # whatever curve the calibration already holds
+    from paratrain.planner.wholestep import SMALL_BATCH, STEP_BATCH, compute_curve
+
+    for held in (cal, replace(cal, compute_curve=[[256, 5.0], [512, 0.1]])):
+        curve = compute_curve({"plain": [1.0, 1.0], "small": [1.0, 1.0]}, held)
+        assert [t for t, _ in curve] == [SMALL_BATCH * 64, STEP_BATCH * 64] and curve[1][1] == pytest.approx(both)
+        assert curve[0][1] == pytest.approx(compute_factor([1.0, 1.0], cal, SMALL_BATCH)) and curve[0][1] > both
 
 
 def test_ddps_cost_is_solved_from_its_two_models_surplus():
@@ -511,7 +530,7 @@ def test_pp_factor_and_the_cost_per_send_scale_a_pipeline_and_are_recovered_from
     schedule's calibrated cost per send (1F1B's where its own was not measured), more micro-batches
     more of them; calibrate's `pipeline_costs` recovers the factor and both schedules' costs from
     steps the planner itself predicts with them, whatever the calibration held before."""
-    from paratrain.planner.wholestep import PIPELINE_RUNS, _estimate, _predicted, pipeline_costs, pipeline_sets
+    from paratrain.planner.wholestep import PIPELINE_RUNS, _predicted, pipeline_costs, pipeline_sets, stage_compute
 
     profile = transformer(4, 64, 4, 128, 32)
     base = Device("cpu", {"fp32": 1e11}, {"fp32": 1e11}, 1e12, 1e10, op_s=5e-6, op_backward_s=5e-6)
@@ -541,7 +560,7 @@ def test_pp_factor_and_the_cost_per_send_scale_a_pipeline_and_are_recovered_from
 
     def measured(truth) -> dict:  # the steps, and the busier rank's time in its actions (no sends)
         steps = {f"{s} m{m}": _predicted(truth, pipeline_sets(s, m)) for s, m in PIPELINE_RUNS}
-        return steps | {f"{s} m{m} busy": _estimate(replace(truth, pipeline_send={}), pipeline_sets(s, m)).compute_s
+        return steps | {f"{s} m{m} busy": truth.pp_factor * stage_compute(truth, pipeline_sets(s, m))
                         for s, m in PIPELINE_RUNS}
 
     truth = measured(replace(cal, pp_factor=1.4, pipeline_send={"1f1b": 1.5e-3, "gpipe": 3e-3}))

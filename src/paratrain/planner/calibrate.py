@@ -29,7 +29,9 @@ per core, one thread each):
   (framework.zero1_sync_seconds);
 - whole forwards and backwards of two small built-in GPTs (wholestep.step_seconds), over what the
   figures above add up to for them: `compute_factor`, which cost.py scales every model's compute
-  by; the same steps under DDP, whose surplus solves for DDP's cost per step and per gradient
+  by, measured on batches of 8 and of 4 samples (`compute_curve`: cost.py takes the factor at a
+  plan's micro-batch, whose smaller products this machine runs more slowly for their work than
+  the parts' rates say); the same steps under DDP, whose surplus solves for DDP's cost per step and per gradient
   byte (`ddp`: cost.py charges it to ddp and ZeRO-1 in place of the link's all-reduce); and the
   first GPT under tensor parallelism, beyond the fixed costs above over what the planner adds up
   for the rest: `tp_factor`, which cost.py scales tensor parallelism's arithmetic and bytes by;
@@ -383,9 +385,13 @@ def calibrate(device: str = "cpu", repeats: int = REPEATS) -> Calibration:
                        measured_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
     if device != "cpu":
         return cal
-    cal = replace(cal, compute_factor=ws.compute_factor(got["step_s"]["plain"], cal), ddp=ws.ddp_cost(got["step_s"]))
+    cal = replace(cal, compute_factor=ws.compute_factor(got["step_s"]["plain"], cal),
+                  compute_curve=ws.compute_curve(got["step_s"], cal), ddp=ws.ddp_cost(got["step_s"]))
     cal = replace(cal, tp_factor=ws.tp_factor(got["tp_step_s"], cal))
-    pp_factor, send = ws.pipeline_costs(got["pp_step_s"], cal)
+    # against the pipeline's own model (STEP_SETS) at its own micro-batches' sizes: a stage's
+    # slowdown beyond what the same GPT pays whole on as few samples (that the curve carries)
+    own = {k: got["step_s"][k][:1] for k in ("plain", "small")}
+    pp_factor, send = ws.pipeline_costs(got["pp_step_s"], replace(cal, compute_curve=ws.compute_curve(own, cal)))
     return replace(cal, pp_factor=pp_factor, pipeline_send=send)
 
 

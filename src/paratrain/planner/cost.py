@@ -8,7 +8,8 @@
   sets their time (GeLU, layer norm, softmax, attention's scores) at their measured seconds per
   element instead, and every operator's fixed dispatch cost; full recomputation adds a forward,
   selective its attention; on a calibrated CPU all of it scaled by what a whole model's forward
-  and backward measured over its parts (`compute_factor`); tensor parallelism splits the matmuls
+  and backward measured over its parts (`compute_factor`, at the micro-batch's size: a forward of
+  fewer tokens runs more slowly for its work); tensor parallelism splits the matmuls
   and the split part of the traffic and adds two all-reduces per layer each way (Megatron: not
   overlapped);
 - the pipeline: schedule.simulate with those times, the point-to-point sends between stages and,
@@ -204,7 +205,7 @@ def _time(lay: _Layout, est: Estimate, slowdown: float = 1.0) -> None:
             fixed_f, fixed_b = fixed_f + hooks / 2, fixed_b + hooks / 2
         # what a whole model pays beyond its calibrated parts (tensor parallelism's fixed costs were
         # measured on a whole model already)
-        k = dev.compute_factor
+        k = dev.factor(tokens)  # at this micro-batch's size
         if tp > 1 and dev.tp_fixed_s:  # and what a whole tensor-parallel model pays beyond those fixed costs
             k, fcomm = k * dev.tp_factor, fcomm * dev.tp_factor
         fc, bc = fc * k, bc * k

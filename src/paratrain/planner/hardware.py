@@ -79,6 +79,9 @@ class Device:
     # Calibrated CPU only: a whole model's forward and backward over what its calibrated parts add
     # up to (wholestep.compute_factor); cost.py scales compute by it
     compute_factor: float = 1.0
+    # Calibrated CPU only: ((tokens in a forward, compute_factor), ...): the same at two sizes of a
+    # forward (wholestep.compute_curve); (): compute_factor whatever the size
+    compute_curve: tuple = ()
     # Calibrated CPU only: the same under tensor parallelism, for what its fixed costs (tp_fixed_s)
     # leave: arithmetic, bytes and the all-reduces' bytes (wholestep.tp_factor)
     tp_factor: float = 1.0
@@ -110,6 +113,10 @@ class Device:
             return 1.0
         tiles = math.ceil(m / 256) * math.ceil(n / 128)
         return tiles / (math.ceil(tiles / self.sms) * self.sms)
+
+    def factor(self, tokens: float) -> float:
+        """`compute_factor` for a forward of `tokens` tokens (a micro-batch's)."""
+        return _interpolate(self.compute_curve, tokens) if self.compute_curve and tokens else self.compute_factor
 
     def flops(self, dtype: str) -> float:
         return self.matmul_flops.get(dtype) or self.matmul_flops["fp32"]
@@ -257,7 +264,8 @@ class Calibration:
     tensor_parallel: list = field(default_factory=list)  # [ends fwd, ends bwd, block fwd, block bwd] seconds
     pipeline_action: dict = field(default_factory=dict)  # schedule -> seconds per action beyond compute
     split_backward: list = field(default_factory=list)  # [seconds per block, share of the backward]
-    compute_factor: float = 1.0  # a whole forward and backward over its calibrated parts (framework.py)
+    compute_factor: float = 1.0  # a whole forward and backward over its calibrated parts (wholestep.py)
+    compute_curve: list = field(default_factory=list)  # [[tokens in a forward, compute_factor], ...]
     tp_factor: float = 1.0  # the same under tensor parallelism, beyond its fixed costs (framework.py)
     pp_factor: float = 1.0  # a pipeline's stages, as a real pipeline runs them (wholestep.py)
     pipeline_send: dict = field(default_factory=dict)  # schedule -> seconds per send beyond the link's
@@ -282,6 +290,8 @@ class Calibration:
         lines += [f"{k} = {v:.6g}" for k, v in self.matmul_flops.items()]
         lines[lines.index("[matmul_flops]"):lines.index("[matmul_flops]")] = [
             "matmul_curve = [" + ", ".join(f"[{w:.6g}, {r:.6g}]" for w, r in self.matmul_curve) + "]",
+            *(["compute_curve = [" + ", ".join(f"[{t:.6g}, {f:.6g}]" for t, f in self.compute_curve) + "]"]
+              if self.compute_curve else []),
             *[f"{name} = [{v[0]:.6g}, {v[1]:.6g}]"
               for name, v in (("update", self.update), ("dtensor_update", self.dtensor_update)) if v],
             *([f"tensor_parallel = {_floats(self.tensor_parallel)}"] if self.tensor_parallel else []),
@@ -333,6 +343,7 @@ class Calibration:
                         split_backward_s=((self.split_backward[0] / share, self.split_backward[1])
                                           if self.split_backward else ()),
                         compute_factor=self.compute_factor, tp_factor=self.tp_factor,
+                        compute_curve=tuple(tuple(p) for p in self.compute_curve),
                         pp_factor=self.pp_factor,
                         # a message's wait for gloo's thread to get a core: where ranks outnumber the
                         # cores, the link's wake_s, measured so, takes it in

@@ -25,15 +25,20 @@ import torch
 STEP_SETS = ("model.n_layer=2", "model.d_model=192", "model.n_head=4", "model.block_size=64")
 STEP_MODELS = (STEP_SETS, ("model.n_layer=2", "model.d_model=384", "model.n_head=4", "model.block_size=64"))
 STEP_BATCH = 8
+# ... and their plain forward and backward at half that: a micro-batch's size (a pipeline of 4
+# micro-batches, or gradient accumulation, takes the batch in such parts), which this machine runs
+# more slowly for its work than a whole batch (seen: 5 to 13% over six GPTs, 2 x 192 to 8 x 256)
+SMALL_BATCH = 4
 
 
 def step_seconds(device: str) -> dict:
-    """{"plain": [seconds], "ddp": [seconds], "gradient_bytes": [bytes]}, one of each per STEP_MODELS
-    GPT: its forward, loss and backward as the trainer runs them (gradients allocated afresh: the
-    update sets them to None), plain and under DDP as paratrain's ddp strategy wraps it (its timed
-    all-reduce hook), both ranks at once. The two alternate, step by step, so that the machine's
-    speed as it drifts falls on both alike; each the mean of 2 x calibrate's timings, as a run's
-    summary reports its mean step (the machine's interruptions fall on some steps)."""
+    """{"plain": [seconds], "ddp": [seconds], "small": [seconds], "gradient_bytes": [bytes]}, one of
+    each per STEP_MODELS GPT: its forward, loss and backward as the trainer runs them (gradients
+    allocated afresh: the update sets them to None), plain and under DDP as paratrain's ddp strategy
+    wraps it (its timed all-reduce hook), and plain on SMALL_BATCH samples, both ranks at once. The
+    three alternate, step by step, so that the machine's speed as it drifts falls on all alike; each
+    the mean of 2 x calibrate's timings, as a run's summary reports its mean step (the machine's
+    interruptions fall on some steps)."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -44,7 +49,7 @@ def step_seconds(device: str) -> dict:
     from paratrain.planner.calibrate import REPEATS
     from paratrain.strategies.data_parallel.ddp import _HookState, timed_allreduce_hook
 
-    out: dict = {"plain": [], "ddp": [], "gradient_bytes": []}
+    out: dict = {"plain": [], "ddp": [], "small": [], "gradient_bytes": []}
     for sets in STEP_MODELS:
         cfg = load_config(None, list(sets))
         vocab = build_datasets(cfg).vocab_size
@@ -56,22 +61,23 @@ def step_seconds(device: str) -> dict:
         wrapped.register_comm_hook(_HookState(dist.group.WORLD, CommMeter()), timed_allreduce_hook)
         tokens = torch.randint(0, vocab, (STEP_BATCH, cfg.model.block_size + 1), device=device)
 
-        def step(m, loss_fn=loss_fn, tokens=tokens) -> float:
+        def step(m, batch=STEP_BATCH, loss_fn=loss_fn, tokens=tokens) -> float:
             m.zero_grad(set_to_none=True)
             dist.barrier()  # the ranks start together, as a step's do
             t0 = time.perf_counter()
-            loss_fn(m(tokens[:, :-1]), tokens[:, 1:]).backward()
+            loss_fn(m(tokens[:batch, :-1]), tokens[:batch, 1:]).backward()
             return time.perf_counter() - t0
 
-        step(model), step(wrapped)  # warm-up
-        times = [(step(model), step(wrapped)) for _ in range(2 * REPEATS)]
-        out["plain"].append(mean(t for t, _ in times))
-        out["ddp"].append(mean(t for _, t in times))
+        step(model), step(wrapped), step(model, SMALL_BATCH)  # warm-up
+        times = [(step(model), step(wrapped), step(model, SMALL_BATCH)) for _ in range(2 * REPEATS)]
+        out["plain"].append(mean(t for t, _, _ in times))
+        out["ddp"].append(mean(t for _, t, _ in times))
+        out["small"].append(mean(t for *_, t in times))
         out["gradient_bytes"].append(4.0 * sum(q.numel() for q in model.parameters()))
     return out
 
 
-def compute_factor(measured_s: list[float], cal) -> float:
+def compute_factor(measured_s: list[float], cal, batch: int = STEP_BATCH) -> float:
     """Real forwards and backwards (`step_seconds`' plain ones) over what the planner adds up from
     `cal`'s parts for the same models (cost.py's compute of one device), the factor cost.py scales
     compute by. On a CPU the parts, each timed alone, miss what a model pays between them:
@@ -86,10 +92,21 @@ def compute_factor(measured_s: list[float], cal) -> float:
     from paratrain.planner.cost import estimate
     from paratrain.planner.plan import Plan
 
-    cluster = replace(cal, compute_factor=1.0).cluster(1)
-    predicted = sum(estimate(Plan(), profile_config(load_config(None, list(sets))), cluster, STEP_BATCH).compute_s
+    cluster = replace(cal, compute_factor=1.0, compute_curve=[]).cluster(1)
+    predicted = sum(estimate(Plan(), profile_config(load_config(None, list(sets))), cluster, batch).compute_s
                     for sets in STEP_MODELS[:len(measured_s)])
     return sum(measured_s) / predicted if predicted > 0 else 1.0
+
+
+def compute_curve(steps: dict, cal) -> list[list[float]]:
+    """[[tokens in a forward, compute_factor], ...]: `compute_factor` at SMALL_BATCH and STEP_BATCH
+    samples (`step_seconds`' small and plain steps), for cost.py to take at a plan's micro-batch
+    (interpolated in log(tokens) between the two, held flat beyond)."""
+    from paratrain.config import load_config
+
+    seq = load_config(None, list(STEP_SETS)).model.block_size
+    return [[SMALL_BATCH * seq, compute_factor(steps["small"], cal, SMALL_BATCH)],
+            [STEP_BATCH * seq, compute_factor(steps["plain"], cal)]]
 
 
 def ddp_cost(steps: dict) -> list[float]:
@@ -209,20 +226,18 @@ def pipeline_costs(measured: dict, cal) -> tuple[float, dict]:
     (seen here: a 4 x 96 GPT's 1F1B step 35 ms at 2 micro-batches and 49 at 8, where the stages'
     compute grew by 9 and the simulation's step, sends at the link's figures, by 0.4). Solved from
     the time in the actions rather than from whole steps: the steps' waits vary from one timing to
-    the next far more than the actions do."""
+    the next far more than the actions do. `cal`'s compute curve: the STEP_SETS GPT's own
+    (calibrate.py), so that the factor is a stage's beyond the whole model on as few samples."""
     from dataclasses import replace
 
     def runs(schedule: str) -> list[tuple[str, list[str]]]:
         return [(f"{s} m{m}", pipeline_sets(s, m)) for s, m in PIPELINE_RUNS if s == schedule]
 
-    bare = replace(cal, pipeline_send={})
-
-    def busy(factor: float) -> float:
-        return sum(_estimate(replace(bare, pp_factor=factor), sets).compute_s for _, sets in runs("1f1b"))
-
-    fixed, whole = busy(0.0), busy(1.0)
-    factor = max(0.0, sum(measured[f"{key} busy"] for key, _ in runs("1f1b")) - fixed) / (whole - fixed)
-    solved = replace(bare, pp_factor=factor)
+    # the actions' time as StageClock measures it: the stages' forwards and backwards alone, not the
+    # schedule's runtime around them nor the sends (which the simulation's busy time holds too)
+    stages = sum(stage_compute(cal, sets) for _, sets in runs("1f1b"))
+    factor = sum(measured[f"{key} busy"] for key, _ in runs("1f1b")) / stages if stages > 0 else 1.0
+    solved = replace(cal, pipeline_send={}, pp_factor=factor)
 
     def send(schedule: str) -> float:
         def step(cost: float) -> float:
@@ -246,6 +261,15 @@ def _estimate(cal, sets: list[str]):
 
     plan, profile = _plan(tuple(sets))
     return estimate(plan, profile, cal.cluster(2), 2 * STEP_BATCH)
+
+
+def stage_compute(cal, sets: list[str]) -> float:
+    """The busiest rank's stages' forwards and backwards of the pipeline `sets` runs, at pp_factor 1
+    (what the factor scales: the simulation's busy time less what it holds at factor 0)."""
+    from dataclasses import replace
+
+    at = [_estimate(replace(cal, pp_factor=k, pipeline_send={}), sets).compute_s for k in (0.0, 1.0)]
+    return at[1] - at[0]
 
 
 def _predicted(cal, sets: list[str]) -> float:
