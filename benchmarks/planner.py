@@ -215,7 +215,7 @@ def _factors(path: Path) -> dict:
     from paratrain.planner.hardware import Calibration
 
     cal = Calibration.load(path)
-    return {"compute_factor": cal.compute_factor, "tp_factor": cal.tp_factor, "pp_factor": cal.pp_factor,
+    return {"compute_curve": cal.compute_curve, "tp_factor": cal.tp_factor, "pp_factor": cal.pp_factor,
             "pipeline_send": cal.pipeline_send}
 
 

@@ -489,6 +489,32 @@ def test_local_sgd_and_parameter_server_pay_their_protocols_copies_at_memory_ban
     assert comm(two, 1e9) - comm(two, 1e18) == pytest.approx((4 * nbytes + 2 * nbytes / 2) / 1e9, rel=1e-6)
 
 
+def test_the_trainers_small_all_reduces_are_charged_to_the_plans_that_make_them():
+    """Where the update was calibrated (paratrain's trainer), a plan whose ranks step together pays
+    an all-reduce of a few floats over the world for the non-finite check and one for whether to
+    stop, one over dp for the loss's mean where dp > 1 and one over pp for a pipeline's loss;
+    local SGD and the parameter server, whose replicas decide alone, pay none."""
+    profile = transformer(4, 64, 4, 128, 32)
+    dev = Device("cpu", {"fp32": 1e11}, {"fp32": 1e11}, 1e12, 1e10, update_s=(1e-3, 0.0))
+
+    def small(plan, start=1e-3):  # a link of a start-up only: an all-reduce on n ranks costs 2 (n - 1) ms
+        def update(link):
+            return estimate(plan, profile, Cluster(dev, plan.devices, plan.devices, link, link), 8).optimizer_s
+        return update(Link(start, 1e18)) - update(Link(0.0, 1e18))
+
+    ms = 1e-3
+    assert small(Plan(dp=2)) == pytest.approx(3 * 2 * ms)  # world twice, dp once (n = 2: 2 ms each)
+    assert small(Plan(tp=2)) == pytest.approx(2 * 2 * ms)
+    assert small(Plan(pp=2, microbatches=4, schedule="1f1b")) == pytest.approx(3 * 2 * ms, rel=1e-3)
+    assert small(Plan(dp=2, pp=2, microbatches=4, schedule="1f1b")) == pytest.approx((2 * 6 + 2 + 2) * ms, rel=1e-3)
+    assert small(Plan(dp=2, family="local_sgd", sync_every=4)) == 0.0
+    # not where the update was not calibrated (a preset: the trainer's costs are not its)
+    uncalibrated = replace(dev, update_s=(0.0, 0.0))
+    assert estimate(Plan(dp=2), profile, Cluster(uncalibrated, 2, 2, Link(1e-3, 1e18), Link(1e-3, 1e18)),
+                    8).optimizer_s == estimate(Plan(dp=2), profile, Cluster(uncalibrated, 2, 2, Link(0.0, 1e18),
+                                                                            Link(0.0, 1e18)), 8).optimizer_s
+
+
 def test_tp_factor_scales_what_tensor_parallelism_pays_beyond_its_fixed_costs(tmp_path):
     """A tensor-parallel plan's arithmetic, bytes and all-reduces' bytes scale by the calibrated
     `tp_factor`, its fixed costs and its update do not, nor does a plan without tensor

@@ -363,8 +363,6 @@ SHAPES = {"all_reduce": (2, 1.0), "all_gather": (1, 0.5), "reduce_scatter": (1, 
 
 
 def calibrate(device: str = "cpu", repeats: int = REPEATS) -> Calibration:
-    from dataclasses import replace
-
     from paratrain.planner import framework as fw
     from paratrain.planner import wholestep as ws
     from paratrain.testing import run_ranks
@@ -383,16 +381,7 @@ def calibrate(device: str = "cpu", repeats: int = REPEATS) -> Calibration:
                        pipeline_action=fw.pipeline_action_seconds(got["pipeline_steps"]),
                        links={"loopback": per},
                        measured_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
-    if device != "cpu":
-        return cal
-    cal = replace(cal, compute_factor=ws.compute_factor(got["step_s"]["plain"], cal),
-                  compute_curve=ws.compute_curve(got["step_s"], cal), ddp=ws.ddp_cost(got["step_s"]))
-    cal = replace(cal, tp_factor=ws.tp_factor(got["tp_step_s"], cal))
-    # against the pipeline's own model (STEP_SETS) at its own micro-batches' sizes: a stage's
-    # slowdown beyond what the same GPT pays whole on as few samples (that the curve carries)
-    own = {k: got["step_s"][k][:1] for k in ("plain", "small")}
-    pp_factor, send = ws.pipeline_costs(got["pp_step_s"], replace(cal, compute_curve=ws.compute_curve(own, cal)))
-    return replace(cal, pp_factor=pp_factor, pipeline_send=send)
+    return ws.solve(cal, got) if device == "cpu" else cal
 
 
 def _memory_bytes(device: str) -> float:

@@ -341,9 +341,15 @@ def pipeline_action_seconds(steps: dict) -> dict:
         def step(action: float, name=name, v=v, tiny=tiny) -> float:
             return simulate(name, 2, PIPELINE_MICROBATCHES, v, tiny, tiny, [p2p_alpha] * 2 * v, action).makespan
 
-        lo, hi = 0.0, measured
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if step(mid) < measured else (lo, mid)
-        out[name] = lo
+        out[name] = rising_root(step, measured, measured)
     return out
+
+
+def rising_root(f, target: float, hi: float, steps: int = 40) -> float:
+    """The x in [0, hi] at which `f`, rising with x, reaches `target`, by bisection; 0 where f(0)
+    already does (calibrate's costs that a simulated step grows with)."""
+    lo = 0.0
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if f(mid) < target else (lo, mid)
+    return lo

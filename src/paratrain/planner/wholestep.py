@@ -109,6 +109,23 @@ def compute_curve(steps: dict, cal) -> list[list[float]]:
             [STEP_BATCH * seq, compute_factor(steps["plain"], cal)]]
 
 
+def solve(cal, got: dict):
+    """`cal` with the figures the whole steps solve (`calibrate._rank`'s "step_s", "tp_step_s" and
+    "pp_step_s"): compute_factor at both sizes, DDP's cost, tp_factor, pp_factor and the cost per
+    send, each solved with the ones before it in."""
+    from dataclasses import replace
+
+    steps = got["step_s"]
+    curve = compute_curve(steps, cal)
+    cal = replace(cal, compute_factor=curve[-1][1], compute_curve=curve, ddp=ddp_cost(steps))
+    cal = replace(cal, tp_factor=tp_factor(got["tp_step_s"], cal))
+    # against the pipeline's own model (STEP_SETS) at its own micro-batches' sizes: a stage's
+    # slowdown beyond what the same GPT pays whole on as few samples (that the curve carries)
+    own = compute_curve({k: steps[k][:1] for k in ("plain", "small")}, cal)
+    pp_factor, send = pipeline_costs(got["pp_step_s"], replace(cal, compute_curve=own))
+    return replace(cal, pp_factor=pp_factor, pipeline_send=send)
+
+
 def ddp_cost(steps: dict) -> list[float]:
     """[seconds a step, per gradient byte] that a forward and backward under DDP takes beyond the
     same without it (`step_seconds`), solved from its two models. What it takes in beyond the
@@ -134,8 +151,8 @@ def tensor_parallel_step_seconds(mesh, device: str) -> float:
     from paratrain.planner.calibrate import REPEATS, timings
     from paratrain.strategies.tensor.parallelize import parallelize_gpt, replicated_loss
 
-    m = load_config(None, list(STEP_SETS)).model
-    vocab = build_datasets(load_config(None, list(STEP_SETS))).vocab_size
+    cfg = load_config(None, list(STEP_SETS))
+    m, vocab = cfg.model, build_datasets(cfg).vocab_size
     torch.manual_seed(0)  # the same weights on both ranks, as a run starts
     model = parallelize_gpt(GPT(vocab, n_layer=m.n_layer, n_head=m.n_head, d_model=m.d_model,
                                 block_size=m.block_size).to(device), mesh, False)
@@ -230,6 +247,8 @@ def pipeline_costs(measured: dict, cal) -> tuple[float, dict]:
     (calibrate.py), so that the factor is a stage's beyond the whole model on as few samples."""
     from dataclasses import replace
 
+    from paratrain.planner.framework import rising_root
+
     def runs(schedule: str) -> list[tuple[str, list[str]]]:
         return [(f"{s} m{m}", pipeline_sets(s, m)) for s, m in PIPELINE_RUNS if s == schedule]
 
@@ -244,13 +263,7 @@ def pipeline_costs(measured: dict, cal) -> tuple[float, dict]:
             at = replace(solved, pipeline_send={schedule: cost})
             return sum(_predicted(at, sets) for _, sets in runs(schedule))
 
-        target, lo, hi = sum(measured[key] for key, _ in runs(schedule)), 0.0, 0.02
-        if step(lo) >= target:
-            return 0.0
-        for _ in range(30):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if step(mid) < target else (lo, mid)
-        return lo
+        return rising_root(step, sum(measured[key] for key, _ in runs(schedule)), 0.02)
 
     return factor, {schedule: send(schedule) for schedule in dict(PIPELINE_RUNS)}
 
