@@ -216,7 +216,7 @@ def _factors(path: Path) -> dict:
 
     cal = Calibration.load(path)
     return {"compute_curve": cal.compute_curve, "tp_factor": cal.tp_factor, "pp_factor": cal.pp_factor,
-            "pipeline_send": cal.pipeline_send}
+            "pipeline_send": cal.pipeline_send, "wake_s": cal.wake_s}
 
 
 TESTBED = [("ddp", ["strategy.name=ddp"]),
@@ -308,6 +308,8 @@ def main() -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("--testbed", default="", metavar="RATE", help="the 2-host testbed rows at this rate (root)")
     p.add_argument("--repeat", type=int, default=1, help="runs per row (the matrix forward, then backward, ...)")
+    p.add_argument("--keep", type=Path, default=None, metavar="DIR",
+                   help="keep the runs and calibrations in DIR (default: a temporary folder, removed)")
     p.add_argument("--calibrate", action="store_true",
                    help="calibrate this machine in this run, into files of its own (the predictions use them): "
                         "before each model size of each pass of the local matrix; once for --testbed")
@@ -326,6 +328,9 @@ def main() -> None:
         subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
 
     with tempfile.TemporaryDirectory(prefix="paratrain-planner-") as tmp:
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            tmp = str(args.keep)
         # the predictions from figures measured minutes, not hours, before the runs
         if args.testbed:
             if args.calibrate:

@@ -406,6 +406,40 @@ def test_a_calibrated_cpu_scales_compute_by_a_whole_step_and_charges_what_each_f
     assert with_hooks.comm_s - without.comm_s == pytest.approx((5e-3 - 1e-3) + 2 * (3e-3 - 0.5e-3))
 
 
+def test_fsdps_calibrated_fixed_costs_are_its_surplus_over_the_same_gpt_unsharded(monkeypatch):
+    """cost.py charges the model's own operators (op_s) wherever FSDP2 runs, so what
+    `fsdp_seconds` stores is FSDP2's surplus: each timing less the unsharded GPT's, timed alike
+    (here with stand-in timings: 1 ms + 0.5 ms a block unsharded; FSDP2 adds 2 ms + 3 ms a block,
+    and replicating, 1 ms + 0.25 ms a block for each further micro-batch)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from paratrain.planner import framework
+
+    def stand_in(fn, repeats=None, before=None):
+        calls = []
+        forward = GPT.forward
+        monkeypatch.setattr(GPT, "forward", lambda self, x: calls.append(self) or forward(self, x))
+        fn()
+        monkeypatch.setattr(GPT, "forward", forward)
+        seconds = 0.0
+        for i, model in enumerate(calls):
+            n = len(model.layers)
+            seconds += 1e-3 + 0.5e-3 * n
+            if type(model).__name__.startswith("FSDP"):  # fully_shard swaps in a subclass
+                seconds += (2e-3 + 3e-3 * n) if i == 0 else (1e-3 + 0.25e-3 * n)
+        return seconds
+
+    monkeypatch.setattr("paratrain.planner.calibrate._median", stand_in)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        got = framework.fsdp_seconds(init_device_mesh("cpu", (1,)), "cpu")
+    finally:
+        dist.destroy_process_group()
+    assert got["zero2"] == pytest.approx([2e-3, 3e-3]) and got["zero3"] == pytest.approx([2e-3, 3e-3])
+    assert got["replicate"] == pytest.approx([2e-3, 3e-3, 1e-3, 0.25e-3])
+
+
 def test_calibrates_compute_factor_is_a_whole_step_over_the_planners_sum_of_its_parts(tmp_path):
     from paratrain.planner.wholestep import compute_factor
 

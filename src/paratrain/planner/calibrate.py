@@ -22,7 +22,7 @@ per core, one thread each):
   the planner's own simulation of that schedule (schedule.py) with the sends' latency measured
   beside it;
 - the built-in GPT's fixed cost under FSDP2 (zero2, zero3, and hybrid's replicated dp axis per
-  micro-batch) on the two ranks, per block and at its ends, as for tensor parallelism
+  micro-batch) on the two ranks, per block and at its ends, beyond the same GPT unsharded
   (framework.fsdp_seconds);
 - what ZeroRedundancyOptimizer's step costs beyond AdamW on the rank's own share (its broadcasts
   of the updated parameters), per tensor and per byte, on two GPTs' parameters

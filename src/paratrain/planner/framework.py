@@ -212,7 +212,9 @@ def fsdp_seconds(mesh, device: str, layers: tuple[int, int] = (1, 5)) -> dict:
     hooks around each unit's forward and backward, its copies in and out of the flat buffers and
     each all-gather's and reduce-scatter's start-up: several milliseconds a block on a CPU (seen:
     3-5 under zero2, 4-6 under zero3), which the collectives' latency alone does not predict.
-    "replicate" -> [ends, per block, then each further micro-batch's ends, per block]: hybrid's."""
+    "replicate" -> [ends, per block, then each further micro-batch's ends, per block]: hybrid's.
+    Each is FSDP2's surplus over the same GPT unsharded, timed alike: the model's own operators
+    are cost.py's already (seen: 0.3 ms at the ends and 0.5 a block, 40% of replicate's figure)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from paratrain.models.gpt import GPT, cross_entropy
@@ -224,14 +226,16 @@ def fsdp_seconds(mesh, device: str, layers: tuple[int, int] = (1, 5)) -> dict:
         times = []
         for n in layers:
             torch.manual_seed(0)
+            plain = GPT(8, n_layer=n, n_head=2, d_model=8, block_size=2).to(device)
             model = shard_blocks(GPT(8, n_layer=n, n_head=2, d_model=8, block_size=2).to(device), mesh, reshard)
 
-            def step(model=model):  # forward and backward together: zero2 keeps the parameters gathered
+            def step(model=model, sync=True):  # forward and backward together: zero2 keeps the parameters gathered
                 for i in range(microbatches):  # gradients reduced on the last micro-batch only
-                    model.set_requires_gradient_sync(i == microbatches - 1)
+                    if sync:
+                        model.set_requires_gradient_sync(i == microbatches - 1)
                     cross_entropy(model(tokens), tokens).backward()
 
-            times.append(_median(step))
+            times.append(_median(step) - _median(lambda plain=plain: step(plain, sync=False)))
         block = max(0.0, (times[1] - times[0]) / (layers[1] - layers[0]))
         return [max(0.0, times[0] - layers[0] * block), block]
 
