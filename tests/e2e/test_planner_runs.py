@@ -41,6 +41,7 @@ def test_calibrate_writes_what_plan_reads(tmp_path):
     assert len(cal.ddp) == 2 and min(cal.ddp) >= 0 and len(cal.zero1_sync) == 2, (cal.ddp, cal.zero1_sync)
     assert [t for t, _ in cal.compute_curve] == [256, 512] and all(0 < f < 10 for _, f in cal.compute_curve)
     assert set(cal.pipeline_send) == {"1f1b", "gpipe"} and all(0 <= s < 0.02 for s in cal.pipeline_send.values())
+    assert set(cal.fsdp_factor) == {"zero2", "zero3"} and all(0 <= k < 20 for k in cal.fsdp_factor.values())
     for collective in ("all_reduce", "all_gather", "reduce_scatter", "p2p"):
         alpha, beta = cal.links["loopback"][collective]
         assert alpha >= 0 and beta > 1e6, (collective, alpha, beta)

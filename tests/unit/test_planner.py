@@ -59,6 +59,10 @@ zbv = 6e-4
 1f1b = 1e-3
 gpipe = 2e-3
 
+[fsdp_factor]
+zero2 = 1.5
+zero3 = 1.25
+
 [links.loopback]
 all_reduce = [1e-4, 1e9]
 all_gather = [1e-4, 1e9]
@@ -219,6 +223,7 @@ def test_calibration_round_trips_through_toml(tmp_path):
     assert cal.compute_factor == 1.1 and cal.fsdp["zero3"] == [3e-3, 6e-3] and cal.zero1_sync == [3e-4, 4e-10]
     assert shared.fsdp_fixed_s["zero2"] == (6e-3, 8e-3) and shared.zero1_sync_s == (6e-4, 8e-10)
     assert shared.fsdp_fixed_s["replicate"] == (4e-3, 6e-3, 2e-3, 1e-3)
+    assert cal.fsdp_factor == shared.fsdp_factor == {"zero2": 1.5, "zero3": 1.25}
     assert cal.pp_factor == shared.pp_factor == 1.2
     assert cal.compute_curve == [[256, 1.3], [512, 1.1]] and shared.compute_curve == ((256, 1.3), (512, 1.1))
     # the factor at a forward's size: the small point's below it, the large one's above, between in log(tokens)
@@ -396,6 +401,21 @@ def test_a_calibrated_cpu_scales_compute_by_a_whole_step_and_charges_what_each_f
         units = 4 + 1  # a unit per block and the root
         assert calibrated.comm_s - collectives.comm_s == pytest.approx(3e-3 + 4 * 4e-3 - units * (1 + gathers) * 1e-3)
 
+    # whole steps' factor on FSDP2's bytes (its collectives beyond their start-up, the copies around
+    # them): the fixed costs stay as calibrated, and a link other than the one it was measured on
+    # takes the link's own figures
+    bytes_only = Link(0.0, 1e9, "loopback")
+    for zero in (2, 3):
+        plan = Plan(dp=2, zero=zero)
+        fixed = replace(base, fsdp_fixed_s={f"zero{zero}": (3e-3, 4e-3)})
+        at = {k: estimate(plan, profile, Cluster(replace(fixed, fsdp_factor={f"zero{zero}": k}), 2, 2, bytes_only,
+                                                 bytes_only, overlap=0.0), 8).comm_s for k in (0.0, 1.0, 1.5)}
+        assert at[0.0] == pytest.approx(3e-3 + 4 * 4e-3)
+        assert at[1.5] - at[0.0] == pytest.approx(1.5 * (at[1.0] - at[0.0])) and at[1.0] > at[0.0]
+        elsewhere = replace(bytes_only, name="testbed-100mbit")
+        assert estimate(plan, profile, Cluster(replace(fixed, fsdp_factor={f"zero{zero}": 1.5}), 2, 2, elsewhere,
+                                               elsewhere, overlap=0.0), 8).comm_s == pytest.approx(at[1.0])
+
     # hybrid's replicated dp axis: FSDP2's hooks in every micro-batch's actions, the first one's surplus once
     hybrid = Plan(dp=2, pp=2, microbatches=4, schedule="1f1b")
     hooks = replace(base, fsdp_fixed_s={"replicate": (5e-3, 3e-3, 1e-3, 0.5e-3)})
@@ -438,6 +458,29 @@ def test_fsdps_calibrated_fixed_costs_are_its_surplus_over_the_same_gpt_unsharde
         dist.destroy_process_group()
     assert got["zero2"] == pytest.approx([2e-3, 3e-3]) and got["zero3"] == pytest.approx([2e-3, 3e-3])
     assert got["replicate"] == pytest.approx([2e-3, 3e-3, 1e-3, 0.25e-3])
+
+
+def test_calibrate_recovers_fsdps_factor_on_its_bytes_from_whole_sharded_steps(tmp_path):
+    """`fsdp_factors` finds, per ZeRO stage, the factor at which the planner's sharded step exceeds
+    its plain one by what whole steps measured: from steps the planner itself predicts at a known
+    factor, that factor; none below 0 where the fixed costs alone explain the steps."""
+    from paratrain.config import load_config
+    from paratrain.planner.commands import profile_config
+    from paratrain.planner.wholestep import STEP_BATCH, STEP_MODELS, fsdp_factors
+
+    path = tmp_path / "c.toml"
+    path.write_text(CALIBRATION)
+    cal = replace(Calibration.load(path), fsdp_factor={})
+    profiles = [profile_config(load_config(None, list(sets))) for sets in STEP_MODELS]
+    truth = {"zero2": 1.7, "zero3": 0.6}
+    steps = {"plain": [0.1, 0.3]}
+    for name, k in truth.items():
+        cluster = replace(cal, fsdp_factor={name: k}).cluster(2)
+        steps[name] = [p + estimate(Plan(dp=2, zero=int(name[-1])), profile, cluster, 2 * STEP_BATCH).comm_s
+                       for p, profile in zip(steps["plain"], profiles)]
+    got = fsdp_factors(steps, cal)
+    assert got == pytest.approx(truth, rel=1e-6)
+    assert fsdp_factors({**steps, "zero2": steps["plain"]}, cal)["zero2"] == 0.0
 
 
 def test_calibrates_compute_factor_is_a_whole_step_over_the_planners_sum_of_its_parts(tmp_path):

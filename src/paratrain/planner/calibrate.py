@@ -32,7 +32,10 @@ per core, one thread each):
   by, measured on batches of 8 and of 4 samples (`compute_curve`: cost.py takes the factor at a
   plan's micro-batch, whose smaller products this machine runs more slowly for their work than
   the parts' rates say); the same steps under DDP, whose surplus solves for DDP's cost per step and per gradient
-  byte (`ddp`: cost.py charges it to ddp and ZeRO-1 in place of the link's all-reduce); and the
+  byte (`ddp`: cost.py charges it to ddp and ZeRO-1 in place of the link's all-reduce); the same
+  steps under FSDP2 as zero2 and zero3 shard them, whose surplus beyond the fixed costs above
+  solves for a factor on FSDP2's bytes (`fsdp_factor`: cost.py scales its collectives' bytes and
+  the copies around them by it on the loopback link); and the
   first GPT under tensor parallelism, beyond the fixed costs above over what the planner adds up
   for the rest: `tp_factor`, which cost.py scales tensor parallelism's arithmetic and bytes by;
   and real two-stage pipelines of it (1F1B at 2 and 8 micro-batches, GPipe at 8) over the

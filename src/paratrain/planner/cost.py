@@ -313,6 +313,9 @@ def _time(lay: _Layout, est: Estimate, slowdown: float = 1.0) -> None:
                 ag_start, rs_start = (n - 1) * dp_link.ab("all_gather")[0], (n - 1) * dp_link.ab("reduce_scatter")[0]
                 rs, ag = rs - len(units) * rs_start, ag - gathers * len(units) * ag_start
                 one_block -= ag_start + rs_start
+            if dp_link.name == "loopback":  # as whole steps under FSDP2 paid for its bytes (calibrated)
+                k = dev.fsdp_factor.get(f"zero{plan.zero}", 1.0)
+                rs, ag, copies, one_block = rs * k, ag * k, copies * k, one_block * k
             dp_comm = max(one_block, rs + ag - hidden) + copies + fixed_s
     elif plan.family in ("local_sgd", "diloco"):  # one all-reduce of the parameters every H steps
         wire = local * 4 * codec_fraction(plan.codec, model)

@@ -103,6 +103,10 @@ class Device:
     # (framework.fsdp_seconds): "zero2"/"zero3" -> (ends, per block), collectives' start-up included;
     # "replicate" (hybrid's dp axis) -> (ends, per block, each further micro-batch's ends, per block)
     fsdp_fixed_s: dict = field(default_factory=dict)
+    # Calibrated only: what whole steps under FSDP2 pay for its bytes (the collectives' and the copies
+    # around them) over what cost.py adds up from the link, on the link it was measured on
+    # (wholestep.fsdp_factors): "zero2"/"zero3" -> factor; missing: 1
+    fsdp_factor: dict = field(default_factory=dict)
 
     def matmul_efficiency(self, m: float, n: float) -> float:
         """The share of the achieved matmul rate an (m x n) output gets under wave quantization:
@@ -272,6 +276,7 @@ class Calibration:
     zero1_sync: list = field(default_factory=list)  # ZeRO-1's step beyond AdamW's: [per tensor, per byte]
     ddp: list = field(default_factory=list)  # DDP's all-reduce in a step: [seconds, per gradient byte]
     fsdp: dict = field(default_factory=dict)  # "zero2"/"zero3"/"replicate" -> seconds (framework.fsdp_seconds)
+    fsdp_factor: dict = field(default_factory=dict)  # "zero2"/"zero3" -> whole steps' bytes over cost.py's
     wake_s: float = 0.0  # a message's wait for its receiver's core, more ranks than cores (framework.py)
     # link name -> {collective -> [alpha_s, beta_Bps]}: "loopback" measured between local ranks
     links: dict = field(default_factory=dict)
@@ -307,6 +312,8 @@ class Calibration:
             lines += ["", "[pipeline_action]"] + [f"{k} = {v:.6g}" for k, v in self.pipeline_action.items()]
         if self.pipeline_send:
             lines += ["", "[pipeline_send]"] + [f"{k} = {v:.6g}" for k, v in self.pipeline_send.items()]
+        if self.fsdp_factor:
+            lines += ["", "[fsdp_factor]"] + [f"{k} = {v:.6g}" for k, v in self.fsdp_factor.items()]
         for link, per in self.links.items():
             lines += ["", f"[links.{link}]"]
             lines += [f"{c} = [{a:.6g}, {b:.6g}]" for c, (a, b) in per.items()]
@@ -350,7 +357,8 @@ class Calibration:
                         pipeline_send_s=dict(self.pipeline_send) if share == 1.0 else {},
                         zero1_sync_s=tuple(x / share for x in self.zero1_sync),
                         ddp_s=tuple(x / share for x in self.ddp),
-                        fsdp_fixed_s={k: tuple(x / share for x in v) for k, v in self.fsdp.items()})
+                        fsdp_fixed_s={k: tuple(x / share for x in v) for k, v in self.fsdp.items()},
+                        fsdp_factor=dict(self.fsdp_factor))
         net = self.link(link)
         if share < 1.0:  # a rank that waits for a message has given its core away: it runs again later
             net = replace(net, wake_s=self.wake_s)

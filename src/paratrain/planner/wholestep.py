@@ -32,14 +32,16 @@ SMALL_BATCH = 4
 
 
 def step_seconds(device: str) -> dict:
-    """{"plain": [seconds], "ddp": [seconds], "small": [seconds], "gradient_bytes": [bytes]}, one of
-    each per STEP_MODELS GPT: its forward, loss and backward as the trainer runs them (gradients
-    allocated afresh: the update sets them to None), plain and under DDP as paratrain's ddp strategy
-    wraps it (its timed all-reduce hook), and plain on SMALL_BATCH samples, both ranks at once. The
-    three alternate, step by step, so that the machine's speed as it drifts falls on all alike; each
-    the mean of 2 x calibrate's timings, as a run's summary reports its mean step (the machine's
-    interruptions fall on some steps)."""
+    """{"plain": [seconds], "ddp": [seconds], "small": [seconds], "zero2": [seconds], "zero3":
+    [seconds], "gradient_bytes": [bytes]}, one of each per STEP_MODELS GPT: its forward, loss and
+    backward as the trainer runs them (gradients allocated afresh: the update sets them to None),
+    plain, under DDP as paratrain's ddp strategy wraps it (its timed all-reduce hook), plain on
+    SMALL_BATCH samples, and under FSDP2 as paratrain's zero2 and zero3 shard it, both ranks at
+    once. They alternate, step by step, so that the machine's speed as it drifts falls on all
+    alike; each the mean of 2 x calibrate's timings, as a run's summary reports its mean step (the
+    machine's interruptions fall on some steps)."""
     import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.nn.parallel import DistributedDataParallel
 
     from paratrain.comm import CommMeter
@@ -48,13 +50,16 @@ def step_seconds(device: str) -> dict:
     from paratrain.models import build_loss, build_model
     from paratrain.planner.calibrate import REPEATS
     from paratrain.strategies.data_parallel.ddp import _HookState, timed_allreduce_hook
+    from paratrain.strategies.data_parallel.zero import shard_blocks
 
-    out: dict = {"plain": [], "ddp": [], "small": [], "gradient_bytes": []}
+    mesh = init_device_mesh(device, (dist.get_world_size(),))
+    out: dict = {"plain": [], "ddp": [], "small": [], "zero2": [], "zero3": [], "gradient_bytes": []}
     for sets in STEP_MODELS:
         cfg = load_config(None, list(sets))
         vocab = build_datasets(cfg).vocab_size
         torch.manual_seed(0)
         model, loss_fn = build_model(cfg, vocab).to(device), build_loss(cfg)
+        zero2, zero3 = (shard_blocks(build_model(cfg, vocab).to(device), mesh, reshard) for reshard in (False, True))
         wrapped = DistributedDataParallel(model, device_ids=[device] if device == "cuda" else None,
                                           bucket_cap_mb=cfg.strategy.ddp.bucket_mb,
                                           gradient_as_bucket_view=cfg.strategy.ddp.gradient_as_bucket_view)
@@ -68,11 +73,14 @@ def step_seconds(device: str) -> dict:
             loss_fn(m(tokens[:batch, :-1]), tokens[:batch, 1:]).backward()
             return time.perf_counter() - t0
 
-        step(model), step(wrapped), step(model, SMALL_BATCH)  # warm-up
-        times = [(step(model), step(wrapped), step(model, SMALL_BATCH)) for _ in range(2 * REPEATS)]
-        out["plain"].append(mean(t for t, _, _ in times))
-        out["ddp"].append(mean(t for _, t, _ in times))
-        out["small"].append(mean(t for *_, t in times))
+        def all_five(models=(model, wrapped, zero2, zero3)):
+            plain, ddp, shard2, shard3 = models
+            return step(plain), step(ddp), step(plain, SMALL_BATCH), step(shard2), step(shard3)
+
+        all_five()  # warm-up
+        times = [all_five() for _ in range(2 * REPEATS)]
+        for i, name in enumerate(("plain", "ddp", "small", "zero2", "zero3")):
+            out[name].append(mean(t[i] for t in times))
         out["gradient_bytes"].append(4.0 * sum(q.numel() for q in model.parameters()))
     return out
 
@@ -123,7 +131,39 @@ def solve(cal, got: dict):
     # slowdown beyond what the same GPT pays whole on as few samples (that the curve carries)
     own = compute_curve({k: steps[k][:1] for k in ("plain", "small")}, cal)
     pp_factor, send = pipeline_costs(got["pp_step_s"], replace(cal, compute_curve=own))
-    return replace(cal, pp_factor=pp_factor, pipeline_send=send)
+    return replace(cal, pp_factor=pp_factor, pipeline_send=send, fsdp_factor=fsdp_factors(steps, cal))
+
+
+def fsdp_factors(steps: dict, cal) -> dict:
+    """"zero2"/"zero3" -> the factor on FSDP2's bytes (its collectives' beyond their start-up, and
+    the copies around them) at which the planner's sharded step exceeds its plain one by what
+    `step_seconds` measured, summed over STEP_MODELS, given the fixed costs calibrated on a tiny
+    GPT (framework.fsdp_seconds). Those at width 8 carry no bytes; at a real GPT's sizes FSDP2's
+    per-tensor copies into and out of its flat buffers cost more than memory bandwidth says, and
+    the collectives run on gloo's threads beside the ones computing (seen: a 4 x 128 GPT's zero2
+    step 30% over its prediction, an 8 x 256 one's 20%). By bisection on cost.py's own estimate."""
+    from dataclasses import replace
+
+    from paratrain.config import load_config
+    from paratrain.planner.commands import profile_config
+    from paratrain.planner.cost import estimate
+    from paratrain.planner.framework import rising_root
+    from paratrain.planner.plan import Plan
+
+    profiles = [profile_config(load_config(None, list(sets))) for sets in STEP_MODELS]
+    out = {}
+    for zero in (2, 3):
+        name = f"zero{zero}"
+        if name not in steps or name not in cal.fsdp:
+            continue
+        measured = sum(z - p for z, p in zip(steps[name], steps["plain"]))
+
+        def surplus(k: float, name=name, zero=zero) -> float:
+            cluster = replace(cal, fsdp_factor={name: k}).cluster(2)
+            return sum(estimate(Plan(dp=2, zero=zero), profile, cluster, 2 * STEP_BATCH).comm_s for profile in profiles)
+
+        out[name] = rising_root(surplus, measured, hi=20.0)
+    return out
 
 
 def ddp_cost(steps: dict) -> list[float]:
