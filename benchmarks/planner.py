@@ -33,6 +33,7 @@ measured step the median of its runs and its prediction the median of theirs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -327,10 +328,14 @@ def main() -> None:
         cmd = [sys.executable, "-m", "paratrain", "calibrate", *link]
         subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
 
-    with tempfile.TemporaryDirectory(prefix="paratrain-planner-") as tmp:
-        if args.keep:
-            args.keep.mkdir(parents=True, exist_ok=True)
-            tmp = str(args.keep)
+    if args.keep and args.keep.exists() and (not args.keep.is_dir() or any(args.keep.iterdir())):
+        # its runs' folders and calibrations keep their names from one benchmark to the next
+        print(f"--keep {args.keep}: not an empty folder; name a new or empty one", file=sys.stderr)
+        sys.exit(2)
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
+    with contextlib.nullcontext(str(args.keep)) if args.keep else tempfile.TemporaryDirectory(
+            prefix="paratrain-planner-") as tmp:
         # the predictions from figures measured minutes, not hours, before the runs
         if args.testbed:
             if args.calibrate:

@@ -284,6 +284,22 @@ def test_bad_calibrate_input_is_one_line_and_exit_2_before_measuring(tmp_path):
     assert not (tmp_path / "m.toml").exists()
 
 
+def test_the_benchmark_keeps_nothing_over_a_folder_already_written(tmp_path):
+    """`benchmarks/planner.py --keep DIR` names its runs and calibrations the same each time: a DIR
+    with anything in it gets one line and exit code 2, before any run, and what it holds stays."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ENV
+
+    (tmp_path / "machine-0-small.toml").write_text("kept")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "planner.py"), "--keep", str(tmp_path),
+                          "--only", "ddp"], capture_output=True, text=True, env=ENV, timeout=60)
+    assert out.returncode == 2 and out.stderr == f"--keep {tmp_path}: not an empty folder; name a new or empty one\n"
+    assert [f.name for f in tmp_path.iterdir()] == ["machine-0-small.toml"]
+    assert (tmp_path / "machine-0-small.toml").read_text() == "kept"
+
+
 def test_device_sweep_prints_scaling_and_draws_it(tmp_path):
     png = tmp_path / "sweep.png"
     out = cli(["plan", "--transformer", "layers=24,hidden=2048,heads=16,vocab=50257,seq=2048", "--global-batch",

@@ -314,8 +314,8 @@ def _time(lay: _Layout, est: Estimate, slowdown: float = 1.0) -> None:
                 rs, ag = rs - len(units) * rs_start, ag - gathers * len(units) * ag_start
                 one_block -= ag_start + rs_start
             if dp_link.name == "loopback":  # as whole steps under FSDP2 paid for its bytes (calibrated)
-                k = dev.fsdp_factor.get(f"zero{plan.zero}", 1.0)
-                rs, ag, copies, one_block = rs * k, ag * k, copies * k, one_block * k
+                paid = dev.fsdp_factor.get(f"zero{plan.zero}", 1.0)
+                rs, ag, copies, one_block = rs * paid, ag * paid, copies * paid, one_block * paid
             dp_comm = max(one_block, rs + ag - hidden) + copies + fixed_s
     elif plan.family in ("local_sgd", "diloco"):  # one all-reduce of the parameters every H steps
         wire = local * 4 * codec_fraction(plan.codec, model)

@@ -154,8 +154,6 @@ def fsdp_factors(steps: dict, cal) -> dict:
     out = {}
     for zero in (2, 3):
         name = f"zero{zero}"
-        if name not in steps or name not in cal.fsdp:
-            continue
         measured = sum(z - p for z, p in zip(steps[name], steps["plain"]))
 
         def surplus(k: float, name=name, zero=zero) -> float:
